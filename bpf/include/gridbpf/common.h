@@ -8,6 +8,24 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_endian.h>
 
+/* uapi constants that vmlinux.h (BTF types only) does not carry */
+#ifndef ETH_P_IP
+#define ETH_P_IP 0x0800
+#endif
+#ifndef ETH_P_IPV6
+#define ETH_P_IPV6 0x86DD
+#endif
+#ifndef ETH_P_8021Q
+#define ETH_P_8021Q 0x8100
+#endif
+#ifndef ETH_ALEN
+#define ETH_ALEN 6
+#endif
+#ifndef TC_ACT_OK
+#define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
+#endif
+
 /*
  * A ring buffer plus a per-CPU counter of the records that did not fit.
  * Userspace (gridbpf.bpf.RingBuffer) finds NAME_lost by name and reports it,
@@ -24,6 +42,12 @@
 		__type(key, __u32);                                       \
 		__type(value, __u64);                                     \
 	} NAME##_lost SEC(".maps")
+
+/*
+ * Put `struct NAME` into the object's BTF even when no map names it (ring-buffer records), so
+ * userspace can derive its layout: GB_EXPORT_STRUCT(event);
+ */
+#define GB_EXPORT_STRUCT(NAME) struct NAME gb_export_##NAME __attribute__((unused))
 
 static __always_inline void gb_count(void *percpu_array, __u32 index)
 {
