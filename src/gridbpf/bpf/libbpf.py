@@ -200,5 +200,9 @@ def check_ptr(ptr, what: str, log_mark: int | None = None):
     return ptr
 
 
+def libbpf_version() -> str:
+    return f"{_fn('libbpf_major_version', u32)()}.{_fn('libbpf_minor_version', u32)()}"
+
+
 def possible_cpus() -> int:
     return check(libbpf_num_possible_cpus(), "counting possible CPUs")
