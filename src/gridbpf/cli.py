@@ -8,6 +8,7 @@ import sys
 
 # Each module exposes register(subparsers); its verbs set args.func(args) -> int.
 COMMAND_MODULES = [
+    "gridbpf.trace.cli",
     "gridbpf.doctor",
     "gridbpf.lab.cli",
 ]
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:   # e.g. `gridbpf doctor --json | head`
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # one line, naming the problem; tracebacks only with GRIDBPF_DEBUG
         import os
         if os.environ.get("GRIDBPF_DEBUG"):

@@ -110,7 +110,7 @@ class Program:
                    link: bool = True, replace: bool = False) -> Link:
         """XDP on an interface. link=True: a BPF link (gone when closed, unless pinned).
         link=False: netlink attach; replace=True replaces whatever XDP program is there."""
-        from ..netns import ifindex
+        from ..netns import enter, ifindex
         if mode not in XDP_MODES:
             raise ValueError(f"unknown XDP mode {mode!r} (native, generic, auto)")
         idx = ifindex(ifname, netns)
@@ -118,14 +118,16 @@ class Program:
         what = f"xdp {mode} on {ifname}" + (f" in netns {netns}" if netns else "")
         if link:
             opts = L.LinkCreateOpts(sz=ctypes.sizeof(L.LinkCreateOpts), flags=flags)
-            fd = L.bpf_link_create(self.fd, idx, BPF_XDP, ctypes.byref(opts))
+            with enter(netns):   # the kernel reads the ifindex in the caller's namespace
+                fd = L.bpf_link_create(self.fd, idx, BPF_XDP, ctypes.byref(opts))
             if fd < 0:
                 err = L.last_errno(fd)
                 raise BpfError(f"attaching {self.name} ({what}): {L.errno_words(err)}", errno=err)
             return FdLink(fd, f"{self.name} -> {what}", owner=self)
         if not replace:
             flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
-        L.check(L.bpf_xdp_attach(idx, self.fd, flags, None), f"attaching {self.name} ({what})")
+        with enter(netns):
+            L.check(L.bpf_xdp_attach(idx, self.fd, flags, None), f"attaching {self.name} ({what})")
         return XdpNetlinkLink(idx, flags & ~XDP_FLAGS_UPDATE_IF_NOEXIST, netns,
                               f"{self.name} -> {what}", owner=self)
 

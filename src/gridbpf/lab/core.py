@@ -215,6 +215,9 @@ class Lab:
         _run(["ip", "netns", "add", h.netns])
         self.hosts[name] = h
         h.ip("link", "set", "lo", "up")
+        # No duplicate address detection: addresses (link-local ones too) usable at once.
+        h.sysctl("net.ipv6.conf.all.accept_dad", 0)
+        h.sysctl("net.ipv6.conf.default.accept_dad", 0)
         if forwarding:
             h.sysctl("net.ipv4.ip_forward", 1)
             h.sysctl("net.ipv6.conf.all.forwarding", 1)
@@ -235,7 +238,9 @@ class Lab:
         return a_if, b_if
 
     def bridge(self, host: Host, name: str = "br0", addrs=()) -> str:
-        host.ip_batch([f"link add {name} type bridge", f"link set {name} up"])
+        # No multicast snooping: until ports send MLD reports (delayed up to ~1 s after link up)
+        # a snooping bridge drops IPv6 neighbour solicitations, and new labs see "no route".
+        host.ip_batch([f"link add {name} type bridge mcast_snooping 0", f"link set {name} up"])
         host.ifaces.setdefault(name, {"addrs": []})
         host.add_addrs(name, addrs)
         return name
