@@ -1,0 +1,514 @@
+/*
+ * Per-request HTTP/1.x tracing of unmodified servers, from socket syscalls and OpenSSL uprobes.
+ *
+ * Cost is what matters: one tp_btf program at sys_exit sees every syscall, so it rejects on the
+ * syscall number (a register) and then on the target-process map before anything else. The
+ * syscall arguments are still in pt_regs at exit, so no per-thread enter/exit state is kept.
+ * Only connections seen at accept are followed (server side); the request is built in the
+ * connection's map entry and sent as ONE ring-buffer record when it is complete (the next
+ * request starts on the connection, a pipelined response begins, or the connection closes).
+ * Records are sent without waking userspace, which drains the ring periodically.
+ *
+ * Framing: a read after the response started begins a new request; a write beginning with
+ * "HTTP/1." while a response is already under way begins the response of the next pipelined
+ * request. Body bytes are only counted (syscall return values), never copied.
+ */
+#include "gridbpf/common.h"
+#include "gridbpf/http.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* x86_64 syscall numbers */
+#define NR_read 0
+#define NR_write 1
+#define NR_close 3
+#define NR_readv 19
+#define NR_writev 20
+#define NR_sendfile 40
+#define NR_accept 43
+#define NR_sendto 44
+#define NR_recvfrom 45
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#define NR_accept4 288
+
+/* Wake the reader only when the ring is this full; otherwise it drains on its own timer. */
+#define WAKEUP_BYTES (1 << 20)
+
+GB_RINGBUF(events, 8 << 20);
+
+/* Target processes (tgid -> 1), filled by userspace and by fork/exec below. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} targets SEC(".maps");
+
+/* Command names (16 bytes, NUL padded) whose new processes become targets at exec. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, char[16]);
+	__type(value, __u8);
+} target_comms SEC(".maps");
+
+/* cgroup v2 ids whose processes become targets at exec. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, __u8);
+} target_cgroups SEC(".maps");
+
+/* Not LRU: evicting a live connection would lose its requests silently; a full table is counted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct http_conn_key);
+	__type(value, struct http_conn);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);                 /* tid */
+	__type(value, struct http_ssl_call);
+} ssl_calls SEC(".maps");
+
+/* SSL object -> socket fd, learnt from the syscalls an SSL call makes. A cache: LRU is fine. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u32);
+} ssl_fds SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, HTTP_ST_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* A zeroed connection to insert from (too big for the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_conn);
+} zero_conn SEC(".maps");
+
+struct iovec_u {
+	__u64 base;
+	__u64 len;
+};
+
+static __always_inline int is_traced_nr(long nr)
+{
+	switch (nr) {
+	case NR_read: case NR_write: case NR_close: case NR_readv: case NR_writev:
+	case NR_sendfile: case NR_accept: case NR_sendto: case NR_recvfrom:
+	case NR_sendmsg: case NR_recvmsg: case NR_accept4:
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline void emit(struct http_conn *c, __u16 extra_flags)
+{
+	struct http_event *ev = &c->ev;
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	ev->kind = HTTP_EV_REQUEST;
+	ev->flags |= extra_flags;
+	if (!ev->end_ns)
+		ev->end_ns = ev->start_ns;
+	gb_count(&stats, HTTP_ST_REQUESTS);
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > WAKEUP_BYTES)
+		flags = BPF_RB_FORCE_WAKEUP;
+	gb_ringbuf_output(events, ev, sizeof(*ev), flags);
+}
+
+/* First segment of a read/write: (buffer, length) from the syscall's arguments. */
+static __always_inline int first_segment(long nr, __u64 arg1, __u64 arg2, __u64 *buf, __u64 *len)
+{
+	struct iovec_u iov;
+	__u64 p;
+
+	switch (nr) {
+	case NR_read: case NR_write: case NR_recvfrom: case NR_sendto:
+		*buf = arg1;
+		*len = arg2;
+		return 0;
+	case NR_readv: case NR_writev:
+		p = arg1;
+		break;
+	case NR_recvmsg: case NR_sendmsg: {
+		struct user_msghdr *msg = (void *)arg1;
+		if (bpf_probe_read_user(&p, sizeof(p), &msg->msg_iov))
+			return -1;
+		break;
+	}
+	default:
+		return -1;
+	}
+	if (bpf_probe_read_user(&iov, sizeof(iov), (void *)p))
+		return -1;
+	*buf = iov.base;
+	*len = iov.len;
+	return 0;
+}
+
+static __always_inline void start_request(struct http_conn *c, __u32 tid, __u64 buf,
+					  __u64 seglen, long n, __u64 now)
+{
+	struct http_event *ev = &c->ev;
+	__u64 cap = (__u64)n < seglen ? (__u64)n : seglen;
+
+	/* clamp where the verifier sees it (clang would fold a C clamp into something it can't) */
+	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(cap) : "i"(HTTP_HDR_CAP));
+	ev->start_ns = now;
+	ev->ttfb_ns = 0;
+	ev->end_ns = 0;
+	ev->req_bytes = n;
+	ev->resp_bytes = 0;
+	ev->tid = tid;
+	ev->status = 0;
+	ev->flags = c->tls ? HTTP_F_TLS : 0;
+	ev->pipe_idx = 0;
+	ev->hdr_len = 0;
+	if (bpf_probe_read_user(ev->hdr, cap, (void *)buf) == 0)
+		ev->hdr_len = cap;
+	else
+		gb_count(&stats, HTTP_ST_CAPTURE_FAIL);
+	c->state = HTTP_CS_REQ;
+}
+
+static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, __u64 seglen,
+				    long n, __u64 now)
+{
+	if (c->state == HTTP_CS_REQ) {
+		c->ev.req_bytes += n;
+		return;
+	}
+	if (c->state == HTTP_CS_RESP)
+		emit(c, 0);
+	start_request(c, tid, buf, seglen, n, now);
+}
+
+/* "HTTP/1.x NNN" -> NNN, or 0. */
+static __always_inline __u16 parse_status(const char *s)
+{
+	if (s[0] != 'H' || s[1] != 'T' || s[2] != 'T' || s[3] != 'P' || s[4] != '/' ||
+	    s[5] != '1' || s[6] != '.' || s[8] != ' ')
+		return 0;
+	if (s[9] < '0' || s[9] > '9' || s[10] < '0' || s[10] > '9' || s[11] < '0' || s[11] > '9')
+		return 0;
+	return (s[9] - '0') * 100 + (s[10] - '0') * 10 + (s[11] - '0');
+}
+
+static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 seglen, long n,
+				     __u64 now)
+{
+	char head[HTTP_STATUS_CAP] = {};
+	__u16 status = 0;
+
+	if (c->state == HTTP_CS_IDLE) {
+		gb_count(&stats, HTTP_ST_WRITE_NO_REQ);
+		return;
+	}
+	if (buf && seglen >= 12 && bpf_probe_read_user(head, sizeof(head), (void *)buf) == 0)
+		status = parse_status(head);
+	if (c->state == HTTP_CS_REQ) {
+		if (status >= 100 && status < 200 && status != 101) {
+			/* 100 Continue: the body is still to be read; the final response comes later */
+			c->ev.flags |= HTTP_F_INTERIM;
+			c->ev.resp_bytes += n;
+			return;
+		}
+		c->state = HTTP_CS_RESP;
+		c->ev.ttfb_ns = now;
+		c->ev.status = status;
+	} else if (status && c->ev.resp_bytes) {
+		/* a second status line while responding: the next pipelined request's response */
+		emit(c, 0);
+		c->ev.flags = (c->ev.flags & HTTP_F_TLS) | HTTP_F_PIPELINED;
+		c->ev.pipe_idx += 1;
+		c->ev.req_bytes = 0;
+		c->ev.resp_bytes = 0;
+		c->ev.ttfb_ns = now;
+		c->ev.status = status;
+	}
+	c->ev.resp_bytes += n;
+	c->ev.end_ns = now;
+}
+
+static __always_inline void on_accept(__u32 tgid, long fd, __u64 sockaddr)
+{
+	struct http_conn_key key = {.tgid = tgid, .fd = fd};
+	struct http_conn *c;
+	__u32 zero = 0;
+	struct {
+		__u16 family;
+		__u16 port;
+		__u32 flowinfo_or_v4;
+		__u8 v6[16];
+	} sa = {};
+
+	c = bpf_map_lookup_elem(&zero_conn, &zero);
+	if (!c)
+		return;
+	if (bpf_map_lookup_elem(&conns, &key))
+		gb_count(&stats, HTTP_ST_STALE_CONN);
+	if (bpf_map_update_elem(&conns, &key, c, BPF_ANY)) {
+		gb_count(&stats, HTTP_ST_CONN_FULL);
+		return;
+	}
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c)
+		return;
+	c->ev.pid = tgid;
+	c->ev.fd = fd;
+	if (sockaddr && bpf_probe_read_user(&sa, sizeof(sa), (void *)sockaddr) == 0) {
+		c->ev.family = sa.family;
+		c->ev.cport = bpf_ntohs(sa.port);
+		if (sa.family == AF_INET)
+			__builtin_memcpy(c->ev.caddr, &sa.flowinfo_or_v4, 4);
+		else if (sa.family == AF_INET6)
+			__builtin_memcpy(c->ev.caddr, sa.v6, 16);
+	}
+}
+
+static __always_inline void on_close(struct http_conn_key *key, struct http_conn *c)
+{
+	if (c->state == HTTP_CS_RESP)
+		emit(c, HTTP_F_CLOSED);
+	else if (c->state == HTTP_CS_REQ)
+		emit(c, HTTP_F_CLOSED | HTTP_F_NO_RESPONSE);
+	bpf_map_delete_elem(&conns, key);
+}
+
+/* The first bytes a client sends on a TLS connection: a handshake record, 0x16 0x03. */
+static __always_inline int looks_like_tls(__u64 buf, long n)
+{
+	__u8 b[2] = {};
+
+	if (n < 2 || bpf_probe_read_user(b, 2, (void *)buf))
+		return 0;
+	return b[0] == 0x16 && b[1] == 0x03;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
+{
+	long nr = regs->orig_ax;
+	struct http_conn_key key;
+	struct http_conn *c;
+	__u64 pid_tgid, buf = 0, seglen = 0, now, arg0, arg1, arg2;
+	__u32 tgid;
+
+	if (!is_traced_nr(nr))
+		return 0;
+	pid_tgid = bpf_get_current_pid_tgid();
+	tgid = pid_tgid >> 32;
+	if (!bpf_map_lookup_elem(&targets, &tgid))
+		return 0;
+	if (ret < 0)
+		return 0;
+	/* read the arguments once: the pt_regs pointer must not reach shared helper code */
+	arg0 = regs->di;
+	arg1 = regs->si;
+	arg2 = regs->dx;
+	if (nr == NR_accept || nr == NR_accept4) {
+		on_accept(tgid, ret, arg1);
+		return 0;
+	}
+	key.tgid = tgid;
+	key.fd = arg0;
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c)
+		return 0;
+	if (nr == NR_close) {
+		on_close(&key, c);
+		return 0;
+	}
+	if (ret == 0)
+		return 0;
+	if (c->tls) {
+		/* ciphertext: only note which socket an SSL call in flight on this thread uses */
+		__u32 tid = pid_tgid;
+		struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
+		if (call)
+			call->fd = key.fd;
+		return 0;
+	}
+	now = bpf_ktime_get_ns();
+	if (nr == NR_sendfile) {
+		if (c->state == HTTP_CS_REQ) {
+			c->state = HTTP_CS_RESP;
+			c->ev.ttfb_ns = now;
+		}
+		if (c->state == HTTP_CS_RESP) {
+			c->ev.resp_bytes += ret;
+			c->ev.end_ns = now;
+		}
+		return 0;
+	}
+	if (first_segment(nr, arg1, arg2, &buf, &seglen))
+		return 0;
+	if (nr == NR_read || nr == NR_readv || nr == NR_recvfrom || nr == NR_recvmsg) {
+		if (c->state == HTTP_CS_IDLE && looks_like_tls(buf, ret)) {
+			c->tls = 1;
+			gb_count(&stats, HTTP_ST_TLS_CONNS);
+			c->ev.kind = HTTP_EV_TLS_CONN;
+			c->ev.start_ns = now;
+			c->ev.tid = pid_tgid;
+			gb_ringbuf_output(events, &c->ev, sizeof(c->ev), BPF_RB_NO_WAKEUP);
+			__u32 tid = pid_tgid;
+			struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
+			if (call)
+				call->fd = key.fd;
+			return 0;
+		}
+		on_read(c, pid_tgid, buf, seglen, ret, now);
+	} else {
+		on_write(c, buf, seglen, ret, now);
+	}
+	return 0;
+}
+
+/* --- OpenSSL: SSL_read/SSL_write(ssl, buf, num) and the _ex forms (…, size_t *done) ---------- */
+
+static __always_inline int ssl_enter(struct pt_regs *ctx, int is_write, int ex)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32, tid = pid_tgid;
+	struct http_ssl_call call = {};
+
+	if (!bpf_map_lookup_elem(&targets, &tgid))
+		return 0;
+	call.ssl = PT_REGS_PARM1(ctx);
+	call.buf = PT_REGS_PARM2(ctx);
+	call.len_ptr = ex ? PT_REGS_PARM4(ctx) : 0;
+	call.fd = (__u32)-1;
+	call.is_write = is_write;
+	bpf_map_update_elem(&ssl_calls, &tid, &call, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int ssl_exit(struct pt_regs *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = pid_tgid;
+	struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
+	struct http_conn_key key;
+	struct http_conn *c;
+	long ret = PT_REGS_RC(ctx), n = ret;
+	__u32 *fdp;
+
+	if (!call)
+		return 0;
+	if (call->len_ptr) {
+		__u64 done = 0;
+		if (ret != 1 || bpf_probe_read_user(&done, sizeof(done), (void *)call->len_ptr))
+			goto out;
+		n = done;
+	}
+	if (n <= 0)
+		goto out;
+	key.tgid = pid_tgid >> 32;
+	if (call->fd != (__u32)-1) {
+		key.fd = call->fd;
+		bpf_map_update_elem(&ssl_fds, &call->ssl, &key.fd, BPF_ANY);
+	} else {
+		fdp = bpf_map_lookup_elem(&ssl_fds, &call->ssl);
+		if (!fdp) {
+			gb_count(&stats, HTTP_ST_SSL_UNLINKED);
+			goto out;
+		}
+		key.fd = *fdp;
+	}
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c) {
+		gb_count(&stats, HTTP_ST_SSL_UNLINKED);
+		goto out;
+	}
+	c->tls = 1;
+	if (call->is_write)
+		on_write(c, call->buf, n, n, bpf_ktime_get_ns());
+	else
+		on_read(c, tid, call->buf, n, n, bpf_ktime_get_ns());
+out:
+	bpf_map_delete_elem(&ssl_calls, &tid);
+	return 0;
+}
+
+SEC("uprobe") int BPF_KPROBE(http_ssl_read) { return ssl_enter(ctx, 0, 0); }
+SEC("uprobe") int BPF_KPROBE(http_ssl_write) { return ssl_enter(ctx, 1, 0); }
+SEC("uprobe") int BPF_KPROBE(http_ssl_read_ex) { return ssl_enter(ctx, 0, 1); }
+SEC("uprobe") int BPF_KPROBE(http_ssl_write_ex) { return ssl_enter(ctx, 1, 1); }
+SEC("uretprobe") int BPF_KRETPROBE(http_ssl_ret) { return ssl_exit(ctx); }
+
+/* --- target processes that appear later ---------------------------------------------------- */
+
+static __always_inline void add_target(__u32 tgid)
+{
+	__u8 one = 1;
+
+	if (bpf_map_update_elem(&targets, &tgid, &one, BPF_ANY))
+		gb_count(&stats, HTTP_ST_TARGETS_FULL);
+}
+
+/* Children of targets are targets (nginx's workers are forked by its master). */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(http_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid = parent->tgid, ctgid = child->tgid;
+
+	if (ptgid != ctgid && bpf_map_lookup_elem(&targets, &ptgid))
+		add_target(ctgid);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(http_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+{
+	char comm[16] = {};
+	__u64 cg;
+
+	bpf_get_current_comm(comm, sizeof(comm));
+	cg = bpf_get_current_cgroup_id();
+	if (bpf_map_lookup_elem(&target_comms, comm) || bpf_map_lookup_elem(&target_cgroups, &cg))
+		add_target(p->tgid);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(http_exit, struct task_struct *p)
+{
+	__u32 tgid = p->tgid;
+
+	/* the whole process is gone once its leader exits; userspace sweeps its connections */
+	if (p->pid == tgid)
+		bpf_map_delete_elem(&targets, &tgid);
+	return 0;
+}
+
+/* The cost floor for benchmarks: the same hook, rejecting on syscall number and target pid only. */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(http_floor_sys_exit, struct pt_regs *regs, long ret)
+{
+	long nr = regs->orig_ax;
+	__u32 tgid;
+
+	if (!is_traced_nr(nr))
+		return 0;
+	tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!bpf_map_lookup_elem(&targets, &tgid))
+		return 0;
+	return 0;
+}

@@ -1,0 +1,85 @@
+/* HTTP request tracing: the records shared by http.bpf.c and gridbpf.trace (read through BTF). */
+#ifndef GRIDBPF_HTTP_H
+#define GRIDBPF_HTTP_H
+
+/* Bytes of the request kept per request: request line and the first headers. Power of two. */
+#define HTTP_HDR_CAP 256
+/* Bytes looked at in the first write of a response: "HTTP/1.1 200 ". */
+#define HTTP_STATUS_CAP 16
+
+enum http_event_kind {
+	HTTP_EV_REQUEST = 1,     /* one request and its response */
+	HTTP_EV_TLS_CONN = 2,    /* a connection whose bytes on the socket are TLS records */
+};
+
+enum http_flags {
+	HTTP_F_TLS = 1,          /* plaintext seen through the SSL_read/SSL_write uprobes */
+	HTTP_F_PIPELINED = 2,    /* not the first request of the read that carried it */
+	HTTP_F_CLOSED = 4,       /* emitted because the connection closed */
+	HTTP_F_INTERIM = 8,      /* an interim 1xx response (100 Continue) came before the final one */
+	HTTP_F_NO_RESPONSE = 16, /* the connection closed before any response byte */
+};
+
+enum http_conn_state {
+	HTTP_CS_IDLE = 0,        /* accepted, or nothing read yet */
+	HTTP_CS_REQ = 1,         /* reading a request (headers and body) */
+	HTTP_CS_RESP = 2,        /* writing its response */
+};
+
+/* Counters in the per-CPU `stats` array: every drop or oddity is counted. */
+enum http_stat {
+	HTTP_ST_CONN_FULL = 0,   /* connection table full: the connection is not traced */
+	HTTP_ST_CAPTURE_FAIL,    /* the request bytes could not be read from user memory */
+	HTTP_ST_SSL_UNLINKED,    /* SSL_read/SSL_write whose socket was never seen: not traced */
+	HTTP_ST_TLS_CONNS,       /* connections carrying TLS records on the socket */
+	HTTP_ST_STALE_CONN,      /* accept returned an fd we still tracked (close not seen) */
+	HTTP_ST_WRITE_NO_REQ,    /* bytes written on a connection with no request read */
+	HTTP_ST_TARGETS_FULL,    /* a new target process could not be added */
+	HTTP_ST_REQUESTS,        /* requests completed in the kernel (sent or lost) */
+	HTTP_ST_MAX,
+};
+
+struct http_event {
+	__u64 start_ns;          /* first request byte read (CLOCK_MONOTONIC) */
+	__u64 ttfb_ns;           /* first byte of the final response written, 0 if none */
+	__u64 end_ns;            /* last response byte written */
+	__u64 req_bytes;
+	__u64 resp_bytes;
+	__u32 kind;              /* enum http_event_kind */
+	__u32 pid;               /* tgid */
+	__u32 tid;               /* thread that read the first request byte */
+	__u32 fd;
+	__u8 caddr[16];          /* client address: IPv4 in the first 4 bytes, or IPv6 */
+	__u16 cport;             /* client port, host order */
+	__u16 family;            /* AF_INET / AF_INET6, 0 if unknown */
+	__u16 status;            /* final response status, 0 if not parsed */
+	__u16 flags;             /* enum http_flags */
+	__u16 hdr_len;           /* valid bytes in hdr */
+	__u16 pipe_idx;          /* index of the request within a pipelined read */
+	__u32 _pad;
+	char hdr[HTTP_HDR_CAP];  /* the request's first bytes */
+};
+
+struct http_conn_key {
+	__u32 tgid;
+	__u32 fd;
+};
+
+struct http_conn {
+	struct http_event ev;    /* the request being built; sent as is */
+	__u8 state;              /* enum http_conn_state */
+	__u8 tls;                /* socket carries TLS records: only the SSL uprobes are believed */
+	__u8 _pad[6];
+};
+
+/* An SSL_read/SSL_write call in flight on a thread. */
+struct http_ssl_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 len_ptr;           /* size_t * of the _ex forms, 0 for the plain ones */
+	__u32 fd;                /* socket the call touched (set by the syscall hook), or -1 */
+	__u8 is_write;
+	__u8 _pad[3];
+};
+
+#endif

@@ -1,0 +1,1 @@
+"""Tracing of unmodified services: HTTP requests (http), target selection (targets)."""

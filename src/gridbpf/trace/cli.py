@@ -1,0 +1,109 @@
+"""`gridbpf trace http ...`: one line (or JSON object) per request of the selected processes."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+_TRACE_PARSERS = "_gridbpf_trace_subparsers"
+
+
+def get_trace_subparsers(sub) -> argparse._SubParsersAction:
+    """The subparsers of `gridbpf trace`, creating `trace` once (other modules add verbs too)."""
+    existing = getattr(sub, _TRACE_PARSERS, None)
+    if existing is not None:
+        return existing
+    trace = sub.add_parser("trace", help="trace unmodified services (HTTP requests, ...)")
+    verbs = trace.add_subparsers(dest="trace_verb", required=True)
+    setattr(sub, _TRACE_PARSERS, verbs)
+    return verbs
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """--pid/--comm/--cgroup/--unit, repeatable: shared by the tracing verbs."""
+    p.add_argument("--pid", type=int, action="append", default=[], help="process id (and its children)")
+    p.add_argument("--comm", action="append", default=[], help="command name (new processes too)")
+    p.add_argument("--cgroup", action="append", default=[], help="cgroup v2 path (new processes too)")
+    p.add_argument("--unit", action="append", default=[], help="systemd unit")
+
+
+def spec_from_args(args):
+    from .targets import TargetSpec
+    return TargetSpec(pids=args.pid, comms=args.comm, cgroups=args.cgroup, units=args.unit)
+
+
+def register(sub) -> None:
+    verbs = get_trace_subparsers(sub)
+    p = verbs.add_parser("http", help="one line per HTTP request of the target processes")
+    add_target_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
+    p.add_argument("--count", type=int, default=0, help="stop after this many requests")
+    p.add_argument("--no-tls", action="store_true", help="do not hook libssl (SSL_read/SSL_write)")
+    p.set_defaults(func=cmd_http)
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def cmd_http(args) -> int:
+    from .http import DRAIN_MS, HttpTracer
+    from .targets import TargetError
+
+    spec = spec_from_args(args)
+    try:
+        tracer = HttpTracer(spec, tls=not args.no_tls)
+    except (TargetError, PermissionError) as exc:
+        print(f"gridbpf: {exc}", file=sys.stderr)
+        return 2
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    deadline = time.monotonic() + args.duration if args.duration else None
+    shown, warned = 0, 0
+    end_reason = None
+    last_refresh = time.monotonic()
+    with tracer:
+        try:
+            while not stop:
+                reqs = tracer.poll(DRAIN_MS)
+                for r in reqs:
+                    _out(json.dumps(r.to_dict()) if args.json else r.line())
+                    shown += 1
+                    if args.count and shown >= args.count:
+                        break
+                for w in tracer.warnings[warned:]:
+                    print(f"gridbpf: {w}", file=sys.stderr)
+                warned = len(tracer.warnings)
+                if args.count and shown >= args.count:
+                    break
+                if deadline and time.monotonic() >= deadline:
+                    break
+                if time.monotonic() - last_refresh >= 1:
+                    tracer.refresh()
+                    last_refresh = time.monotonic()
+                    # only pids were given and all of them are gone: nothing more can come
+                    if spec.pids and not (spec.comms or spec.cgroups or spec.units) \
+                            and not tracer.targets():
+                        end_reason = f"target {spec.describe()} exited"
+                        break
+        except KeyboardInterrupt:
+            pass
+        # the last requests of closing connections are still in the ring
+        for r in tracer.poll(0):
+            if args.count and shown >= args.count:
+                break
+            _out(json.dumps(r.to_dict()) if args.json else r.line())
+            shown += 1
+        stats = tracer.stats()
+    if end_reason:
+        print(f"gridbpf: {end_reason}", file=sys.stderr)
+    summary = {"requests": shown, **stats}
+    if args.json:
+        print(json.dumps({"summary": summary}), file=sys.stderr)
+    else:
+        print("gridbpf: " + " ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
+    return 0

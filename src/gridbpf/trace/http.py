@@ -1,0 +1,286 @@
+"""HTTP request tracing of unmodified servers: load bpf/http.bpf.c, select targets, drain requests.
+
+The kernel builds each request and sends one ring-buffer record for it without waking us; we
+drain the ring on a timer in bulk into a numpy array (layout from the object's BTF) and only then
+turn records into Request objects (one per request, never per syscall).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..bpf import BpfError, BpfObject, RingBuffer
+from ..bpf.elf import library_of
+from .targets import TargetSpec, alive, comm_of
+
+EV_REQUEST, EV_TLS_CONN = 1, 2
+F_TLS, F_PIPELINED, F_CLOSED, F_INTERIM, F_NO_RESPONSE = 1, 2, 4, 8, 16
+FLAG_NAMES = {F_TLS: "tls", F_PIPELINED: "pipelined", F_CLOSED: "closed", F_INTERIM: "interim",
+              F_NO_RESPONSE: "no-response"}
+STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connections",
+              "stale_connections", "writes_without_request", "targets_full", "requests_completed"]
+SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
+             ("SSL_read_ex", "http_ssl_read_ex"), ("SSL_write_ex", "http_ssl_write_ex")]
+DRAIN_MS = 100     # how often the ring is drained (records are sent without wakeups)
+
+
+@dataclass
+class Request:
+    time: float             # wall-clock time of the first request byte (seconds since epoch)
+    pid: int
+    tid: int
+    client: str
+    port: int
+    method: str
+    path: str
+    version: str
+    status: int
+    request_bytes: int
+    response_bytes: int
+    duration: float         # seconds, first request byte read to last response byte written
+    ttfb: float | None      # seconds to the first byte of the final response
+    tls: bool
+    flags: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        t = time.strftime("%H:%M:%S", time.localtime(self.time)) + f".{int(self.time * 1000) % 1000:03d}"
+        ttfb = f"{self.ttfb * 1000:.3f}ms" if self.ttfb is not None else "-"
+        who = f"[{self.client}]:{self.port}" if ":" in self.client else f"{self.client}:{self.port}"
+        return (f"{t} pid={self.pid} tid={self.tid} {who} {self.method} {self.path} {self.version} "
+                f"{self.status or '-'} req={self.request_bytes} resp={self.response_bytes} "
+                f"dur={self.duration * 1000:.3f}ms ttfb={ttfb}" + (" tls" if self.tls else "")
+                + (f" [{','.join(f for f in self.flags if f != 'tls')}]"
+                   if set(self.flags) - {"tls", "closed"} else ""))
+
+
+def _client(caddr: np.ndarray, family: int) -> str:
+    if family == 2:
+        return str(ipaddress.IPv4Address(bytes(caddr[:4])))
+    if family == 10:
+        a = ipaddress.IPv6Address(bytes(caddr))
+        return str(a.ipv4_mapped or a)
+    return "?"
+
+
+def parse_request_line(hdr: bytes, index: int = 0) -> tuple[str, str, str]:
+    """(method, path, version) of the INDEX-th request in the captured bytes ('?' if cut off).
+
+    Pipelined requests after the first share the first one's capture: we skip INDEX header
+    blocks (requests without bodies, which is what clients pipeline)."""
+    for _ in range(index):
+        end = hdr.find(b"\r\n\r\n")
+        if end < 0:
+            return "?", "?", "?"
+        hdr = hdr[end + 4:]
+    line, sep, _ = hdr.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not sep and len(hdr) >= 200:
+        # a request line longer than the capture: method and the start of the path
+        if len(parts) >= 2:
+            return parts[0].decode("latin-1"), parts[1].decode("latin-1") + "...", "?"
+        return "?", "?", "?"
+    return parts[0].decode("latin-1"), parts[1].decode("latin-1"), parts[2].decode("latin-1")
+
+
+def _pipelined_bytes(hdr: bytes, index: int, req_bytes: int, flags: int) -> int:
+    """Request size of pipelined requests, which arrive in one read and are counted on the first.
+
+    The kernel gives the first request all the bytes of the read and the later ones 0; when the
+    whole read was captured and holds only header blocks (no bodies), split it per request."""
+    if flags & F_PIPELINED and req_bytes == 0 or index == 0 and req_bytes == len(hdr):
+        blocks, pos = [], 0
+        while True:
+            end = hdr.find(b"\r\n\r\n", pos)
+            if end < 0:
+                break
+            blocks.append(end + 4 - pos)
+            pos = end + 4
+        if len(blocks) > 1 and index < len(blocks) and (index or pos == len(hdr)):
+            return blocks[index]
+    return req_bytes
+
+
+class HttpTracer:
+    """Trace HTTP/1.x requests of the processes selected by SPEC.
+
+    tls: attach the OpenSSL uprobes to each libssl the targets map.
+    floor: load only the cost floor (same hook, pid filter only) -- for benchmarks."""
+
+    def __init__(self, spec: TargetSpec, tls: bool = True, floor: bool = False):
+        if os.geteuid() != 0:
+            raise PermissionError("tracing needs root (CAP_BPF, CAP_PERFMON)")
+        spec.validate()
+        self.spec, self.tls, self.floor = spec, tls, floor
+        self.obj = BpfObject.open("http")
+        for name, prog in self.obj.programs.items():
+            # the floor keeps the fork/exec/exit hooks too, so it filters the same processes
+            keep = name != ("http_sys_exit" if floor else "http_floor_sys_exit")
+            if (floor or not tls) and name.startswith("http_ssl"):
+                keep = False
+            prog.autoload = keep
+        self.links = []
+        self.ssl_libs: dict[str, list] = {}      # libssl path -> its uprobe links
+        self.tls_opaque: dict[int, str] = {}     # pid -> why its TLS cannot be read
+        self.warnings: list[str] = []
+        self.requests_seen = 0
+        try:
+            self.obj.load()
+            self.dtype = self.obj.btf.dtype("struct http_event")
+            self.tgids = spec.install(self.obj)
+            for name in ("http_floor_sys_exit" if floor else "http_sys_exit",
+                         "http_fork", "http_exec", "http_exit"):
+                self.links.append(self.obj.program(name).attach_trace())
+            self.ring = RingBuffer(self.obj, "events")
+            # time base: the kernel stamps CLOCK_MONOTONIC
+            self._wall_offset = time.time() - time.monotonic()
+            self.refresh()
+        except Exception:
+            self.close()
+            raise
+
+    # --- targets -------------------------------------------------------------------------------
+
+    def targets(self) -> list[int]:
+        return sorted(int(k) for k in self.obj.map("targets").keys())
+
+    def refresh(self) -> None:
+        """Pick up processes that match now, hook new libssl copies, forget dead processes."""
+        self.tgids = self.spec.refresh(self.obj)
+        live = self.targets()
+        if self.tls and not self.floor:
+            for pid in live:
+                self._hook_ssl(pid)
+        self._sweep(set(live))
+
+    def _hook_ssl(self, pid: int) -> None:
+        try:
+            lib = library_of(pid, "libssl.so")
+        except ProcessLookupError:
+            return
+        if lib is None or lib in self.ssl_libs:
+            return
+        links = []
+        path = f"/proc/{pid}/root{lib}" if not os.path.exists(lib) else lib
+        try:
+            for sym, prog in SSL_FUNCS:
+                p = self.obj.program(prog)
+                try:
+                    links.append(p.attach_uprobe(path, sym))
+                except LookupError:
+                    continue     # OpenSSL 1.1.0 has no _ex forms
+                links.append(self.obj.program("http_ssl_ret").attach_uprobe(path, sym, retprobe=True))
+        except (BpfError, OSError) as exc:
+            self.warnings.append(f"cannot hook {lib} of pid {pid}: {exc}")
+        self.ssl_libs[lib] = links
+
+    def _sweep(self, live: set[int]) -> None:
+        """Delete connections of processes that are gone (the kernel cannot: fds are per process)."""
+        conns = self.obj.map("conns")
+        dead = [k for k in conns.keys() if k.tgid not in live and not alive(k.tgid)]
+        for k in dead:
+            try:
+                del conns[k]
+            except KeyError:
+                pass
+
+    # --- events --------------------------------------------------------------------------------
+
+    def poll_array(self, timeout_ms: int = 0) -> np.ndarray:
+        """Drain the ring into a numpy array of struct http_event (all kinds)."""
+        if timeout_ms:
+            time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
+        return self.ring.poll_array(self.dtype)
+
+    def decode(self, arr: np.ndarray) -> list[Request]:
+        out = []
+        for ev in arr[arr["kind"] == EV_TLS_CONN]:
+            self._tls_conn(int(ev["pid"]))
+        reqs = arr[arr["kind"] == EV_REQUEST]
+        if not len(reqs):
+            return out
+        wall = reqs["start_ns"] / 1e9 + self._wall_offset
+        dur = (reqs["end_ns"] - reqs["start_ns"]) / 1e9
+        for i, ev in enumerate(reqs):
+            hdr = ev["hdr"][:ev["hdr_len"]]
+            method, path, version = parse_request_line(hdr, int(ev["pipe_idx"]))
+            flags = int(ev["flags"])
+            req_bytes = _pipelined_bytes(hdr, int(ev["pipe_idx"]), int(ev["req_bytes"]), flags)
+            ttfb = (int(ev["ttfb_ns"]) - int(ev["start_ns"])) / 1e9 if ev["ttfb_ns"] else None
+            out.append(Request(
+                time=float(wall[i]), pid=int(ev["pid"]), tid=int(ev["tid"]),
+                client=_client(ev["caddr"], int(ev["family"])), port=int(ev["cport"]),
+                method=method, path=path, version=version, status=int(ev["status"]),
+                request_bytes=req_bytes, response_bytes=int(ev["resp_bytes"]),
+                duration=float(dur[i]), ttfb=ttfb, tls=bool(flags & F_TLS),
+                flags=[n for b, n in FLAG_NAMES.items() if flags & b]))
+        self.requests_seen += len(out)
+        return out
+
+    def poll(self, timeout_ms: int = DRAIN_MS) -> list[Request]:
+        return self.decode(self.poll_array(timeout_ms))
+
+    def _tls_conn(self, pid: int) -> None:
+        """A connection carries TLS records: readable only if that process's libssl is hooked."""
+        if pid in self.tls_opaque:
+            return
+        try:
+            lib = library_of(pid, "libssl.so")
+        except ProcessLookupError:
+            lib = None
+        if lib is not None and self.ssl_libs.get(lib):
+            return
+        comm = comm_of(pid) or "?"
+        if comm == "java" or _maps_libjvm(pid):
+            why = (f"pid {pid} ({comm}) is a JVM serving TLS (JSSE): its requests cannot be read "
+                   f"without a Java agent; connections are counted, requests are not reported")
+        elif not self.tls:
+            why = f"pid {pid} ({comm}) serves TLS and TLS tracing is off (--no-tls)"
+        else:
+            why = (f"pid {pid} ({comm}) serves TLS without a libssl we can hook "
+                   f"(static or non-OpenSSL TLS): its requests cannot be read")
+        self.tls_opaque[pid] = why
+        self.warnings.append(why)
+
+    # --- counters ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        m = self.obj.map("stats")
+        out = {name: int(m.sum(i) or 0) for i, name in enumerate(STAT_NAMES)}
+        out["events_lost"] = int(self.ring.lost)
+        out["events_received"] = int(self.ring.received)
+        return out
+
+    def close(self) -> None:
+        for links in getattr(self, "ssl_libs", {}).values():
+            for link in links:
+                link.detach()
+        for link in getattr(self, "links", []):
+            link.detach()
+        self.links = []
+        self.ssl_libs = {}
+        if getattr(self, "ring", None) is not None:
+            self.ring.close()
+            self.ring = None
+        if getattr(self, "obj", None) is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _maps_libjvm(pid: int) -> bool:
+    try:
+        return library_of(pid, "libjvm.so") is not None
+    except ProcessLookupError:
+        return False
