@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "gridbpf.trace.cli",
     "gridbpf.doctor",
     "gridbpf.lab.cli",
+    "gridbpf.scitags.cli",
 ]
 
 
