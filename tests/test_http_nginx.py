@@ -1,0 +1,144 @@
+"""Request tracing of a real nginx (Debian, WebDAV), checked against nginx's own access log."""
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from gridbpf.trace.http import HttpTracer
+from gridbpf.trace.http_lab import Nginx
+from gridbpf.trace.targets import TargetSpec
+
+GB = 1 << 30
+
+
+def drain(tracer, until_n=None, timeout=10.0):
+    """Requests from the ring until UNTIL_N arrived (or nothing more comes)."""
+    out, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = tracer.poll(100)
+        out += got
+        if until_n is not None and len(out) >= until_n:
+            break
+        if until_n is None and not got and out:
+            break
+    return out
+
+
+def wait_log(server, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = server.access_lines()
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.05)
+    return server.access_lines()
+
+
+def compare(reqs, log):
+    """Every traced request equals its access-log line (same order on one connection)."""
+    assert len(reqs) == len(log), (len(reqs), len(log))
+    for r, l in zip(reqs, log):
+        got = {"method": r.method, "path": r.path, "status": r.status,
+               "request_bytes": r.request_bytes, "response_bytes": r.response_bytes}
+        want = {k: l[k] for k in got}
+        assert got == want
+
+
+@pytest.fixture
+def nginx():
+    with Nginx() as n:
+        yield n
+
+
+def test_webdav_methods_keepalive_with_1gb_put(nginx, tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(GB)      # sparse: the bytes still cross the socket
+    (nginx.root / "small.txt").write_bytes(b"0123456789" * 500)
+    with HttpTracer(TargetSpec(pids=[nginx.pid])) as t:
+        assert set(nginx.worker_pids()) <= set(t.targets())
+        c = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=60)
+        with open(big, "rb") as f:
+            c.request("PUT", "/vo/data/big.bin", body=f, headers={"Content-Length": str(GB)})
+            r = c.getresponse()
+            r.read()
+            assert r.status == 201
+        steps = [("GET", "/vo/data/big.bin", None, {}), ("HEAD", "/small.txt", None, {}),
+                 ("OPTIONS", "/", None, {}), ("PROPFIND", "/vo/data/", None, {"Depth": "1"}),
+                 ("MKCOL", "/vo/new/", None, {}),
+                 ("COPY", "/small.txt", None, {"Destination": "/vo/new/copy.txt"}),
+                 ("MOVE", "/vo/new/copy.txt", None, {"Destination": "/vo/new/moved.txt"}),
+                 ("DELETE", "/vo/new/moved.txt", None, {}), ("GET", "/small.txt", None, {}),
+                 ("GET", "/missing.txt", None, {}), ("DELETE", "/vo/data/big.bin", None, {})]
+        for method, path, body, headers in steps:
+            c.request(method, path, body=body, headers=headers)
+            r = c.getresponse()
+            while r.read(1 << 20):
+                pass
+        c.close()
+        reqs = drain(t, until_n=1 + len(steps))
+        stats = t.stats()
+    log = wait_log(nginx, 1 + len(steps))
+    compare(reqs, log)
+    assert [r.method for r in reqs] == ["PUT"] + [s[0] for s in steps]
+    assert reqs[0].request_bytes > GB and reqs[1].response_bytes > GB
+    assert len({(r.client, r.port) for r in reqs}) == 1, "one keep-alive connection"
+    for r in reqs:
+        assert r.pid in nginx.worker_pids() and r.client == "127.0.0.1"
+        assert r.version == "HTTP/1.1" and r.duration >= 0 and r.ttfb is not None
+        assert r.ttfb <= r.duration
+    assert stats["events_lost"] == 0 and stats["capture_failed"] == 0
+
+
+def test_pipelined_chunked_and_100_continue(nginx, tmp_path):
+    (nginx.root / "a.txt").write_bytes(b"a" * 100)
+    body = tmp_path / "body.bin"
+    body.write_bytes(os.urandom(3_000_000))
+    with HttpTracer(TargetSpec(pids=[nginx.pid])) as t:
+        s = socket.create_connection(("127.0.0.1", nginx.port))
+        s.sendall(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"HEAD /a.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        while s.recv(65536):
+            pass
+        s.close()
+        c = http.client.HTTPConnection("127.0.0.1", nginx.port)
+        c.request("PUT", "/chunked.bin", body=iter([b"x" * 1000, b"y" * 70000, b"z"]),
+                  encode_chunked=True)
+        c.getresponse().read()
+        c.close()
+        subprocess.run(["curl", "-sf", "-o", "/dev/null", "-T", str(body), "-H",
+                        "Expect: 100-continue", f"{nginx.url}/continued.bin"], check=True)
+        reqs = drain(t, until_n=5)
+    log = wait_log(nginx, 5)
+    compare(reqs, log)
+    assert [r.path for r in reqs[:3]] == ["/a.txt", "/nope", "/a.txt"]
+    assert "pipelined" in reqs[1].flags and "pipelined" in reqs[2].flags
+    assert "interim" in reqs[4].flags and reqs[4].request_bytes > 3_000_000
+
+
+def test_wrk_20000_requests_counted(nginx):
+    (nginx.root / "index.html").write_bytes(b"hello\n" * 20)
+    with HttpTracer(TargetSpec(pids=[nginx.pid])) as t:
+        seen = 0
+        p = subprocess.Popen(["wrk", "-t2", "-c20", "-d20s", f"{nginx.url}/index.html"],
+                             stdout=subprocess.DEVNULL)
+        try:
+            # full speed until nginx has served 20000 requests, draining on a timer as the agent does
+            while p.poll() is None and len(nginx.access_lines()) < 20000:
+                seen += len(t.poll_array(100))
+        finally:
+            p.send_signal(signal.SIGINT)
+            p.wait(10)
+        # wrk's exit closed its connections: their last requests were sent at close
+        time.sleep(0.3)
+        seen += len(t.poll_array(0))
+        stats = t.stats()
+    served = len(wait_log(nginx, 20000))
+    assert served >= 20000
+    assert seen + stats["events_lost"] == served, (seen, stats, served)
+    assert stats["requests_completed"] == served
