@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 (INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FUNC_PROTO,
  VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64) = range(1, 20)
+PAD = "__gb_pad_"   # our own padding fields, never a name in C
 _MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
 
 
@@ -189,18 +190,18 @@ class Btf:
                 continue
             off = m.bit_offset // 8
             if t.kind == STRUCT and off > pos:
-                fields.append((f"_pad{i}", ctypes.c_uint8 * (off - pos)))
+                fields.append((f"{PAD}{i}", ctypes.c_uint8 * (off - pos)))
             if t.kind == STRUCT and off < pos:
                 continue   # overlapping member of a bitfield unit already covered
             fields.append((name, mtype))
             pos = off + ctypes.sizeof(mtype)
         if t.kind == STRUCT and t.size > pos:
-            fields.append(("_pad_end", ctypes.c_uint8 * (t.size - pos)))
+            fields.append((f"{PAD}end", ctypes.c_uint8 * (t.size - pos)))
         attrs = {"_pack_": 1, "_fields_": fields, "__repr__": _record_repr}
         if anonymous:
             attrs["_anonymous_"] = anonymous
         if t.kind == UNION:
-            attrs["_fields_"] = fields + ([("_size", ctypes.c_uint8 * t.size)] if t.size else [])
+            attrs["_fields_"] = fields + ([(f"{PAD}size", ctypes.c_uint8 * t.size)] if t.size else [])
         cls = type(t.name or f"anon_{t.id}", (base,), attrs)
         if ctypes.sizeof(cls) != t.size:
             raise TypeError(f"layout of {t.name}: ctypes size {ctypes.sizeof(cls)} != BTF {t.size}")
@@ -237,7 +238,7 @@ def to_python(value):
     """ctypes value -> plain Python (dicts, lists, ints, bytes) for JSON and comparisons."""
     if isinstance(value, (ctypes.Structure, ctypes.Union)):
         return {name: to_python(getattr(value, name)) for name, *_ in value._fields_
-                if not name.startswith("_pad") and name != "_size"}
+                if not name.startswith(PAD)}
     if isinstance(value, ctypes.Array):
         if value._type_ is ctypes.c_char:
             return bytes(value)
@@ -277,7 +278,7 @@ def ctype_to_dtype(ct: type):
     if issubclass(ct, ctypes.Structure) or issubclass(ct, ctypes.Union):
         names, formats, offsets = [], [], []
         for name, ftype, *_ in ct._fields_:
-            if name.startswith("_pad") or name == "_size":
+            if name.startswith(PAD):
                 continue
             names.append(name)
             formats.append(ctype_to_dtype(ftype))

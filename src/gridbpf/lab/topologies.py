@@ -72,6 +72,10 @@ def ecmp(lab: Lab, servers: int = 2) -> Topology:
         s.route("default via 10.2.0.1")
         s.route("default via fd00:2::1")
         http_server(s, 80)
+        # Static neighbours on the router: the first flows need no ARP/ND round (no racy start).
+        mac = s.mac("eth0")
+        router.ip_batch([f"neigh replace 10.2.0.{10 + i} lladdr {mac} dev eth1 nud permanent",
+                         f"neigh replace fd00:2::{10 + i} lladdr {mac} dev eth1 nud permanent"])
         hops4.append(f"nexthop via 10.2.0.{10 + i} dev eth1")
         hops6.append(f"nexthop via fd00:2::{10 + i} dev eth1")
         t.hosts[s.name] = s
@@ -79,6 +83,11 @@ def ecmp(lab: Lab, servers: int = 2) -> Topology:
     router.ip("-6", "route", "add", f"{VIP6}/128", *" ".join(hops6).split())
     t.hosts.update({"client": client, "router": router, "switch": switch})
     t.addrs = {"vip": VIP4, "vip6": VIP6}
+    # Ready when the client reaches every server over both families (new IPv6 paths can need
+    # a moment before they forward).
+    for i in range(1, servers + 1):
+        client.wait_port(f"10.2.0.{10 + i}", 80)
+        client.wait_port(f"fd00:2::{10 + i}", 80)
     return t
 
 
