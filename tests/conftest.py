@@ -1,6 +1,7 @@
 """Shared fixtures: the tests load real programs into the running kernel, as root."""
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ def selftest():
     obj = BpfObject.open(TESTS / "bpf" / "selftest.bpf.o")
     yield obj
     obj.close()
+
+
+def gridbpf_cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `gridbpf` command of this checkout (not whichever one pip installed last)."""
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"))
+    return subprocess.run([sys.executable, "-m", "gridbpf", *args], capture_output=True, text=True,
+                          check=check, timeout=timeout, env=env)
 
 
 def build_c(name: str, tmp_path: Path) -> Path:

@@ -1,10 +1,7 @@
 """The command line: doctor probes for real; errors are one line naming the problem."""
 import json
-import subprocess
 
-
-def gridbpf(*args, check=True):
-    return subprocess.run(["gridbpf", *args], capture_output=True, text=True, check=check, timeout=120)
+from conftest import gridbpf_cli as gridbpf
 
 
 def test_doctor_reports_what_works_here():

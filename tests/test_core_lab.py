@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import TESTS
+from conftest import TESTS, gridbpf_cli
 from gridbpf.bpf import BpfObject, list_pins
 from gridbpf.lab import Lab, ecmp, namespaces
 
@@ -104,7 +104,7 @@ def test_teardown_after_exception():
 
 
 def test_lab_cli_up_list_down():
-    run = lambda *a: subprocess.run(["gridbpf", "lab", *a, "--json"], capture_output=True, text=True, check=True)
+    run = lambda *a: gridbpf_cli("lab", *a, "--json")
     try:
         up = run("up", "web", "--name", "ccli")
         assert '"gb-ccli-server"' in up.stdout
