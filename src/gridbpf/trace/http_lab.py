@@ -188,7 +188,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_OPTIONS = do_PROPFIND = _reply
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_OPTIONS = do_PROPFIND = do_MKCOL = _reply
     def log_message(self, *a):
         pass
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

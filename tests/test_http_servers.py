@@ -1,0 +1,128 @@
+"""Request tracing of a JDK 17 com.sun.net.httpserver, a Python HTTPS server (libssl uprobes),
+and a JVM serving TLS (reported as unreadable, never faked)."""
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from gridbpf.trace.http import HttpTracer
+from gridbpf.trace.http_lab import JdkHttpsServer, JdkServer, PythonHttps
+from gridbpf.trace.targets import TargetSpec
+
+# method, path, body size
+STEPS = [("GET", "/a", 0), ("PUT", "/vo/file.bin", 300_000), ("HEAD", "/h", 0),
+         ("PROPFIND", "/vo/", 0), ("MKCOL", "/vo/new/", 0), ("DELETE", "/vo/file.bin", 0),
+         ("GET", "/missing/x", 0)]
+
+
+class RawClient:
+    """HTTP/1.1 over one keep-alive connection, counting the exact bytes sent and received."""
+
+    def __init__(self, port, tls=False):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if tls:
+            s = ssl._create_unverified_context().wrap_socket(s)
+        self.s, self.buf = s, b""
+
+    def request(self, method, path, body_len):
+        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {body_len}\r\n"
+                f"\r\n").encode()
+        self.s.sendall(head + b"b" * body_len)
+        # response: headers, then Content-Length bytes (none for HEAD)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._recv()
+        end = self.buf.index(b"\r\n\r\n") + 4
+        headers = self.buf[:end].decode("latin-1")
+        status = int(headers.split(" ", 2)[1])
+        length = 0
+        for line in headers.split("\r\n")[1:]:
+            k, _, v = line.partition(":")
+            if k.lower() == "content-length":
+                length = int(v)
+        if method == "HEAD":
+            length = 0
+        while len(self.buf) < end + length:
+            self.buf += self._recv()
+        self.buf = self.buf[end + length:]
+        return {"method": method, "path": path, "status": status,
+                "request_bytes": len(head) + body_len, "response_bytes": end + length}
+
+    def _recv(self):
+        d = self.s.recv(65536)
+        if not d:
+            raise ConnectionError("server closed")
+        return d
+
+    def close(self):
+        self.s.close()
+
+
+def drain(tracer, n, timeout=10.0):
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        out += tracer.poll(100)
+    return out
+
+
+def run_steps(port, tls):
+    c = RawClient(port, tls)
+    want = [c.request(m, p, n) for m, p, n in STEPS]
+    c.close()
+    return want
+
+
+def check(reqs, want, pid, tls):
+    got = [{"method": r.method, "path": r.path, "status": r.status,
+            "request_bytes": r.request_bytes, "response_bytes": r.response_bytes} for r in reqs]
+    assert got == want
+    for r in reqs:
+        assert r.pid == pid and r.tls == tls and r.version == "HTTP/1.1"
+        assert r.ttfb is not None and 0 <= r.ttfb <= r.duration
+
+
+@pytest.fixture(scope="module")
+def jdk():
+    with JdkServer() as s:
+        yield s
+
+
+def test_jdk17_httpserver(jdk):
+    with HttpTracer(TargetSpec(pids=[jdk.pid])) as t:
+        want = run_steps(jdk.port, tls=False)
+        reqs = drain(t, len(want))
+        stats = t.stats()
+    check(reqs, want, jdk.pid, tls=False)
+    assert [r.status for r in reqs][-1] == 404
+    # the JDK server reads on one thread and answers on pool threads: tids are real threads
+    assert all(r.tid != 0 for r in reqs)
+    assert stats["events_lost"] == 0
+
+
+def test_python_https_through_libssl():
+    with PythonHttps() as srv, HttpTracer(TargetSpec(pids=[srv.pid])) as t:
+        assert any("libssl" in lib for lib in t.ssl_libs), "libssl of the target hooked"
+        want = run_steps(srv.port, tls=True)
+        reqs = drain(t, len(want))
+        stats = t.stats()
+    check(reqs, want, srv.pid, tls=True)
+    assert stats["tls_connections"] == 1 and stats["ssl_unlinked"] == 0
+    assert not t.warnings
+
+
+def test_jvm_tls_reported_unreadable():
+    with JdkHttpsServer() as srv, HttpTracer(TargetSpec(pids=[srv.pid])) as t:
+        out = subprocess.run(["curl", "-sk", f"{srv.url}/x", f"{srv.url}/y"], capture_output=True,
+                             text=True, timeout=30)
+        assert out.stdout == "ok\nok\n"
+        reqs = []
+        deadline = time.monotonic() + 5
+        while not t.warnings and time.monotonic() < deadline:
+            reqs += t.poll(100)
+        reqs += t.poll(200)
+        stats = t.stats()
+    # the ciphertext is never parsed as requests, and the user is told why nothing shows
+    assert reqs == []
+    assert stats["tls_connections"] >= 1
+    assert any("JVM serving TLS" in w and str(srv.pid) in w for w in t.warnings), t.warnings
