@@ -28,6 +28,8 @@ enum decap_reason {
 	DECAP_REASON_MAX,
 };
 
+enum decap_reason gb_export_decap_reason __attribute__((unused));   /* names for userspace */
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, DECAP_REASON_MAX);

@@ -15,6 +15,11 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
+/* Enums only the control plane reads by name: put them in the BTF. */
+enum lb_reason gb_export_lb_reason __attribute__((unused));
+enum lb_mode gb_export_lb_mode __attribute__((unused));
+enum lb_backend_state gb_export_lb_backend_state __attribute__((unused));
+
 /* Slots per Maglev table (a prime); set by the control plane before load. */
 const volatile __u32 ring_size = 65537;
 
@@ -33,9 +38,11 @@ struct {
 	__type(value, __u32);
 } lb_vips SEC(".maps");
 
-/* All Maglev tables: backend ids at [service id * ring_size + slot]. */
+/* All Maglev tables: backend ids at [service id * ring_size + slot]. Memory-mapped by the
+ * control plane, which writes a whole table as one array copy. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, LB_RING_CAPACITY);
 	__type(key, __u32);
 	__type(value, __u32);
@@ -84,6 +91,20 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_encap);
 } lb_encap SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct lb_service_ctl);
+} lb_service_ctl SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_backend_ctl);
+} lb_backend_ctl SEC(".maps");
 
 /* What parsing learned about a packet. */
 struct lb_pkt {
@@ -178,11 +199,13 @@ static __always_inline int parse_ipv4(void *data, void *end, struct lb_pkt *p)
 	case IPPROTO_ICMP: {
 		struct icmphdr *ic = l4;
 
-		/* the quoted IPv4 header and 8 bytes of ports must be inside the packet too */
-		if ((void *)(ic + 1) > end || l4_len < sizeof(*ic) + sizeof(struct iphdr) + 8)
+		if ((void *)(ic + 1) > end || l4_len < sizeof(*ic))
 			return LB_DROP_TRUNCATED;
 		if (ic->type != GB_ICMP_DEST_UNREACH || ic->code != GB_ICMP_FRAG_NEEDED)
 			return LB_PASS_NO_SERVICE;
+		/* the quoted IPv4 header and 8 bytes of ports must be inside the packet too */
+		if (l4_len < sizeof(*ic) + sizeof(struct iphdr) + 8)
+			return LB_DROP_TRUNCATED;
 		return parse_icmp4_inner(l4, end, p);
 	}
 	}
@@ -242,10 +265,12 @@ static __always_inline int parse_ipv6(void *data, void *end, struct lb_pkt *p)
 	case GB_IPPROTO_ICMPV6: {
 		struct icmp6hdr *ic = l4;
 
-		if ((void *)(ic + 1) > end || l4_len < sizeof(*ic) + sizeof(struct ipv6hdr) + 8)
+		if ((void *)(ic + 1) > end || l4_len < sizeof(*ic))
 			return LB_DROP_TRUNCATED;
 		if (ic->icmp6_type != GB_ICMPV6_PKT_TOOBIG)
 			return LB_PASS_NO_SERVICE;
+		if (l4_len < sizeof(*ic) + sizeof(struct ipv6hdr) + 8)
+			return LB_DROP_TRUNCATED;
 		return parse_icmp6_inner(l4, end, p);
 	}
 	}

@@ -94,6 +94,29 @@ struct lb_encap {
 	__u32 v6_hash_mask;
 	__u16 gue_port;      /* network byte order */
 	__u16 pad;
+	__u32 table_size;    /* for the commands only: the datapath uses its rodata ring_size */
+};
+
+/*
+ * Control-plane state, kept in pinned maps so that the daemon and `gridbpf lb` commands share it
+ * (the datapath never reads these). Indexed by service id / backend id.
+ */
+struct lb_service_ctl {
+	char  name[32];
+	__u32 used;
+	__u32 pad;
+};
+
+enum lb_backend_state {
+	LB_STATE_ACTIVE   = 0,  /* in the Maglev table */
+	LB_STATE_DRAINING = 1,  /* out of the table, established flows stay */
+};
+
+struct lb_backend_ctl {
+	__u32 service;   /* service id */
+	__u32 weight;
+	__u32 state;     /* enum lb_backend_state */
+	__u32 used;      /* 1: this backend id is allocated */
 };
 
 #define LB_HASH_SEED 0x67726964u  /* "grid": the same on every node */
