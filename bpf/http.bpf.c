@@ -181,6 +181,7 @@ static __always_inline void start_request(struct http_conn *c, __u32 tid, __u64 
 	ev->flags = c->tls ? HTTP_F_TLS : 0;
 	ev->pipe_idx = 0;
 	ev->hdr_len = 0;
+	ev->resp_hdr_len = 0;
 	if (bpf_probe_read_user(ev->hdr, cap, (void *)buf) == 0)
 		ev->hdr_len = cap;
 	else
@@ -211,6 +212,19 @@ static __always_inline __u16 parse_status(const char *s)
 	return (s[9] - '0') * 100 + (s[10] - '0') * 10 + (s[11] - '0');
 }
 
+/* Keep the head of the final response: its status, and where its body starts. */
+static __always_inline __u16 capture_response(struct http_conn *c, __u64 buf, __u64 seglen, long n)
+{
+	__u64 cap = (__u64)n < seglen ? (__u64)n : seglen;
+
+	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(cap) : "i"(HTTP_RESP_CAP));
+	c->ev.resp_hdr_len = 0;
+	if (cap < 12 || bpf_probe_read_user(c->ev.resp_hdr, cap, (void *)buf))
+		return 0;
+	c->ev.resp_hdr_len = cap;
+	return parse_status(c->ev.resp_hdr);
+}
+
 static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 seglen, long n,
 				     __u64 now)
 {
@@ -221,27 +235,31 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 		gb_count(&stats, HTTP_ST_WRITE_NO_REQ);
 		return;
 	}
-	if (buf && seglen >= 12 && bpf_probe_read_user(head, sizeof(head), (void *)buf) == 0)
-		status = parse_status(head);
 	if (c->state == HTTP_CS_REQ) {
+		status = capture_response(c, buf, seglen, n);
 		if (status >= 100 && status < 200 && status != 101) {
 			/* 100 Continue: the body is still to be read; the final response comes later */
 			c->ev.flags |= HTTP_F_INTERIM;
 			c->ev.resp_bytes += n;
+			c->ev.resp_hdr_len = 0;
 			return;
 		}
 		c->state = HTTP_CS_RESP;
 		c->ev.ttfb_ns = now;
 		c->ev.status = status;
-	} else if (status && c->ev.resp_bytes) {
-		/* a second status line while responding: the next pipelined request's response */
-		emit(c, 0);
-		c->ev.flags = (c->ev.flags & HTTP_F_TLS) | HTTP_F_PIPELINED;
-		c->ev.pipe_idx += 1;
-		c->ev.req_bytes = 0;
-		c->ev.resp_bytes = 0;
-		c->ev.ttfb_ns = now;
-		c->ev.status = status;
+	} else {
+		if (seglen >= 12 && bpf_probe_read_user(head, sizeof(head), (void *)buf) == 0)
+			status = parse_status(head);
+		if (status && c->ev.resp_bytes) {
+			/* a second status line while responding: the next pipelined request's response */
+			emit(c, 0);
+			c->ev.flags = (c->ev.flags & HTTP_F_TLS) | HTTP_F_PIPELINED;
+			c->ev.pipe_idx += 1;
+			c->ev.req_bytes = 0;
+			c->ev.resp_bytes = 0;
+			c->ev.ttfb_ns = now;
+			c->ev.status = capture_response(c, buf, seglen, n);
+		}
 	}
 	c->ev.resp_bytes += n;
 	c->ev.end_ns = now;

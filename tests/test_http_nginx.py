@@ -86,6 +86,10 @@ def test_webdav_methods_keepalive_with_1gb_put(nginx, tmp_path):
     compare(reqs, log)
     assert [r.method for r in reqs] == ["PUT"] + [s[0] for s in steps]
     assert reqs[0].request_bytes > GB and reqs[1].response_bytes > GB
+    # body sizes: the header blocks were captured, so the bodies are exact
+    assert reqs[0].request_body_bytes == GB and reqs[1].response_body_bytes == GB
+    small = [r for r in reqs if r.method == "GET" and r.path == "/small.txt"][0]
+    assert small.response_body_bytes == 5000 and small.request_body_bytes == 0
     assert len({(r.client, r.port) for r in reqs}) == 1, "one keep-alive connection"
     for r in reqs:
         assert r.pid in nginx.worker_pids() and r.client == "127.0.0.1"

@@ -4,7 +4,9 @@
 
 /* Bytes of the request kept per request: request line and the first headers. Power of two. */
 #define HTTP_HDR_CAP 256
-/* Bytes looked at in the first write of a response: "HTTP/1.1 200 ". */
+/* Bytes of the response head kept (status line and headers: userspace finds the body size). */
+#define HTTP_RESP_CAP 256
+/* Bytes looked at in later writes of a response, for a pipelined response's status line. */
 #define HTTP_STATUS_CAP 16
 
 enum http_event_kind {
@@ -56,8 +58,10 @@ struct http_event {
 	__u16 flags;             /* enum http_flags */
 	__u16 hdr_len;           /* valid bytes in hdr */
 	__u16 pipe_idx;          /* index of the request within a pipelined read */
-	__u32 _pad;
+	__u16 resp_hdr_len;      /* valid bytes in resp_hdr */
+	__u16 _pad;
 	char hdr[HTTP_HDR_CAP];  /* the request's first bytes */
+	char resp_hdr[HTTP_RESP_CAP]; /* the final response's first bytes */
 };
 
 struct http_conn_key {

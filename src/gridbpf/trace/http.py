@@ -45,6 +45,9 @@ class Request:
     ttfb: float | None      # seconds to the first byte of the final response
     tls: bool
     flags: list[str]
+    # body sizes: total minus the header block, when the head fit in the kernel's capture
+    request_body_bytes: int | None = None
+    response_body_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +90,20 @@ def parse_request_line(hdr: bytes, index: int = 0) -> tuple[str, str, str]:
             return parts[0].decode("latin-1"), parts[1].decode("latin-1") + "...", "?"
         return "?", "?", "?"
     return parts[0].decode("latin-1"), parts[1].decode("latin-1"), parts[2].decode("latin-1")
+
+
+def _body(head: bytes, total: int, index: int = 0) -> int | None:
+    """Bytes after the INDEX-th header block, or None if the block is not in the capture."""
+    pos = 0
+    for _ in range(index):
+        pos = head.find(b"\r\n\r\n", pos)
+        if pos < 0:
+            return None
+        pos += 4
+    end = head.find(b"\r\n\r\n", pos)
+    if end < 0:
+        return None
+    return max(total - (end + 4 - pos), 0)
 
 
 def _pipelined_bytes(hdr: bytes, index: int, req_bytes: int, flags: int) -> int:
@@ -219,7 +236,10 @@ class HttpTracer:
                 method=method, path=path, version=version, status=int(ev["status"]),
                 request_bytes=req_bytes, response_bytes=int(ev["resp_bytes"]),
                 duration=float(dur[i]), ttfb=ttfb, tls=bool(flags & F_TLS),
-                flags=[n for b, n in FLAG_NAMES.items() if flags & b]))
+                flags=[n for b, n in FLAG_NAMES.items() if flags & b],
+                request_body_bytes=_body(hdr, req_bytes, int(ev["pipe_idx"])),
+                response_body_bytes=_body(ev["resp_hdr"][:ev["resp_hdr_len"]],
+                                          int(ev["resp_bytes"]))))
         self.requests_seen += len(out)
         return out
 
