@@ -132,3 +132,49 @@ def test_clear_errors_for_bad_input(selftest):
         selftest.program("nope")
     with pytest.raises(LookupError, match="symbol 'no_such_function' not found"):
         selftest.program("on_marker").attach_uprobe("/bin/true", "no_such_function")
+
+
+def test_uprobe_in_shared_library_found_in_process_maps(selftest):
+    from gridbpf.bpf.elf import library_of
+    libc = library_of(os.getpid(), "libc.so")
+    assert libc and os.path.exists(libc)
+    selftest.rodata["target_tgid"] = os.getpid()
+    selftest.load()
+    with selftest.program("on_marker").attach_uprobe(libc, "getppid", pid=os.getpid()), \
+            RingBuffer(selftest, "events") as rb:
+        for _ in range(12):
+            os.getppid()
+        events = rb.poll_array(selftest.btf.dtype("event"), timeout_ms=1000)
+    assert len(events) == 12 and set(events["kind"]) == {2}
+
+
+def test_xdp_replace_semantics():
+    from gridbpf.lab import Lab
+    with Lab("crep") as lab:
+        a = lab.host("a")
+        lab.link(a, lab.host("b"), a_if="eth0", b_if="eth0")
+        first = BpfObject.open(TESTS / "bpf" / "selftest.bpf.o").load()
+        second = BpfObject.open("probe")
+        for name, prog in second.programs.items():
+            prog.autoload = name == "probe_xdp"
+        second.load()
+
+        def attached():
+            return a.ip("-d", "link", "show", "eth0").stdout
+
+        # netlink mode: a second program is refused unless replace=True
+        with first.program("xdp_count").attach_xdp("eth0", mode="generic", netns=a.netns, link=False):
+            assert "xdp_count" in attached()
+            with pytest.raises(BpfError, match="EBUSY|EEXIST"):
+                second.program("probe_xdp").attach_xdp("eth0", mode="generic", netns=a.netns, link=False)
+            with second.program("probe_xdp").attach_xdp("eth0", mode="generic", netns=a.netns,
+                                                        link=False, replace=True):
+                assert "probe_xdp" in attached()
+        assert "prog/xdp" not in attached()
+        # link mode: update swaps the program atomically
+        with first.program("xdp_count").attach_xdp("eth0", mode="generic", netns=a.netns) as link:
+            link.update(second.program("probe_xdp"))
+            assert "probe_xdp" in attached()
+        assert "prog/xdp" not in attached()
+        first.close()
+        second.close()

@@ -3,6 +3,7 @@ and nothing left behind afterwards."""
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -96,8 +97,13 @@ def test_teardown_after_exception():
     with pytest.raises(RuntimeError, match="test body failed"):
         with Lab("cfail") as lab:
             h = lab.host("a")
-            pids = [h.popen(["sleep", "300"]).pid]
             lab.link(h, lab.host("b"), ["10.5.0.1/24"], ["10.5.0.2/24"])
+            talker = h.popen(["sh", "-c", "echo hello from $(ip -o link show to-b | cut -d: -f2); exec sleep 300"])
+            pids = [talker.pid]
+            deadline = time.monotonic() + 5
+            while "hello" not in talker.output() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert talker.output().strip() == "hello from to-b@if2"   # kept, and run inside the netns
             raise RuntimeError("test body failed")
     assert not [n for n in namespaces() if n.startswith("gb-cfail-")]
     assert not alive(pids)
