@@ -1,0 +1,299 @@
+"""Follow writes in the kernel, finish each closed file in userspace, store the attribute.
+
+The kernel (bpf/checksum.bpf.c) sends three kinds of records on one ring buffer, read in bulk:
+  range   a summed segment of a file that was left for a write elsewhere (start, length, adler)
+  close   the last close of a followed file: final segment, size, mtime, path, unfollowed reasons
+  rename  a rename by a process that lately closed a followed file (for temp-name-then-rename)
+Python runs once per closed file (plus once per discontinuity), never per write.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..bpf import BpfObject, RingBuffer
+from . import adler, xattr
+from .targets import Target
+
+EV_RANGE, EV_CLOSE, EV_RENAME = 1, 2, 3
+AT_FDCWD = -100
+
+# Bits of fstate.flags, in the order of enum unfollowed_reason in checksum.bpf.c.
+REASONS = ["concurrent-writes", "overlapping-write", "mmap", "truncate", "fallocate",
+           "splice/sendfile/copy_file_range", "user-buffer-fault", "range-record-lost",
+           "pending-map-full", "async-io", "pwrite-on-append", "scratch-reused",
+           "position-moved", "bad-iovec"]
+
+STATS = ["opens", "state_full", "files_full", "pending_full", "close_lost", "range_lost",
+         "rename_lost", "writes", "bytes", "unfollowed", "closes"]
+
+PENDING_SECONDS = 10.0        # how long a closed file may stay missing, waiting for its rename
+
+
+def reasons(flags: int) -> list[str]:
+    return [name for bit, name in enumerate(REASONS) if flags & (1 << bit)]
+
+
+@dataclass
+class Result:
+    """One closed file: what was stored, where the value came from, how long it took."""
+    path: str | None
+    size: int
+    adler32: str | None
+    source: str                   # "kernel" or "userspace"
+    stored: bool
+    status: str                   # stored | unlinked | gone | not-stored
+    reasons: list[str] = field(default_factory=list)
+    pid: int = 0
+    comm: str = ""
+    writes: int = 0
+    bytes_summed: int = 0
+    ranges: int = 0
+    first_write_to_stored_ms: float | None = None
+    close_to_stored_ms: float | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Closed:
+    ev: dict
+    ranges: list
+    path: str | None
+    deadline: float
+
+
+class Watcher:
+    """Load, configure and attach the checksum program; poll() returns finished files."""
+
+    def __init__(self, paths: list[str], target: Target | None = None, store: bool = True):
+        if not paths:
+            raise ValueError("give at least one directory to watch")
+        self.dirs = []
+        for p in paths:
+            real = os.path.realpath(p)
+            if not os.path.isdir(real):
+                raise NotADirectoryError(f"--path {p}: not a directory")
+            self.dirs.append(real)
+        if len(self.dirs) > 64:
+            raise ValueError("at most 64 watched directories")
+        self.target = target or Target()
+        self.store = store
+        self.obj: BpfObject | None = None
+        self.links = []
+        self.rb: RingBuffer | None = None
+        self._ranges: dict[int, list] = {}
+        self._pending: dict[tuple[int, int], _Closed] = {}
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> "Watcher":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        obj = self.obj = BpfObject.open("checksum")
+        t = self.target
+        obj.rodata["filter_mode"] = t.mode
+        if t.comm:
+            obj.rodata["target_comm"] = list(t.comm.encode().ljust(16, b"\0"))
+        obj.rodata["target_cgroup_id"] = t.cgroup_id
+        obj.rodata["target_cgroup_level"] = t.cgroup_level
+        obj.load()
+        dirs = obj.map("dirs")
+        for i, d in enumerate(self.dirs):
+            st = os.stat(d)
+            dirs[{"ino": st.st_ino, "dev": _kernel_dev(st.st_dev)}] = i
+        pids = obj.map("target_pids")
+        for pid in t.pids:
+            pids[pid] = 1
+        self._btf_types = {EV_RANGE: obj.btf.struct("range_event"),
+                           EV_CLOSE: obj.btf.struct("close_event"),
+                           EV_RENAME: obj.btf.struct("rename_event")}
+        self.rb = RingBuffer(obj, "events")
+        for prog in obj.programs.values():
+            self.links.append(prog.attach())
+
+    def close(self) -> None:
+        for link in self.links:
+            link.detach()
+        self.links = []
+        if self.rb is not None:
+            self.rb.close()
+            self.rb = None
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- events -------------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int = 100) -> list[Result]:
+        """Wait up to TIMEOUT_MS for records, handle all of them, return the finished files."""
+        out: list[Result] = []
+        for raw in self.rb.poll(timeout_ms):
+            kind = int.from_bytes(raw[:4], "little")
+            ctype = self._btf_types.get(kind)
+            if ctype is None:
+                continue
+            rec = ctype.from_buffer_copy(raw.ljust(ctypes.sizeof(ctype), b"\0"))
+            if kind == EV_RANGE:
+                self._ranges.setdefault(rec.session, []).append((rec.start, rec.len, rec.adler))
+            elif kind == EV_CLOSE:
+                r = self._on_close(rec)
+                if r:
+                    out.append(r)
+            else:
+                out.extend(self._on_rename(rec))
+        out.extend(self._expire())
+        return out
+
+    def drain(self, seconds: float = 0.5) -> list[Result]:
+        """Poll until nothing arrives for SECONDS (tests and one-shot use)."""
+        out, quiet_since = [], time.monotonic()
+        while time.monotonic() - quiet_since < seconds:
+            got = self.poll(50)
+            if got:
+                out.extend(got)
+                quiet_since = time.monotonic()
+        return out
+
+    def stats(self) -> dict:
+        m = self.obj.map("stats")
+        counters = {name: int(m.sum(i) or 0) for i, name in enumerate(STATS)}
+        counters["ring_lost"] = int(self.rb.lost)
+        counters["waiting_for_rename"] = len(self._pending)
+        return counters
+
+    def _on_close(self, ev) -> Result | None:
+        ranges = self._ranges.pop(ev.session, [])
+        if ev.seg_end > ev.seg_start:
+            ranges.append((ev.seg_start, ev.seg_end - ev.seg_start, ev.seg_adler))
+        path = None
+        if ev.path_complete:
+            parts = bytes(ev.path[:ev.path_len]).split(b"\0")
+            parts = [os.fsdecode(p) for p in parts if p]
+            path = os.path.join(self.dirs[ev.dir_index], *reversed(parts))
+        d = {name: getattr(ev, name) for name, *_ in ev._fields_ if name not in ("path",)}
+        d["comm"] = bytes(ev.comm).split(b"\0")[0].decode(errors="replace")
+        closed = _Closed(d, ranges, path, time.monotonic() + PENDING_SECONDS)
+        if ev.nlink == 0:
+            return self._result(closed, None, "unlinked", stored=False)
+        if path is None or not _same_inode(path, d):
+            # Renamed after close (or while open, out of our sight): wait for its rename record.
+            self._pending[(d["dev"], d["ino"])] = closed
+            return None
+        return self._finish(closed, path)
+
+    def _on_rename(self, ev) -> list[Result]:
+        if not self._pending:
+            return []
+        name = os.fsdecode(bytes(ev.newname[:max(ev.len - 1, 0)]))
+        if not os.path.isabs(name):
+            base = f"/proc/{ev.tgid}/cwd" if ev.newdfd == AT_FDCWD else f"/proc/{ev.tgid}/fd/{ev.newdfd}"
+            try:
+                name = os.path.join(os.readlink(base), name)
+            except OSError:
+                return []
+        try:
+            st = os.stat(name)
+        except OSError:
+            return []
+        closed = self._pending.pop((_kernel_dev(st.st_dev), st.st_ino), None)
+        return [self._finish(closed, name)] if closed else []
+
+    def _expire(self) -> list[Result]:
+        now = time.monotonic()
+        out = []
+        for key, closed in list(self._pending.items()):
+            if now > closed.deadline:
+                del self._pending[key]
+                out.append(self._result(closed, None, "gone", stored=False))
+        return out
+
+    def _finish(self, closed: _Closed, path: str) -> Result:
+        ev = closed.ev
+        why = reasons(ev["flags"])
+        value = None
+        if not why:
+            try:
+                value = adler.combine_ranges(closed.ranges, ev["size"])
+            except adler.NotTiled as e:
+                why = [f"ranges: {e}"]
+        if value is not None and not _same_file(path, ev):
+            value, why = None, why + ["changed after close"]
+        if self.store and value is not None:
+            # Store only if the file is still what the kernel saw at close (size and mtime), and
+            # check again afterwards: a writer that came back in between wins, we re-read.
+            try:
+                xattr.store(path, value)
+            except OSError as e:
+                return self._result(closed, path, f"not-stored: {e.strerror}", stored=False,
+                                    value=value, why=why)
+            if not _same_file(path, ev):
+                value, why = None, why + ["changed after close"]
+        source = "kernel" if value is not None else "userspace"
+        if value is None:
+            try:
+                value, size = adler.file_adler32(path)
+                ev = dict(ev, size=size)
+                if self.store:
+                    xattr.store(path, value)
+            except OSError as e:
+                return self._result(closed, path, f"not-stored: {e.strerror}", stored=False,
+                                    source=source, why=why)
+        return self._result(dict_closed(closed, ev), path, "stored" if self.store else "computed",
+                            stored=self.store, value=value, source=source, why=why)
+
+    def _result(self, closed: _Closed, path, status, stored, value=None, source="kernel",
+                why=None) -> Result:
+        ev = closed.ev
+        now = time.monotonic_ns()
+        return Result(
+            path=path or closed.path, size=ev["size"],
+            adler32=adler.fmt(value) if value is not None else None,
+            source=source, stored=stored, status=status,
+            reasons=why if why is not None else reasons(ev["flags"]),
+            pid=ev["tgid"], comm=ev["comm"], writes=ev["writes"], bytes_summed=ev["bytes"],
+            ranges=ev["ranges"] + 1 if ev["writes"] else 0,
+            first_write_to_stored_ms=(now - ev["first_write_ns"]) / 1e6 if stored and ev["first_write_ns"] else None,
+            close_to_stored_ms=(now - ev["close_ns"]) / 1e6 if stored else None)
+
+
+def dict_closed(closed: _Closed, ev: dict) -> _Closed:
+    return _Closed(ev, closed.ranges, closed.path, closed.deadline)
+
+
+def _kernel_dev(st_dev: int) -> int:
+    """st_dev (userspace dev_t encoding) -> the kernel's s_dev (MAJOR << 20 | MINOR)."""
+    return os.major(st_dev) << 20 | os.minor(st_dev)
+
+
+def _same_inode(path: str, ev: dict) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_ino == ev["ino"] and _kernel_dev(st.st_dev) == ev["dev"]
+
+
+def _same_file(path: str, ev: dict) -> bool:
+    """True if PATH is the inode the kernel reported, unchanged since its last close."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_ino == ev["ino"] and _kernel_dev(st.st_dev) == ev["dev"] and st.st_size == ev["size"]
+            and st.st_mtime_ns == ev["mtime_sec"] * 1_000_000_000 + ev["mtime_nsec"])
