@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "gridbpf.doctor",
     "gridbpf.lab.cli",
     "gridbpf.scitags.cli",
+    "gridbpf.checksum.cli",
 ]
 
 
