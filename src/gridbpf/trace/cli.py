@@ -35,6 +35,9 @@ def spec_from_args(args):
 
 
 def register(sub) -> None:
+    # the agent is the long-running form of this tracer; it registers here to keep one CLI line
+    from ..agent.cli import register as register_agent
+    register_agent(sub)
     verbs = get_trace_subparsers(sub)
     p = verbs.add_parser("http", help="one line per HTTP request of the target processes")
     add_target_args(p)

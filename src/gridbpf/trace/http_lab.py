@@ -74,8 +74,14 @@ class Server:
 class Nginx(Server):
     """nginx with WebDAV (PUT DELETE MKCOL COPY MOVE + PROPFIND OPTIONS) under ./root."""
 
-    def __init__(self, workers: int = 1, access_log: bool = True, sendfile: bool = True):
+    def __init__(self, workers: int = 1, access_log: bool = True, sendfile: bool = True,
+                 comm: str | None = None):
         super().__init__("nginx")
+        binary = "nginx"
+        if comm:
+            # a copy under another name: selecting by comm then matches only this server
+            binary = str(self.dir / comm)
+            shutil.copy(shutil.which("nginx"), binary)
         self.root = self.dir / "root"
         self.root.mkdir()
         (self.dir / "tmp").mkdir()
@@ -112,7 +118,7 @@ class Nginx(Server):
                 }}
             }}
             """))
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.dir)],
+        self.proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(self.dir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(self.port, proc=self.proc)
 

@@ -1,0 +1,1 @@
+"""`gridbpf agent run`: long-running request tracing exported to Prometheus and OTLP."""

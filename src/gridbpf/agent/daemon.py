@@ -1,0 +1,168 @@
+"""The agent: trace HTTP requests of the configured targets, aggregate them in bulk, serve
+Prometheus /metrics and push OTLP metrics and spans.
+
+Python handles each batch drained from the ring buffer (every drain_ms), never each syscall;
+histograms are filled with numpy per batch (export.metrics)."""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..export.metrics import DURATION_BUCKETS, OVERFLOW, SIZE_BUCKETS, Registry
+from ..export.prometheus import MetricsServer
+from ..trace.http import STAT_NAMES, HttpTracer
+from .config import AgentConfig
+from .routes import Routes
+
+# OpenTelemetry semantic conventions: known methods keep their name, others become _OTHER
+KNOWN_METHODS = frozenset("GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND "
+                          "PROPPATCH MKCOL COPY MOVE LOCK UNLOCK".split())
+LABELS = ("http_request_method", "http_response_status_code", "http_route")
+OTEL_LABELS = ("http.request.method", "http.response.status_code", "http.route")
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class Lock:
+    """An flock on a file: a second agent with the same lock refuses to start."""
+
+    def __init__(self, path: str):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise AlreadyRunning(f"an agent is already running (lock {path}, pid {other or '?'})") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+class HttpAgent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.lock = Lock(cfg.lock)
+        self.tracer = self.server = self.otlp = None
+        self._stop = threading.Event()
+        self.requests = 0
+        try:
+            self.tracer = HttpTracer(cfg.targets, tls=cfg.tls)
+            self.routes = Routes(cfg.routes)
+            self.registry = Registry()
+            r = self.registry
+            self.duration = r.histogram("http.server.request.duration",
+                                        "Duration of HTTP server requests.", "s", LABELS,
+                                        DURATION_BUCKETS, cfg.max_series)
+            self.req_body = r.histogram("http.server.request.body.size",
+                                        "Size of HTTP server request bodies.", "By", LABELS,
+                                        SIZE_BUCKETS, cfg.max_series)
+            self.resp_body = r.histogram("http.server.response.body.size",
+                                         "Size of HTTP server response bodies.", "By", LABELS,
+                                         SIZE_BUCKETS, cfg.max_series)
+            r.counter("gridbpf.http.kernel", "Counters of the in-kernel request tracer "
+                      "(events_lost: requests the ring buffer could not take).", "1",
+                      self._kernel_stats, ("counter",))
+            r.counter("gridbpf.http.requests", "Requests decoded by the agent.", "{request}",
+                      lambda: {(): self.requests})
+            r.counter("gridbpf.http.spans.dropped", "Spans not exported (rate cap).", "1",
+                      lambda: {(): self.otlp.spans_dropped if self.otlp else 0})
+            r.counter("gridbpf.http.tls.unreadable", "Target processes serving TLS that cannot "
+                      "be read (e.g. JVM JSSE).", "1", lambda: {(): len(self.tracer.tls_opaque)})
+            self.server = MetricsServer(r, cfg.listen_port, cfg.listen_addr)
+            if cfg.otlp is not None:
+                from ..export.otlp import OtlpExporter
+                o = cfg.otlp
+                self.otlp = OtlpExporter(o.endpoint, o.service_name, interval=o.interval,
+                                         spans=o.spans, max_spans_per_second=o.max_spans_per_second)
+                self.otlp.start(r)
+        except BaseException:
+            self.close()
+            raise
+
+    def _kernel_stats(self) -> dict:
+        s = self.tracer.stats()
+        return {(k,): v for k, v in s.items() if k in STAT_NAMES or k == "events_lost"}
+
+    def record(self, reqs) -> None:
+        """One batch of requests into the histograms (and spans)."""
+        if not reqs:
+            return
+        self.requests += len(reqs)
+        labels = [(r.method if r.method in KNOWN_METHODS else OVERFLOW,
+                   str(r.status) if r.status else "", self.routes.route(r.path)) for r in reqs]
+        self.duration.observe_many(np.fromiter((r.duration for r in reqs), np.float64, len(reqs)),
+                                   labels)
+        for fam, attr in ((self.req_body, "request_body_bytes"), (self.resp_body, "response_body_bytes")):
+            known = [(getattr(r, attr), lab) for r, lab in zip(reqs, labels) if getattr(r, attr) is not None]
+            if known:
+                fam.observe_many([k[0] for k in known], [k[1] for k in known])
+        if self.otlp is not None and self.otlp.provider is not None:
+            for r, (method, status, route) in zip(reqs, labels):
+                start = int(r.time * 1e9)
+                attrs = {"http.request.method": r.method, "url.path": r.path.split("?", 1)[0],
+                         "client.address": r.client, "client.port": r.port,
+                         "network.protocol.version": r.version.partition("/")[2] or r.version,
+                         "http.request.body.size": r.request_bytes,
+                         "http.response.body.size": r.response_bytes,
+                         "process.pid": r.pid, "thread.id": r.tid}
+                if r.status:
+                    attrs["http.response.status_code"] = r.status
+                if route:
+                    attrs["http.route"] = route
+                name = f"{method} {route}" if route else method
+                self.otlp.span(name, start, start + int(r.duration * 1e9), attrs)
+
+    def run(self, duration: float = 0) -> None:
+        drain = self.cfg.drain_ms
+        deadline = time.monotonic() + duration if duration else None
+        last_refresh = time.monotonic()
+        while not self._stop.is_set():
+            self.record(self.tracer.poll(drain))
+            if time.monotonic() - last_refresh >= 1.0:
+                self.tracer.refresh()      # new targets, libssl of new processes, dead ones
+                last_refresh = time.monotonic()
+            if deadline and time.monotonic() >= deadline:
+                break
+        self.record(self.tracer.poll(0))
+
+    def stop(self, *_):
+        self._stop.set()
+
+    def close(self) -> None:
+        for part in (self.otlp, self.server, self.tracer):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:
+                    pass
+        self.otlp = self.server = None
+        self.lock.release()
+
+
+def run(cfg: AgentConfig, duration: float = 0, ready=None) -> int:
+    agent = HttpAgent(cfg)
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    try:
+        if ready:
+            ready(agent)
+        agent.run(duration)
+    finally:
+        agent.close()
+    return 0
