@@ -324,6 +324,12 @@ class Datapath:
         self.maps["lb_backend_ctl"][b.id] = c
         self.rebuild(service)
 
+    def set_mac(self, service: str, address: str, mac: str) -> None:
+        b = self.backend(service, address)
+        v = self.maps["lb_backends"][b.id]
+        v.mac = type(v.mac)(*mac_bytes(mac))
+        self.maps["lb_backends"][b.id] = v
+
     def set_state(self, service: str, address: str, state: str) -> None:
         b = self.backend(service, address)
         c = self.maps["lb_backend_ctl"][b.id]

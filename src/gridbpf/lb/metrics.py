@@ -1,0 +1,62 @@
+"""Prometheus /metrics of the balancer, read from the per-CPU maps at each scrape."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class _Collector:
+    def __init__(self, dp):
+        self.dp = dp
+
+    def collect(self):
+        st = self.dp.status()
+        reasons = CounterMetricFamily("gridbpf_lb_packets", "packets by datapath outcome "
+                                      "(fwd*, pass_*, drop_*)", labels=["reason"])
+        for r, n in st["reasons"].items():
+            reasons.add_metric([r], n)
+        yield reasons
+        fams = {}
+        for what in ("packets", "bytes", "new_flows"):
+            fams[("svc", what)] = CounterMetricFamily(f"gridbpf_lb_service_{what}", f"{what} forwarded per service",
+                                                      labels=["service", "vip", "port", "protocol"])
+            fams[("be", what)] = CounterMetricFamily(f"gridbpf_lb_backend_{what}", f"{what} forwarded per backend",
+                                                     labels=["service", "backend"])
+        up = GaugeMetricFamily("gridbpf_lb_backend_up", "1 if the backend passes its health checks",
+                               labels=["service", "backend"])
+        in_table = GaugeMetricFamily("gridbpf_lb_backend_in_table", "1 if new flows may go to the backend",
+                                     labels=["service", "backend"])
+        weight = GaugeMetricFamily("gridbpf_lb_backend_weight", "configured weight", labels=["service", "backend"])
+        for s in st["services"]:
+            for what in ("packets", "bytes", "new_flows"):
+                fams[("svc", what)].add_metric([s["name"], s["vip"], str(s["port"]), s["protocol"]], s[what])
+            for b in s["backends"]:
+                lab = [s["name"], b["address"]]
+                for what in ("packets", "bytes", "new_flows"):
+                    fams[("be", what)].add_metric(lab, b[what])
+                up.add_metric(lab, int(b["healthy"]))
+                in_table.add_metric(lab, int(b["in_table"]))
+                weight.add_metric(lab, b["weight"])
+        yield from fams.values()
+        yield up
+        yield in_table
+        yield weight
+
+
+class _Server:
+    def __init__(self, dp, addr: str, port: int):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(dp))
+        try:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve /metrics on {addr}:{port}: {e.strerror}") from None
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(dp, addr: str, port: int) -> _Server:
+    return _Server(dp, addr, port)

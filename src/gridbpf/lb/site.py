@@ -1,0 +1,237 @@
+"""The virtual grid site in a Lab: shared by the lb tests, the benchmark and the demo.
+
+    client -- router ==ECMP==> switch (bridge) -- lb1, lb2   (balancer nodes, XDP on eth0)
+                                               -- srv1..N  (nginx WebDAV, VIP on loopback)
+
+The router spreads flows to the VIP over the balancer nodes (L4 multipath hash); each node runs
+`gridbpf lb run` with the same lb.toml (but its own interface), so any node picks the same
+backend for a flow; backends answer the client directly (DSR) through the router.
+
+Lab facts this relies on (design.md): native XDP_TX on a veth reaches its peer only if the peer
+runs an XDP program (xdp_pass on the switch ports of the balancers), and native XDP does not
+complete partial checksums, so the senders' veths have tx checksum offload off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ..bpf import BpfObject
+from ..lab import Host, Lab
+
+VIP4, VIP6 = "10.99.0.1", "fd00:99::1"
+NGINX_CONF = """
+worker_processes 1;
+user root;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+include /etc/nginx/modules-enabled/*.conf;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    client_max_body_size 0;
+    keepalive_requests 100000;
+    server {{
+        listen 80 reuseport;
+        listen [::]:80 ipv6only=on reuseport;
+        root {work}/www;
+        location / {{
+            dav_methods PUT DELETE MKCOL COPY MOVE;
+            create_full_put_path on;
+            dav_access user:rw group:rw all:r;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Site:
+    lab: Lab
+    client: Host
+    router: Host
+    switch: Host
+    nodes: list[Host]
+    backends: list[Host]
+    mode: str
+    configs: dict[str, str] = field(default_factory=dict)    # node name -> lb.toml path
+    daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    _pass_objs: list = field(default_factory=list)
+    _links: list = field(default_factory=list)
+    vip4: str = VIP4
+    vip6: str = VIP6
+
+    def backend_addr(self, i: int, family: int = 4) -> str:
+        return f"10.2.0.{11 + i}" if family == 4 else f"fd00:2::{11 + i:x}"
+
+    def config_text(self, node: Host, metrics_port: int, health: dict | None = None,
+                    weights: list[int] | None = None) -> str:
+        """lb.toml of a node: the same services and backends everywhere, only the interface's
+        namespace, the instance name and the metrics port differ."""
+        h = {"check": "http", "interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 2, "path": "/whoami"}
+        h.update(health or {})
+        hl = "\n".join(f"{k} = {json.dumps(v)}" for k, v in h.items())
+        out = [f'[balancer]\ninterface = "eth0"\nnetns = "{node.netns}"\nxdp_mode = "native"\n'
+               f'instance = "{self.lab.name}-{node.name}"\nmetrics = "127.0.0.1:{metrics_port}"\n',
+               f"[health]\n{hl}\n"]
+        for fam, vip in ((4, self.vip4), (6, self.vip6)):
+            out.append(f'[[service]]\nname = "webdav{fam}"\nvip = "{vip}"\nport = 80\n'
+                       f'protocol = "tcp"\nmode = "{self.mode}"\n')
+            for i, b in enumerate(self.backends):
+                w = weights[i] if weights else 1
+                out.append(f'[[service.backend]]\naddress = "{self.backend_addr(i, fam)}"\n'
+                           f'mac = "{b.mac("eth0")}"\nweight = {w}\n')
+        return "\n".join(out)
+
+    def write_configs(self, base_port: int = 0, **kw) -> None:
+        for n, node in enumerate(self.nodes):
+            port = self.metrics_ports.get(node.name) or (base_port + n if base_port else _free_port())
+            self.metrics_ports[node.name] = port
+            path = os.path.join(self.lab.workdir, f"lb-{node.name}.toml")
+            with open(path, "w") as f:
+                f.write(self.config_text(node, port, **kw))
+            self.configs[node.name] = path
+
+    def start_balancer(self, node: Host, timeout: float = 20) -> subprocess.Popen:
+        """`gridbpf lb run` for NODE, in the root namespace (pins live in the host's bpffs);
+        returns once its pins exist."""
+        log = open(os.path.join(self.lab.workdir, f"lb-{node.name}.log"), "ab")
+        p = subprocess.Popen([sys.executable, "-m", "gridbpf", "lb", "run", "--config", self.configs[node.name]],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.daemons[node.name] = p
+        pin = f"/sys/fs/bpf/gridbpf/lb/{self.lab.name}-{node.name}/lb_ring"
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(pin):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"lb on {node.name} did not start: {self.daemon_log(node)[-800:]}")
+            time.sleep(0.05)
+        return p
+
+    def stop_balancer(self, node: Host, sig: int = signal.SIGTERM) -> int | None:
+        p = self.daemons.pop(node.name, None)
+        if p is None:
+            return None
+        if p.poll() is None:
+            os.killpg(p.pid, sig)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        return p.returncode
+
+    def daemon_log(self, node: Host) -> str:
+        with open(os.path.join(self.lab.workdir, f"lb-{node.name}.log"), "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def instance(self, node: Host) -> str:
+        return f"{self.lab.name}-{node.name}"
+
+    def status(self, node: Host) -> dict:
+        out = subprocess.run([sys.executable, "-m", "gridbpf", "lb", "status", "--json",
+                              "--instance", self.instance(node)], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    def close(self) -> None:
+        for name in list(self.daemons):
+            self.stop_balancer(next(n for n in self.nodes if n.name == name))
+        for link in self._links:
+            try:
+                link.detach()
+            except Exception:
+                pass
+        for o in self._pass_objs:
+            o.close()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nginx(host: Host) -> None:
+    work = os.path.join(host.lab.workdir, f"nginx-{host.name}")
+    for d in ("www", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        os.makedirs(os.path.join(work, d), exist_ok=True)
+    with open(os.path.join(work, "www", "whoami"), "w") as f:
+        f.write(host.name + "\n")
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(work=work))
+    host.popen(["nginx", "-c", conf, "-g", "daemon off;"], name="nginx")
+
+
+def stop_nginx(host: Host) -> None:
+    for p in host.processes:
+        if p.cmd and p.cmd[0] == "nginx" and p.alive():
+            p.stop()
+
+
+def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2",
+               nginx: bool = True) -> Site:
+    """Build the site's namespaces, links, routes and nginx backends (balancers not started:
+    call site.write_configs() and site.start_balancer(node))."""
+    client, router, switch = lab.host("client"), lab.host("router", forwarding=True), lab.host("switch")
+    lab.link(client, router, ["10.1.0.2/24", "fd00:1::2/64"], ["10.1.0.1/24", "fd00:1::1/64"], "eth0", "eth0")
+    lab.bridge(switch, "br0")
+    lab.attach_to_bridge(switch, "br0", router, ["10.2.0.1/24", "fd00:2::1/64"], host_if="eth1")
+    client.route("default via 10.1.0.1")
+    client.route("default via fd00:1::1")
+    for fam in ("ipv4", "ipv6"):
+        router.sysctl(f"net.{fam}.fib_multipath_hash_policy", 1)   # L4 hash: flows spread over nodes
+    site = Site(lab, client, router, switch, [], [], mode)
+    for i in range(nodes):
+        n = lab.host(f"lb{i + 1}")
+        lab.attach_to_bridge(switch, "br0", n, [f"10.2.0.{2 + i}/24", f"fd00:2::{2 + i:x}/64"])
+        site.nodes.append(n)
+    for i in range(backends):
+        s = lab.host(f"srv{i + 1}")
+        lab.attach_to_bridge(switch, "br0", s, [f"10.2.0.{11 + i}/24", f"fd00:2::{11 + i:x}/64"])
+        s.add_addrs("lo", [f"{VIP4}/32", f"{VIP6}/128"])
+        # only the VIP's real owner (the balancer path) may answer ARP/ND for it
+        s.sysctl("net.ipv4.conf.all.arp_ignore", 1)
+        s.sysctl("net.ipv4.conf.all.arp_announce", 2)
+        s.sysctl("net.ipv4.conf.all.rp_filter", 0)
+        s.sysctl("net.ipv4.conf.eth0.rp_filter", 0)
+        s.route("default via 10.2.0.1")
+        s.route("default via fd00:2::1")
+        site.backends.append(s)
+    hops4 = " ".join(f"nexthop via 10.2.0.{2 + i} dev eth1" for i in range(nodes))
+    hops6 = " ".join(f"nexthop via fd00:2::{2 + i:x} dev eth1" for i in range(nodes))
+    router.ip("-4", "route", "add", f"{VIP4}/32", *hops4.split())
+    router.ip("-6", "route", "add", f"{VIP6}/128", *hops6.split())
+    # native XDP on veth: senders' partial checksums are not completed by XDP
+    for h, ifname in [(client, "eth0"), (router, "eth0"), (router, "eth1")] + [(s, "eth0") for s in site.backends]:
+        h.run(["ethtool", "-K", ifname, "tx", "off"])
+    # ... and XDP_TX reaches the peer veth only if the peer runs an XDP program
+    obj = BpfObject.open("decap")
+    obj.load()
+    site._pass_objs.append(obj)
+    for n in site.nodes:
+        site._links.append(obj.program("xdp_pass").attach_xdp(f"p-{n.name}"[:15], "native", switch.netns))
+    if mode in ("ipip", "gue"):
+        dobj = BpfObject.open("decap")
+        dobj.rodata["gue_port"] = ((6080 & 0xFF) << 8) | (6080 >> 8)
+        dobj.load()
+        site._pass_objs.append(dobj)
+        for s in site.backends:
+            site._links.append(dobj.program("tc_decap").attach_tc("eth0", "ingress", s.netns))
+    if nginx:
+        for s in site.backends:
+            start_nginx(s)
+        for s in site.backends:
+            s.wait_port("127.0.0.1", 80)
+    return site
