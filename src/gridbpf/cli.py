@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "gridbpf.lab.cli",
     "gridbpf.scitags.cli",
     "gridbpf.checksum.cli",
+    "gridbpf.lb.cli",
 ]
 
 
