@@ -837,6 +837,30 @@ int ck_enter_close(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
+/* dup2/dup3 onto a descriptor close what it held, without close(2). */
+static __always_inline int on_dup_enter(__s64 oldfd, __s64 newfd)
+{
+	struct file *f;
+
+	if (oldfd == newfd || !is_target() || !current_fd_file(oldfd))
+		return 0; /* only a dup that will succeed closes anything */
+	f = current_fd_file(newfd);
+	if (f && file_last_ref(f))
+		file_released(f);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_dup2")
+int ck_enter_dup2(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_dup_enter(ctx->args[0], ctx->args[1]);
+}
+SEC("tracepoint/syscalls/sys_enter_dup3")
+int ck_enter_dup3(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_dup_enter(ctx->args[0], ctx->args[1]);
+}
+
 struct scan_ctx {
 	struct task_struct *task;
 	__u32 first;
