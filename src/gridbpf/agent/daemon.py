@@ -23,8 +23,8 @@ from .routes import Routes
 # OpenTelemetry semantic conventions: known methods keep their name, others become _OTHER
 KNOWN_METHODS = frozenset("GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND "
                           "PROPPATCH MKCOL COPY MOVE LOCK UNLOCK".split())
-LABELS = ("http_request_method", "http_response_status_code", "http_route")
-OTEL_LABELS = ("http.request.method", "http.response.status_code", "http.route")
+# OpenTelemetry attribute names; Prometheus shows them with underscores
+LABELS = ("http.request.method", "http.response.status_code", "http.route")
 
 
 class AlreadyRunning(RuntimeError):

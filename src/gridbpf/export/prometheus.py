@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.utils import floatToGoString
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from .metrics import Registry
@@ -14,7 +15,7 @@ class _Collector:
 
     def collect(self):
         for h in self.registry.histograms:
-            fam = HistogramMetricFamily(h.prometheus_name, h.description, labels=list(h.labelnames),
+            fam = HistogramMetricFamily(h.prometheus_name, h.description, labels=_labels(h.labelnames),
                                         unit="")
             bounds = [*(_fmt(b) for b in h.bounds), "+Inf"]
             for labels, s in h.snapshot():
@@ -27,14 +28,19 @@ class _Collector:
             over.add_metric([], h.overflowed)
             yield over
         for c in self.registry.counters:
-            fam = CounterMetricFamily(c.prometheus_name, c.description, labels=list(c.labelnames))
+            fam = CounterMetricFamily(c.prometheus_name, c.description, labels=_labels(c.labelnames))
             for labels, value in c.read().items():
                 fam.add_metric(list(labels), value)
             yield fam
 
 
+def _labels(names) -> list[str]:
+    """OpenTelemetry attribute names ('http.route') as Prometheus label names ('http_route')."""
+    return [n.replace(".", "_") for n in names]
+
+
 def _fmt(b: float) -> str:
-    return str(int(b)) if float(b).is_integer() else repr(float(b))
+    return floatToGoString(float(b))     # what prometheus_client itself writes for `le`
 
 
 class MetricsServer:

@@ -1,0 +1,201 @@
+"""`gridbpf agent run` end to end: nginx started after the agent (picked up by comm), /metrics
+parsed with prometheus_client's parser, OTLP metrics and spans received by a real HTTP receiver
+and decoded with opentelemetry-proto, clean stop, refusal to run twice, bad config."""
+import http.client
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gridbpf.trace.http_lab import Nginx
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP collector: keeps every decoded export request."""
+
+    def __init__(self):
+        self.metrics, self.traces = [], []
+        rx = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/metrics":
+                    msg = ExportMetricsServiceRequest()
+                    msg.ParseFromString(body)
+                    rx.metrics.append(msg)
+                elif self.path == "/v1/traces":
+                    msg = ExportTraceServiceRequest()
+                    msg.ParseFromString(body)
+                    rx.traces.append(msg)
+                else:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self):
+        return [s for req in self.traces for rs in req.resource_spans for ss in rs.scope_spans
+                for s in ss.spans]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def attrs(kvs):
+    out = {}
+    for kv in kvs:
+        v = kv.value
+        out[kv.key] = v.string_value if v.HasField("string_value") else v.int_value
+    return out
+
+
+def start_agent(tmp_path, comm, otlp_port=None, extra=""):
+    cfg = tmp_path / "agent.toml"
+    text = (f'[targets]\ncomm = ["{comm}"]\n[trace]\ndrain_ms = 50\n'
+            f'[metrics]\nlisten = "127.0.0.1:0"\nmax_series = 50\nroutes = ["/{{vo}}/{{path}}"]\n'
+            f'[agent]\nlock = "{tmp_path}/agent.lock"\n' + extra)
+    if otlp_port:
+        text += (f'[otlp]\nendpoint = "http://127.0.0.1:{otlp_port}"\ninterval = 0.5\n'
+                 f'service_name = "ht-storage"\n')
+    cfg.write_text(text)
+    p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config", str(cfg),
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line:
+        raise AssertionError(f"agent did not start: {p.stderr.read()}")
+    return p, json.loads(line), cfg
+
+
+def scrape(url):
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(fams, family, name, **labels):
+    for s in fams[family].samples:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    return None
+
+
+def test_agent_prometheus_and_otlp(tmp_path):
+    comm = f"htngx{random.randint(1000, 9999)}"
+    rx = OtlpReceiver()
+    agent, status, cfg = start_agent(tmp_path, comm, rx.port)
+    try:
+        assert status["targets"] == []          # nginx is not running yet
+        # a second agent with the same lock refuses to start, in one line
+        second = subprocess.run([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config",
+                                 str(cfg)], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 2
+        assert "already running" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        with Nginx(comm=comm) as n:
+            (n.root / "atlas").mkdir()
+            (n.root / "atlas" / "f.bin").write_bytes(b"d" * 1500)
+            c = http.client.HTTPConnection("127.0.0.1", n.port)
+            for i in range(20):
+                c.request("GET", "/atlas/f.bin?try=%d" % i)
+                c.getresponse().read()
+            c.request("PUT", "/atlas/new.bin", body=b"u" * 4000)
+            c.getresponse().read()
+            for i in range(3):
+                c.request("PROPFIND", "/", headers={"Depth": "0"})
+                c.getresponse().read()
+            c.request("BREW", "/pot")     # a token method nginx does not know
+            c.getresponse().read()
+            c.close()
+            served = len(n.access_lines())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                fams = scrape(status["metrics"])
+                total = sum(s.value for s in fams["http_server_request_duration_seconds"].samples
+                            if s.name.endswith("_count"))
+                if total >= served:
+                    break
+                time.sleep(0.2)
+        dur = "http_server_request_duration_seconds"
+        assert fams[dur].type == "histogram"
+        assert sample(fams, dur, dur + "_count", http_request_method="GET",
+                      http_response_status_code="200", http_route="/{vo}/{path}") == 20
+        assert sample(fams, dur, dur + "_count", http_request_method="PUT",
+                      http_response_status_code="201", http_route="/{vo}/{path}") == 1
+        assert sample(fams, dur, dur + "_count", http_request_method="PROPFIND",
+                      http_response_status_code="207", http_route="") == 3
+        assert sample(fams, dur, dur + "_count", http_request_method="_OTHER") == 1
+        assert total == served == 25
+        # +Inf bucket equals count; the body histograms saw the exact body sizes
+        assert sample(fams, dur, dur + "_bucket", http_request_method="GET", le="+Inf") == 20
+        rb = "http_server_response_body_size_bytes"
+        assert sample(fams, rb, rb + "_sum", http_request_method="GET") == 20 * 1500
+        qb = "http_server_request_body_size_bytes"
+        assert sample(fams, qb, qb + "_sum", http_request_method="PUT") == 4000
+        assert sample(fams, "gridbpf_http_kernel", "gridbpf_http_kernel_total",
+                      counter="events_lost") == 0
+        # no raw path became a label
+        assert not any("try=" in str(s.labels) for f in fams.values() for s in f.samples)
+    finally:
+        agent.terminate()
+        out, err = agent.communicate(timeout=30)
+    assert agent.returncode == 0, err
+    # after SIGTERM the last metrics and all spans were flushed to the receiver
+    rx.close()
+    spans = rx.spans()
+    assert len(spans) == 25
+    gets = [s for s in spans if attrs(s.attributes).get("http.request.method") == "GET"]
+    assert len(gets) == 20 and gets[0].name == "GET /{vo}/{path}"
+    a = attrs(gets[0].attributes)
+    assert a["http.response.status_code"] == 200 and a["http.route"] == "/{vo}/{path}"
+    assert a["url.path"] == "/atlas/f.bin" and a["client.address"] == "127.0.0.1"
+    assert gets[0].kind == 2     # SPAN_KIND_SERVER
+    assert gets[0].end_time_unix_nano >= gets[0].start_time_unix_nano > 0
+    last = rx.metrics[-1]
+    res = attrs(last.resource_metrics[0].resource.attributes)
+    assert res["service.name"] == "ht-storage"
+    metrics = {m.name: m for m in last.resource_metrics[0].scope_metrics[0].metrics}
+    h = metrics["http.server.request.duration"]
+    assert h.unit == "s"
+    points = {attrs(p.attributes)["http.request.method"]: p for p in h.histogram.data_points}
+    assert points["GET"].count == 20 and sum(points["GET"].bucket_counts) == 20
+    assert h.histogram.aggregation_temporality == 2     # cumulative
+    # the agent's pins/links are gone: nothing of ours stays attached
+    assert not os.path.exists(f"{tmp_path}/agent.lock") or open(f"{tmp_path}/agent.lock").read() == ""
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('[targets]\n', "targets: give at least one"),
+    ('[targets]\ncomm = ["x"]\n[metrics]\nlisten = "nope"\n', "metrics.listen"),
+    ('[targets]\ncomm = ["x"]\n[metrics]\nroutes = ["atlas/{x"]\n', "metrics.routes"),
+    ('[targets]\ncomm = ["x"]\n[otlp]\ninterval = 3\n', "otlp.endpoint"),
+    ('[targets]\npid = ["12"]\n', "targets.pid"),
+    ('[targets]\ncomm = ["x"]\n[trace]\ncolour = 1\n', "trace.colour: unknown key"),
+    ('[targets\n', "not valid TOML"),
+])
+def test_agent_bad_config_one_line(tmp_path, body, needle):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(body)
+    r = subprocess.run([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
