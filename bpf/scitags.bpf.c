@@ -118,7 +118,7 @@ static __always_inline int handle(struct __sk_buff *skb, const int egress)
 	/* The entry is shared by both CPUs: atomic adds keep the counters exact. */
 	__sync_fetch_and_add(&val->packets, skb->gso_segs ? skb->gso_segs : 1);
 	__sync_fetch_and_add(&val->bytes, skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0);
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_coarse_ns(); /* per-flow times need no ns precision */
 	if (!val->first_ns)
 		val->first_ns = now;
 	val->last_ns = now;

@@ -38,7 +38,7 @@ class Datapath(Marker):
 def dp():
     d = Datapath()
     yield d
-    d.obj.close()
+    d.close()
 
 
 def pkt6(ft, fl=0, tc=0, ext=None, payload=b"x" * 200):

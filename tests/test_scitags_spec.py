@@ -243,3 +243,38 @@ def test_decode_cli():
     assert r.returncode == 2 and "'zz' is not an integer" in r.stderr
     r = cli("decode", str(1 << 20), "--as", "label")
     assert r.returncode == 2 and "does not fit in 20 bits" in r.stderr
+
+
+# --- automatic tagging by path prefix (the interface offered to the tracer) ---------------------
+
+def test_autotag_tags_by_longest_prefix_and_keeps_keepalive_flows():
+    from gridbpf.scitags.autotag import AutoTagger, data_direction
+    from gridbpf.scitags.daemon import Daemon
+    from gridbpf.scitags.marker import Marker
+    cfg = config.parse({"firefly": {"enabled": False}})
+    d = Daemon(cfg, REG)
+    d.marker = Marker([])                    # the real kernel table, attached nowhere
+    try:
+        rules = [config.AutoTagRule("/atlas/", "atlas", "default"),
+                 config.AutoTagRule("/atlas/tape/", "atlas", "T0 Tape"),
+                 config.AutoTagRule("/cms/", 3, 12)]
+        tagger = AutoTagger(d, rules, REG)
+        get = data_direction("GET", "tcp", "fd00::2", 443, "fd00::1", 50000)
+        assert (str(get.src), get.src_port) == ("fd00::2", 443)          # server sends
+        put = data_direction("put", "tcp", "fd00::2", 443, "fd00::1", 50001)
+        assert (str(put.src), put.src_port) == ("fd00::1", 50001)        # client sends
+        assert tagger.on_request(get, "/dteam/file") is None and not d.active
+        f1 = tagger.on_request(get, "/atlas/data/f1?x=1")
+        assert (f1.experiment, f1.activity, f1.source) == ("atlas", "default", "trace")
+        assert d.marker.counters(get) is not None                        # in the kernel table
+        assert tagger.on_request(get, "/atlas/data/f2") is f1            # keep-alive, same tag
+        f3 = tagger.on_request(get, "/atlas/tape/f3")                    # longest prefix wins
+        assert f3 is not f1 and f3.activity == "T0 Tape" and f1.end is not None
+        f4 = tagger.on_request(put, "/cms/x")
+        assert (f4.experiment_id, f4.activity_id) == (3, 12)
+        assert tagger.on_close(get) is f3 and get not in d.active
+        assert d.marker.counters(get) is None                            # unregistered
+        with pytest.raises(RegistryError, match="activity 'Nope'"):
+            AutoTagger(d, [config.AutoTagRule("/x/", "atlas", "Nope")], REG)
+    finally:
+        d.marker.close()

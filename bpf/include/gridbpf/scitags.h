@@ -33,7 +33,7 @@ struct st_flow_val {
 	__u32 flags;    /* enum st_flow_flags */
 	__u64 packets;  /* wire packets (GSO super-packets count their segments) */
 	__u64 bytes;    /* IP bytes (L3 header and payload) seen at tc */
-	__u64 first_ns; /* bpf_ktime_get_ns() of the first packet, 0 if none yet */
+	__u64 first_ns; /* bpf_ktime_get_coarse_ns() of the first packet, 0 if none yet */
 	__u64 last_ns;  /* of the latest packet */
 };
 

@@ -37,6 +37,8 @@ class Marker:
 
     def __init__(self, interfaces: list[Interface], count_ingress: bool = True, priority: int = 1):
         """Load and attach at tc on INTERFACES (none: loaded only, for test runs)."""
+        self.obj = None
+        self.links = []
         self.obj = BpfObject.open("scitags")
         if not count_ingress:
             self.obj.program("st_ingress").autoload = False
@@ -44,7 +46,6 @@ class Marker:
         self.flows = self.obj.map("st_flows")
         self.stats_map = self.obj.map("st_stats")
         self.capacity = self.flows.max_entries // 2        # two directions per flow
-        self.links = []
         self.interfaces = interfaces
         try:
             for iface in interfaces:
@@ -112,3 +113,6 @@ class Marker:
             except Exception:       # already gone with its interface
                 pass
         self.links.clear()
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None

@@ -1,0 +1,139 @@
+"""SciTags marking cost: TCP throughput between two lab namespaces (IPv6, veth), side by side
+in one run, interleaved rounds, medians:
+  baseline    no program attached
+  attached    st_egress/st_ingress attached on the sender's interface, this flow not registered
+              (what every other flow on a marking host pays)
+  marked      this flow registered and marked (plus DECOYS other registered flows in the table)
+each with the veth's TSO/GSO on (64 KB super-packets, the default) and off (every 1500-byte
+packet crosses tc). Also the kernel's own accounting of the egress program (ns per run)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from gridbpf.lab import Lab
+from gridbpf.scitags import label
+from gridbpf.scitags.flows import make_tuple
+from gridbpf.scitags.marker import Interface, Marker
+
+ROUNDS = 7
+SECONDS = 2.0
+DECOYS = 2000
+SERVER6, CLIENT6 = "fd00:58::2", "fd00:58::1"
+
+SENDER = r"""
+import socket, threading
+ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("::", 5001)); ls.listen(16)
+print("listening", flush=True)
+chunk = b"\0" * (1 << 20)
+def send(c):
+    try:
+        while True:
+            c.sendall(chunk)
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=send, args=(c,), daemon=True).start()
+"""
+
+RECEIVER = r"""
+import json, socket, sys, time
+server, sport, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", sport)); s.connect((server, 5001))
+buf = bytearray(1 << 20)
+s.recv_into(buf)                      # the stream is flowing
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    n += s.recv_into(buf)
+print(json.dumps({"bytes": n, "seconds": time.perf_counter() - t0}))
+s.close()
+"""
+
+
+def _prog_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded program, from its fdinfo (needs bpf_stats_enabled)."""
+    vals = {}
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            vals[k.strip()] = v.strip()
+    return int(vals.get("run_time_ns", 0)), int(vals.get("run_cnt", 0))
+
+
+def _measure(client, sport: int) -> float:
+    r = client.run([sys.executable, "-c", RECEIVER, SERVER6, str(sport), str(SECONDS)], timeout=60)
+    out = json.loads(r.stdout)
+    return out["bytes"] * 8 / out["seconds"] / 1e9      # Gbit/s
+
+
+def run() -> dict:
+    stats_path = "/proc/sys/kernel/bpf_stats_enabled"
+    old_stats = open(stats_path).read().strip()
+    results: dict = {"what": "TCP Gbit/s between namespaces (median of interleaved rounds)",
+                     "rounds": ROUNDS, "seconds_per_run": SECONDS, "decoy_flows": DECOYS}
+    with Lab("stbench") as lab:
+        server, client = lab.host("server"), lab.host("client")
+        lab.link(server, client, [f"{SERVER6}/64"], [f"{CLIENT6}/64"], "eth0", "eth0")
+        sender = server.popen([sys.executable, "-c", SENDER], name="sender")
+        while "listening" not in sender.output():
+            time.sleep(0.05)
+        sport = 41000
+        for gso in ("on", "off"):
+            server.run(["ethtool", "-K", "eth0", "tso", gso, "gso", gso])
+            runs = {"baseline": [], "attached": [], "marked": []}
+            bpf_ns, marked_pkts = {"attached": [], "marked": []}, 0
+            for _ in range(ROUNDS):
+                for mode in runs:
+                    sport += 1
+                    if mode == "baseline":
+                        runs[mode].append(_measure(client, sport))
+                        continue
+                    marker = Marker([Interface("eth0", server.netns)])
+                    try:
+                        flow = make_tuple("tcp", SERVER6, 5001, CLIENT6, sport)
+                        for i in range(DECOYS):
+                            marker.add(make_tuple("tcp", SERVER6, 5001, CLIENT6, 1 + i), label.encode(2, 1))
+                        if mode == "marked":
+                            marker.add(flow, label.encode(2, 15, label.random_entropy()))
+                        with open(stats_path, "w") as f:
+                            f.write("1")
+                        fd = marker.obj.program("st_egress").fd
+                        t0, c0 = _prog_stats(fd)
+                        runs[mode].append(_measure(client, sport))
+                        t1, c1 = _prog_stats(fd)
+                        bpf_ns[mode].append((t1 - t0) / max(c1 - c0, 1))
+                        if mode == "marked":
+                            c = marker.counters(flow)
+                            marked_pkts += marker.stats()["marked"]
+                            assert c and c["sent"] > 0, "the measured flow was not seen by the marker"
+                        else:
+                            assert marker.stats()["marked"] == 0
+                    finally:
+                        with open(stats_path, "w") as f:
+                            f.write(old_stats)
+                        marker.close()
+            med = {m: statistics.median(v) for m, v in runs.items()}
+            results[f"gso_{gso}"] = {
+                "gbit_s": {m: round(v, 2) for m, v in med.items()},
+                "all_runs": {m: [round(x, 2) for x in v] for m, v in runs.items()},
+                "ratio_marked_vs_baseline": round(med["marked"] / med["baseline"], 3),
+                "ratio_attached_vs_baseline": round(med["attached"] / med["baseline"], 3),
+                "egress_prog_ns_per_skb_marked": round(statistics.median(bpf_ns["marked"]), 1),
+                "egress_prog_ns_per_skb_unregistered": round(statistics.median(bpf_ns["attached"]), 1),
+                "skbs_marked": marked_pkts,
+            }
+    results["ratio_marked_vs_baseline"] = results["gso_on"]["ratio_marked_vs_baseline"]
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
