@@ -9,6 +9,7 @@ import sys
 # Each module exposes register(subparsers); its verbs set args.func(args) -> int.
 COMMAND_MODULES = [
     "gridbpf.trace.cli",
+    "gridbpf.trace.stuck_cli",
     "gridbpf.doctor",
     "gridbpf.lab.cli",
     "gridbpf.scitags.cli",

@@ -1,0 +1,271 @@
+/*
+ * Off-CPU time of target threads: where they block (kernel and user stack, the syscall they are
+ * in with its arguments), for how long, and who wakes them.
+ *
+ * sched_switch (prev blocks): remember start time, stacks and syscall registers in `blocked`.
+ * sched_waking (someone wakes a blocked target thread): note the waker, its stacks, the time.
+ * sched_switch (next is a target thread back on CPU): add the time to `offcpu` per stack pair,
+ * and send one event if it was blocked at least min_event_ns. Userspace reads `blocked` to report
+ * threads that are blocked right now ("stuck"), without any per-switch work in Python.
+ */
+#include "gridbpf/stack.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+const volatile __u64 min_event_ns = 1000000000ULL;  /* send an event for blocks at least this long */
+const volatile __u64 min_block_ns = 0;              /* shorter blocks are not aggregated */
+const volatile bool user_stacks = true;
+const volatile bool want_events = true;
+const volatile bool want_waker = true;
+
+#define TASK_RUNNING 0
+#define TASK_DEAD 0x80
+
+enum offcpu_stat {
+	OFFCPU_KSTACK_ERR,    /* kernel stack not captured (map full or collision) */
+	OFFCPU_USTACK_ERR,    /* user stack not captured */
+	OFFCPU_BLOCKED_FULL,  /* `blocked` full: a block went unrecorded */
+	OFFCPU_AGG_FULL,      /* `offcpu` full: time not aggregated */
+	OFFCPU_STAT_MAX,
+};
+
+struct blocked {
+	__u64 start_ns;
+	__u64 waker_ns;         /* time of the last wakeup, 0 while nobody woke it */
+	__s64 syscall;          /* pt_regs->orig_ax: syscall number, or <0 / fault code outside one */
+	__u64 args[6];          /* syscall arguments (di si dx r10 r8 r9) */
+	__u64 user_ip, user_sp, user_bp;
+	__u32 tgid, tid;
+	__u32 state;            /* prev_state of sched_switch (TASK_INTERRUPTIBLE=1, UNINTERRUPTIBLE=2...) */
+	__s32 kstack, ustack;   /* ids in `stacks`, negative errno if not captured */
+	__u32 waker_tid, waker_tgid;
+	__s32 waker_kstack, waker_ustack;
+	char comm[GB_COMM_LEN];
+	char waker_comm[GB_COMM_LEN];
+};
+
+/*
+ * The top of the waker's user stack. Frame pointers miss the caller of a leaf function built
+ * without them (glibc's write() wrapper, say); its return address is here, between sp and bp.
+ * Captured only for blocks long enough to be reported.
+ */
+#define WAKER_WORDS 32
+struct waker_mem {
+	__u64 sp, bp;
+	__u64 words[WAKER_WORDS];
+};
+
+struct offcpu_event {
+	struct blocked b;
+	__u64 end_ns;
+	struct waker_mem waker;
+};
+GB_EXPORT_STRUCT(offcpu_event);
+
+struct offcpu_key {
+	__u32 tgid, tid;
+	__s32 kstack, ustack;
+};
+
+struct offcpu_val {
+	__u64 total_ns;
+	__u64 count;
+	char comm[GB_COMM_LEN];
+};
+
+GB_TARGETS(1024)
+GB_STACK_MAP(stacks, 16384);
+GB_RINGBUF(events, 256 * 1024);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);                 /* tid */
+	__type(value, struct blocked);
+} blocked SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct offcpu_key);
+	__type(value, struct offcpu_val);
+} offcpu SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);                 /* tid of the woken thread */
+	__type(value, struct waker_mem);
+} waker_mem SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, OFFCPU_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void record_block(void *ctx, struct task_struct *prev, __u32 state, __u64 now)
+{
+	struct blocked b = {};
+	struct pt_regs *regs;
+
+	b.start_ns = now;
+	b.tgid = prev->tgid;
+	b.tid = prev->pid;
+	b.state = state;
+	__builtin_memcpy(b.comm, prev->comm, sizeof(b.comm));
+	/* prev is current here: the helpers capture its stacks */
+	b.kstack = bpf_get_stackid(ctx, &stacks, 0);
+	if (b.kstack < 0)
+		gb_count(&stats, OFFCPU_KSTACK_ERR);
+	b.ustack = -1;
+	if (user_stacks && !(prev->flags & 0x00200000 /* PF_KTHREAD */)) {
+		b.ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+		if (b.ustack < 0)
+			gb_count(&stats, OFFCPU_USTACK_ERR);
+	}
+	/* The user registers saved at kernel entry: the syscall (orig_ax) and its arguments. */
+	regs = (struct pt_regs *)bpf_task_pt_regs(prev);
+	if (regs) {
+		b.syscall = BPF_CORE_READ(regs, orig_ax);
+		b.args[0] = BPF_CORE_READ(regs, di);
+		b.args[1] = BPF_CORE_READ(regs, si);
+		b.args[2] = BPF_CORE_READ(regs, dx);
+		b.args[3] = BPF_CORE_READ(regs, r10);
+		b.args[4] = BPF_CORE_READ(regs, r8);
+		b.args[5] = BPF_CORE_READ(regs, r9);
+		b.user_ip = BPF_CORE_READ(regs, ip);
+		b.user_sp = BPF_CORE_READ(regs, sp);
+		b.user_bp = BPF_CORE_READ(regs, bp);
+	} else {
+		b.syscall = -1;
+	}
+	b.waker_kstack = b.waker_ustack = -1;
+	if (bpf_map_update_elem(&blocked, &b.tid, &b, BPF_ANY))
+		gb_count(&stats, OFFCPU_BLOCKED_FULL);
+}
+
+static __always_inline void finish_block(struct task_struct *next, __u64 now)
+{
+	__u32 tid = next->pid;
+	struct blocked *b = bpf_map_lookup_elem(&blocked, &tid);
+	struct offcpu_key key = {};
+	struct offcpu_val *v;
+	__u64 dur;
+
+	if (!b)
+		return;
+	dur = now - b->start_ns;
+	if (dur >= min_block_ns) {
+		key.tgid = b->tgid;
+		key.tid = b->tid;
+		key.kstack = b->kstack;
+		key.ustack = b->ustack;
+		v = bpf_map_lookup_elem(&offcpu, &key);
+		if (!v) {
+			struct offcpu_val zero = {};
+			__builtin_memcpy(zero.comm, b->comm, sizeof(zero.comm));
+			bpf_map_update_elem(&offcpu, &key, &zero, BPF_NOEXIST);
+			v = bpf_map_lookup_elem(&offcpu, &key);
+		}
+		if (v) {
+			__sync_fetch_and_add(&v->total_ns, dur);
+			__sync_fetch_and_add(&v->count, 1);
+		} else {
+			gb_count(&stats, OFFCPU_AGG_FULL);
+		}
+	}
+	if (want_events && dur >= min_event_ns) {
+		struct offcpu_event *e = gb_ringbuf_reserve(events, sizeof(*e));
+		if (e) {
+			struct waker_mem *w = bpf_map_lookup_elem(&waker_mem, &tid);
+
+			__builtin_memcpy(&e->b, b, sizeof(*b));
+			e->end_ns = now;
+			if (w)
+				__builtin_memcpy(&e->waker, w, sizeof(*w));
+			else
+				__builtin_memset(&e->waker, 0, sizeof(e->waker));
+			bpf_ringbuf_submit(e, 0);
+		}
+		bpf_map_delete_elem(&waker_mem, &tid);
+	}
+	bpf_map_delete_elem(&blocked, &tid);
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(offcpu_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
+	     unsigned int prev_state)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	/* A preempted task stays runnable: that is run-queue wait, not blocking. */
+	if (!preempt && prev_state != TASK_RUNNING && !(prev_state & TASK_DEAD) &&
+	    gb_is_target(prev->tgid))
+		record_block(ctx, prev, prev_state, now);
+	if (gb_is_target(next->tgid))
+		finish_block(next, now);
+	return 0;
+}
+
+SEC("tp_btf/sched_waking")
+int BPF_PROG(offcpu_waking, struct task_struct *p)
+{
+	__u32 tid = p->pid;
+	struct blocked *b;
+	__u64 id;
+
+	__u64 now;
+
+	if (!want_waker)
+		return 0;
+	b = bpf_map_lookup_elem(&blocked, &tid);
+	if (!b)
+		return 0;
+	/* Only blocks that will be reported need a waker: short ones stay cheap. */
+	now = bpf_ktime_get_ns();
+	if (now - b->start_ns < min_event_ns)
+		return 0;
+	/* Runs in the waker's context (or an interrupt on top of whatever ran). */
+	id = bpf_get_current_pid_tgid();
+	b->waker_ns = now;
+	b->waker_tid = (__u32)id;
+	b->waker_tgid = id >> 32;
+	bpf_get_current_comm(b->waker_comm, sizeof(b->waker_comm));
+	b->waker_kstack = bpf_get_stackid(ctx, &stacks, 0);
+	b->waker_ustack = -1;
+	if (user_stacks && b->waker_tgid) {
+		struct task_struct *cur = bpf_get_current_task_btf();
+		struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(cur);
+		struct waker_mem *w;
+
+		b->waker_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+		if (!regs || (cur->flags & 0x00200000 /* PF_KTHREAD */))
+			return 0;
+		w = bpf_map_lookup_elem(&waker_mem, &tid);
+		if (!w) {
+			struct waker_mem zero = {};
+			bpf_map_update_elem(&waker_mem, &tid, &zero, BPF_ANY);
+			w = bpf_map_lookup_elem(&waker_mem, &tid);
+			if (!w)
+				return 0;
+		}
+		w->sp = BPF_CORE_READ(regs, sp);
+		w->bp = BPF_CORE_READ(regs, bp);
+		if (bpf_probe_read_user(w->words, sizeof(w->words), (void *)w->sp))
+			w->sp = 0;
+	}
+	return 0;
+}
+
+/* A target process's threads are created and reaped while we trace: forget exited ones. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(offcpu_exit, struct task_struct *p)
+{
+	__u32 tid = p->pid;
+
+	bpf_map_delete_elem(&blocked, &tid);
+	bpf_map_delete_elem(&waker_mem, &tid);
+	return 0;
+}
