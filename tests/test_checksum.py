@@ -81,7 +81,7 @@ op = st.tuples(st.sampled_from(["write", "pwrite", "writev"]), sizes,
 plan = st.lists(op, min_size=0, max_size=5)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(os.environ.get("CK_EXAMPLES", 60)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=plan, seed=st.integers(0, 2**32 - 1))
 def test_property_random_writes(files, ops, seed):
     """Random write/pwrite/writev sequences with random sizes and offsets (holes, overwrites):
