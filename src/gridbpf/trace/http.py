@@ -147,6 +147,7 @@ class HttpTracer:
         self.tls_opaque: dict[int, str] = {}     # pid -> why its TLS cannot be read
         self.warnings: list[str] = []
         self.requests_seen = 0
+        self._clients: dict = {}               # (family, address bytes) -> text
         try:
             self.obj.load()
             self.dtype = self.obj.btf.dtype("struct http_event")
@@ -216,30 +217,43 @@ class HttpTracer:
         return self.ring.poll_array(self.dtype)
 
     def decode(self, arr: np.ndarray) -> list[Request]:
-        out = []
-        for ev in arr[arr["kind"] == EV_TLS_CONN]:
-            self._tls_conn(int(ev["pid"]))
-        reqs = arr[arr["kind"] == EV_REQUEST]
+        """Records -> Requests. Columns are turned into Python lists once (numpy row access is
+        slow), so the per-request work is plain bytes and int handling."""
+        out: list[Request] = []
+        if not len(arr):
+            return out
+        kind = arr["kind"]
+        if (kind == EV_TLS_CONN).any():
+            for pid in set(arr["pid"][kind == EV_TLS_CONN].tolist()):
+                self._tls_conn(pid)
+        reqs = arr[kind == EV_REQUEST]
         if not len(reqs):
             return out
-        wall = reqs["start_ns"] / 1e9 + self._wall_offset
-        dur = (reqs["end_ns"] - reqs["start_ns"]) / 1e9
-        for i, ev in enumerate(reqs):
-            hdr = ev["hdr"][:ev["hdr_len"]]
-            method, path, version = parse_request_line(hdr, int(ev["pipe_idx"]))
-            flags = int(ev["flags"])
-            req_bytes = _pipelined_bytes(hdr, int(ev["pipe_idx"]), int(ev["req_bytes"]), flags)
-            ttfb = (int(ev["ttfb_ns"]) - int(ev["start_ns"])) / 1e9 if ev["ttfb_ns"] else None
+        start = reqs["start_ns"]
+        wall = (start / 1e9 + self._wall_offset).tolist()
+        dur = ((reqs["end_ns"] - start) / 1e9).tolist()
+        ttfb_ns = reqs["ttfb_ns"]
+        ttfb = np.where(ttfb_ns > 0, (ttfb_ns - start) / 1e9, -1.0).tolist()
+        hdrs, hlens = reqs["hdr"].tolist(), reqs["hdr_len"].tolist()
+        rhdrs, rhlens = reqs["resp_hdr"].tolist(), reqs["resp_hdr_len"].tolist()
+        caddr = [bytes(c) for c in reqs["caddr"]]
+        cols = [reqs[k].tolist() for k in ("pid", "tid", "family", "cport", "status", "flags",
+                                           "pipe_idx", "req_bytes", "resp_bytes")]
+        clients = self._clients
+        for i, (pid, tid, family, port, status, flags, pipe, qb, rb) in enumerate(zip(*cols)):
+            hdr = hdrs[i][:hlens[i]]
+            method, path, version = parse_request_line(hdr, pipe)
+            if pipe or flags & F_PIPELINED or qb == len(hdr):
+                qb = _pipelined_bytes(hdr, pipe, qb, flags)
+            key = (family, caddr[i])
+            client = clients.get(key)
+            if client is None:
+                client = clients[key] = _client(np.frombuffer(caddr[i], np.uint8), family)
             out.append(Request(
-                time=float(wall[i]), pid=int(ev["pid"]), tid=int(ev["tid"]),
-                client=_client(ev["caddr"], int(ev["family"])), port=int(ev["cport"]),
-                method=method, path=path, version=version, status=int(ev["status"]),
-                request_bytes=req_bytes, response_bytes=int(ev["resp_bytes"]),
-                duration=float(dur[i]), ttfb=ttfb, tls=bool(flags & F_TLS),
-                flags=[n for b, n in FLAG_NAMES.items() if flags & b],
-                request_body_bytes=_body(hdr, req_bytes, int(ev["pipe_idx"])),
-                response_body_bytes=_body(ev["resp_hdr"][:ev["resp_hdr_len"]],
-                                          int(ev["resp_bytes"]))))
+                wall[i], pid, tid, client, port, method, path, version, status, qb, rb, dur[i],
+                ttfb[i] if ttfb[i] >= 0 else None, bool(flags & F_TLS),
+                [n for b, n in FLAG_NAMES.items() if flags & b] if flags else [],
+                _body(hdr, qb, pipe), _body(rhdrs[i][:rhlens[i]], rb)))
         self.requests_seen += len(out)
         return out
 

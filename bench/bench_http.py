@@ -1,0 +1,160 @@
+"""Cost of HTTP request tracing: wrk against nginx (small GETs, keep-alive), side by side in
+interleaved rounds, with:
+  off    no BPF at all
+  floor  the same hook (sys_exit) with programs that only filter by syscall and pid
+  trace  the tracer, drained and decoded into requests on a timer as the agent does
+and one round with the whole agent (Prometheus + histograms) for its memory.
+
+Reported (medians over rounds): throughput ratio trace/off and floor/off, nginx CPU time per
+request (from /proc/PID/stat: BPF programs run in nginx's context, so their cost shows there),
+BPF run time per request from the kernel's own accounting (bpf_stats_enabled) for trace and for
+the floor and their ratio, lost events, and the agent's peak RSS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from gridbpf.trace.http import HttpTracer
+from gridbpf.trace.http_lab import Nginx
+from gridbpf.trace.targets import TargetSpec
+
+ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", 7))
+SECONDS = float(os.environ.get("BENCH_HTTP_SECONDS", 3))
+CONNS = 32
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS     # utime + stime
+
+
+def prog_stats(prog) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded program, from its fdinfo."""
+    text = Path(f"/proc/self/fdinfo/{prog.fd}").read_text()
+    get = lambda k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1))
+    return get("run_time_ns"), get("run_cnt")
+
+
+def wrk(url: str) -> tuple[float, int]:
+    out = subprocess.run(["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS:g}s", url], capture_output=True,
+                         text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    return rps, n
+
+
+def one_round(nginx: Nginx, mode: str) -> dict:
+    worker = nginx.worker_pids()[0]
+    tracer, drained, stop = None, [0], threading.Event()
+    if mode != "off":
+        tracer = HttpTracer(TargetSpec(pids=[nginx.pid]), tls=False, floor=(mode == "floor"))
+    prog = tracer.obj.program("http_floor_sys_exit" if mode == "floor" else "http_sys_exit") \
+        if tracer else None
+    drainer = None
+    if mode == "trace":
+        def drain():
+            while not stop.is_set():
+                drained[0] += len(tracer.poll(100))
+        drainer = threading.Thread(target=drain)
+        drainer.start()
+    try:
+        b0 = prog_stats(prog) if prog else (0, 0)
+        c0 = cpu_seconds(worker)
+        rps, n = wrk(f"{nginx.url}/index.html")
+        c1 = cpu_seconds(worker)
+        b1 = prog_stats(prog) if prog else (0, 0)
+        stop.set()
+        if drainer:
+            drainer.join()
+            time.sleep(0.2)            # wrk closed its connections: the last requests
+            drained[0] += len(tracer.poll(0))
+        lost = tracer.stats()["events_lost"] if tracer else 0
+    finally:
+        stop.set()
+        if tracer:
+            tracer.close()
+    r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
+         "bpf_ns_per_req": (b1[0] - b0[0]) / n if prog else 0.0,
+         "bpf_runs_per_req": (b1[1] - b0[1]) / n if prog else 0.0}
+    if mode == "trace":
+        r.update(traced=drained[0], lost=lost)
+    return r
+
+
+def agent_rss(nginx: Nginx) -> dict:
+    """Run the real agent on nginx through one wrk round; its peak RSS and what it counted."""
+    with tempfile.TemporaryDirectory(prefix="ht-bench-") as d:
+        cfg = Path(d) / "agent.toml"
+        cfg.write_text(f'[targets]\npid = [{nginx.pid}]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                       f'routes = ["/{{vo}}/{{path}}"]\n[agent]\nlock = "{d}/agent.lock"\n')
+        p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config",
+                              str(cfg), "--json"], stdout=subprocess.PIPE, text=True)
+        status = json.loads(p.stdout.readline())
+        rps, n = wrk(f"{nginx.url}/index.html")
+        time.sleep(0.5)
+        import urllib.request
+        text = urllib.request.urlopen(status["metrics"]).read().decode()
+        counted = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                      if l.startswith("http_server_request_duration_seconds_count"))
+        status_txt = Path(f"/proc/{p.pid}/status").read_text()
+        hwm = int(re.search(r"VmHWM:\s+(\d+) kB", status_txt).group(1))
+        rss = int(re.search(r"VmRSS:\s+(\d+) kB", status_txt).group(1))
+        p.terminate()
+        p.wait(30)
+    return {"agent_peak_rss_mb": round(hwm / 1024, 1), "agent_rss_mb": round(rss / 1024, 1),
+            "agent_rps": rps, "agent_requests": n, "agent_counted": counted}
+
+
+def run() -> dict:
+    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+    try:
+        with Nginx(workers=1, access_log=False) as nginx:
+            (nginx.root / "index.html").write_bytes(b"<html>hello grid</html>\n" * 20)
+            wrk(f"{nginx.url}/index.html")      # warm up
+            rounds = {m: [] for m in ("off", "floor", "trace")}
+            for i in range(ROUNDS):
+                # rotate the order so drift over time does not favour one mode
+                order = ["off", "floor", "trace"][i % 3:] + ["off", "floor", "trace"][:i % 3]
+                for mode in order:
+                    rounds[mode].append(one_round(nginx, mode))
+            agent = agent_rss(nginx)
+    finally:
+        subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=0"], check=False)
+    med = lambda mode, k: statistics.median(r[k] for r in rounds[mode])
+    ratios = [t["rps"] / o["rps"] for t, o in zip(rounds["trace"], rounds["off"])]
+    fratios = [f["rps"] / o["rps"] for f, o in zip(rounds["floor"], rounds["off"])]
+    out = {
+        "rounds": ROUNDS, "seconds_per_round": SECONDS, "connections": CONNS,
+        "rps_off": round(med("off", "rps")), "rps_floor": round(med("floor", "rps")),
+        "rps_trace": round(med("trace", "rps")),
+        "throughput_ratio_trace_vs_off": round(statistics.median(ratios), 3),
+        "throughput_ratio_floor_vs_off": round(statistics.median(fratios), 3),
+        "nginx_cpu_us_per_req_off": round(med("off", "cpu_us_per_req"), 2),
+        "nginx_cpu_us_per_req_floor": round(med("floor", "cpu_us_per_req"), 2),
+        "nginx_cpu_us_per_req_trace": round(med("trace", "cpu_us_per_req"), 2),
+        "added_cpu_us_per_req_trace": round(med("trace", "cpu_us_per_req") - med("off", "cpu_us_per_req"), 2),
+        "bpf_ns_per_req_floor": round(med("floor", "bpf_ns_per_req")),
+        "bpf_ns_per_req_trace": round(med("trace", "bpf_ns_per_req")),
+        "bpf_trace_vs_floor": round(med("trace", "bpf_ns_per_req") / max(med("floor", "bpf_ns_per_req"), 1), 2),
+        "bpf_runs_per_req": round(med("trace", "bpf_runs_per_req"), 2),
+        "traced_equals_requests_plus_inflight": all(
+            r["traced"] + r["lost"] >= r["requests"] for r in rounds["trace"]),
+        "lost_events": sum(r["lost"] for r in rounds["trace"]),
+        **agent,
+    }
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
