@@ -34,6 +34,26 @@ def cgroup2_mount() -> str:
     raise TargetError("no cgroup v2 hierarchy is mounted (needed for --cgroup)")
 
 
+def descendants(pid: int) -> list[int]:
+    """Processes below PID now (from /proc/*/stat parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def select(pid: int | None = None, comm: str | None = None, cgroup: str | None = None) -> Target:
     chosen = [n for n, v in (("--pid", pid), ("--comm", comm), ("--cgroup", cgroup)) if v is not None]
     if len(chosen) > 1:
@@ -43,7 +63,8 @@ def select(pid: int | None = None, comm: str | None = None, cgroup: str | None =
             raise TargetError(f"--pid {pid}: no such process")
         with open(f"/proc/{pid}/status") as f:
             tgid = next(int(l.split()[1]) for l in f if l.startswith("Tgid:"))
-        return Target(PID, pids=[tgid], description=f"pid {tgid} and its children")
+        # Children forked later are added by the program; those alive now are added here.
+        return Target(PID, pids=[tgid, *descendants(tgid)], description=f"pid {tgid} and its children")
     if comm is not None:
         if not comm or len(comm.encode()) > 15:
             raise TargetError(f"--comm {comm!r}: a command name has 1 to 15 bytes")

@@ -183,7 +183,8 @@ class Watcher:
             ranges.append((ev.seg_start, ev.seg_end - ev.seg_start, ev.seg_adler))
         path = None
         if ev.path_complete:
-            parts = bytes(ev.path[:ev.path_len]).split(b"\0")
+            off = type(ev).path.offset            # (slicing a char array stops at the first NUL)
+            parts = bytes(ev)[off:off + ev.path_len].split(b"\0")
             parts = [os.fsdecode(p) for p in parts if p]
             path = os.path.join(self.dirs[ev.dir_index], *reversed(parts))
         d = {name: getattr(ev, name) for name, *_ in ev._fields_ if name not in ("path",)}
@@ -200,7 +201,8 @@ class Watcher:
     def _on_rename(self, ev) -> list[Result]:
         if not self._pending:
             return []
-        name = os.fsdecode(bytes(ev.newname[:max(ev.len - 1, 0)]))
+        off = type(ev).newname.offset
+        name = os.fsdecode(bytes(ev)[off:off + max(ev.len - 1, 0)])
         if not os.path.isabs(name):
             base = f"/proc/{ev.tgid}/cwd" if ev.newdfd == AT_FDCWD else f"/proc/{ev.tgid}/fd/{ev.newdfd}"
             try:
