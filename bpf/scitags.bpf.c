@@ -60,6 +60,22 @@ static __always_inline int handle(struct __sk_buff *skb, const int egress)
 	__u8 proto;
 
 	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		/* Fast path, the usual case: TCP/UDP right after the IPv6 header, all in the
+		 * linear area. Direct reads (no helper calls); direct *reads* add no prologue. */
+		void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+		struct ipv6hdr *hdr = data + ETH_HLEN;
+
+		if ((void *)(hdr + 1) + 4 <= end &&
+		    (hdr->nexthdr == IPPROTO_TCP || hdr->nexthdr == IPPROTO_UDP)) {
+			__builtin_memcpy(&word0, hdr, 4);
+			__builtin_memcpy(key.saddr, &hdr->saddr, 16);
+			__builtin_memcpy(key.daddr, &hdr->daddr, 16);
+			__builtin_memcpy(&key.sport, (void *)(hdr + 1), 4);
+			key.proto = hdr->nexthdr;
+			v6 = 1;
+			goto lookup;
+		}
+
 		struct ipv6hdr ip6;
 
 		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
@@ -110,6 +126,7 @@ static __always_inline int handle(struct __sk_buff *skb, const int egress)
 		goto unparsed;
 	key.proto = proto;
 
+lookup:;
 	struct st_flow_val *val = bpf_map_lookup_elem(&st_flows, &key);
 	if (!val)
 		return TC_ACT_OK;

@@ -357,3 +357,29 @@ def test_sigterm_detaches_everything(env):
     assert "bpf" not in server.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
     assert not os.path.exists(env["pipe"])      # the pipe it made is gone
     assert "Traceback" not in open(daemon.log_path).read()
+
+
+def test_bad_interface_is_one_line_and_leaves_nothing_attached(env):
+    server, tmp = env["server"], env["tmp"]
+    cfg = tmp / "bad.toml"
+    cfg.write_text(f"""
+[marking]
+interfaces = ["eth0", "nosuch0"]
+[pipe]
+path = "{tmp}/flowd-bad"
+[api]
+listen = "{API}"
+[daemon]
+lock = "{tmp}/bad.lock"
+""")
+    r = server.run([sys.executable, "-m", "gridbpf.cli", "scitags", "run", "--config", str(cfg)], check=False)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gridbpf: error:")]
+    assert len(errors) == 1 and "nosuch0" in errors[0], r.stderr
+    # eth0 had been attached before nosuch0 failed: it was detached again
+    assert "bpf" not in server.run(["tc", "filter", "show", "dev", "eth0", "egress"]).stdout
+    assert "clsact" not in server.run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    assert not os.path.exists(tmp / "flowd-bad")
+    cfg.write_text("[marking]\ninterfaces = 'eth0'\n")
+    r = server.run([sys.executable, "-m", "gridbpf.cli", "scitags", "run", "--config", str(cfg)], check=False)
+    assert r.returncode == 2 and "marking.interfaces: expected list, got str 'eth0'" in r.stderr

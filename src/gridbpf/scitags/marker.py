@@ -40,14 +40,14 @@ class Marker:
         self.obj = None
         self.links = []
         self.obj = BpfObject.open("scitags")
-        if not count_ingress:
-            self.obj.program("st_ingress").autoload = False
-        self.obj.load()
-        self.flows = self.obj.map("st_flows")
-        self.stats_map = self.obj.map("st_stats")
-        self.capacity = self.flows.max_entries // 2        # two directions per flow
         self.interfaces = interfaces
         try:
+            if not count_ingress:
+                self.obj.program("st_ingress").autoload = False
+            self.obj.load()
+            self.flows = self.obj.map("st_flows")
+            self.stats_map = self.obj.map("st_stats")
+            self.capacity = self.flows.max_entries // 2        # two directions per flow
             for iface in interfaces:
                 self.links.append(self.obj.program("st_egress").attach_tc(
                     iface.name, "egress", netns=iface.netns, priority=priority))
