@@ -62,24 +62,24 @@ class HealthChecker(threading.Thread):
     def __init__(self, dp, health_of, ns: str | None, on_change, log=print):
         super().__init__(name="lb-health", daemon=True)
         self.dp, self.health_of, self.ns, self.on_change, self.log = dp, health_of, ns, on_change, log
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._streak: dict[tuple[str, str], int] = {}   # >0 successes in a row, <0 failures
         self._next: dict[tuple[str, str], float] = {}
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lb-check")
         self.checks = 0
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=10)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self.round()
             except Exception as e:   # the checker must outlive a bad round (e.g. a race with a command)
                 self.log(f"lb health: {type(e).__name__}: {e}")
-            self._stop.wait(0.1)
+            self._halt.wait(0.1)
 
     def round(self) -> None:
         now = time.monotonic()

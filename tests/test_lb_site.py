@@ -1,0 +1,247 @@
+"""End to end: the virtual site (client, ECMP router, two balancer nodes, three nginx WebDAV
+backends) with `gridbpf lb run` on both nodes, native XDP, real TCP connections."""
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from gridbpf.lab import Lab
+from gridbpf.lb import maglev
+from gridbpf.lb.site import build_site, start_nginx, stop_nginx
+
+WEIGHTS = [1, 1, 2]
+UPLOAD_SECONDS = float(os.environ.get("LB_UPLOAD_SECONDS", "15"))
+
+
+@pytest.fixture(scope="module")
+def site():
+    with Lab("lbsite") as lab:
+        s = build_site(lab)
+        try:
+            s.write_configs(weights=WEIGHTS)
+            for n in s.nodes:
+                s.start_balancer(n)
+            yield s
+        finally:
+            s.close()
+
+
+def connect(site, vip, sport=None, timeout=5):
+    fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    with site.client.enter():
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sport:
+        sock.bind(("fd00:1::2" if ":" in vip else "10.1.0.2", sport))
+    sock.settimeout(timeout)
+    sock.connect((vip, 80))
+    conn = http.client.HTTPConnection(vip, 80, timeout=timeout)
+    conn.sock = sock
+    return conn
+
+
+def whoami(conn):
+    conn.request("GET", "/whoami")
+    r = conn.getresponse()
+    body = r.read().decode().strip()
+    assert r.status == 200, (r.status, body)
+    return body
+
+
+def predicted(site, vip, sports):
+    """Which backend Maglev (computed here) gives each client port: the datapath must agree."""
+    fam = 6 if ":" in vip else 4
+    client = "fd00:1::2" if fam == 6 else "10.1.0.2"
+    addrs = [site.backend_addr(i, fam) for i in range(len(site.backends))]
+    names, table = maglev.build_table(dict(zip(addrs, WEIGHTS)))
+    n = len(sports)
+    src = np.tile(np.frombuffer(maglev.addr16(client), np.uint8), (n, 1))
+    dst = np.tile(np.frombuffer(maglev.addr16(vip), np.uint8), (n, 1))
+    h = maglev.flow_hash(src, dst, np.array(sports), np.full(n, 80), np.full(n, 6))
+    return [site.backends[addrs.index(names[i])].name for i in table[h % maglev.DEFAULT_SIZE]]
+
+
+def totals(site):
+    """Per-service and per-backend counters summed over both nodes, from `lb status --json`."""
+    out = Counter()
+    for node in site.nodes:
+        for s in site.status(node)["services"]:
+            out[(s["name"], "new_flows")] += s["new_flows"]
+            out[(s["name"], "packets")] += s["packets"]
+            for b in s["backends"]:
+                out[(s["name"], b["address"])] += b["new_flows"]
+    return out
+
+
+def test_requests_spread_by_weight_and_counters_match(site):
+    n4, n6 = 8000, 2000
+    before = totals(site)
+    sports4 = list(range(20000, 20000 + n4))
+    sports6 = list(range(30000, 30000 + n6))
+
+    def one(args):
+        vip, sport = args
+        for attempt in range(3):
+            try:
+                c = connect(site, vip, sport)
+                try:
+                    return whoami(c)
+                finally:
+                    c.close()
+            except OSError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)     # a lost SYN on this busy box: retry the same 5-tuple
+
+    jobs = [(site.vip4, p) for p in sports4] + [(site.vip6, p) for p in sports6]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, jobs))
+    want = predicted(site, site.vip4, sports4) + predicted(site, site.vip6, sports6)
+    assert got == want                                    # every response, from the predicted backend
+    share = Counter(got)
+    for i, b in enumerate(site.backends):
+        ideal = (n4 + n6) * WEIGHTS[i] / sum(WEIGHTS)
+        assert abs(share[b.name] - ideal) <= 0.05 * ideal, (share, ideal)
+    after = totals(site)
+    # connections counted once, on whichever node the router chose, on the right backend
+    assert after[("webdav4", "new_flows")] - before[("webdav4", "new_flows")] == n4
+    assert after[("webdav6", "new_flows")] - before[("webdav6", "new_flows")] == n6
+    for fam, svc, sports in ((4, "webdav4", sports4), (6, "webdav6", sports6)):
+        per = Counter(predicted(site, site.vip4 if fam == 4 else site.vip6, sports))
+        for i, b in enumerate(site.backends):
+            key = (svc, site.backend_addr(i, fam))
+            assert after[key] - before[key] == per[b.name]
+    # each connection sends at least SYN, ACK, request, FIN (and the last ACK)
+    assert after[("webdav4", "packets")] - before[("webdav4", "packets")] >= 4 * n4
+
+
+def test_backend_removal_keeps_other_connections(site):
+    conns = []
+    for p in range(40000, 40060):
+        c = connect(site, site.vip4, p)
+        conns.append((c, whoami(c)))
+    victim = site.backends[0]
+    addr = site.backend_addr(0)
+    for node in site.nodes:
+        out = subprocess.run([sys.executable, "-m", "gridbpf", "lb", "backend", "remove", "webdav4", addr,
+                              "--instance", site.instance(node), "--json"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    try:
+        for node in site.nodes:
+            st = {s["name"]: s for s in site.status(node)["services"]}["webdav4"]
+            assert addr not in [b["address"] for b in st["backends"]]
+        survivors = [(c, b) for c, b in conns if b != victim.name]
+        assert len(survivors) > 20
+        for c, b in survivors:                        # keep-alive: same connection, same backend
+            assert whoami(c) == b
+        for p in range(41000, 41100):                 # new flows: never the removed backend
+            c = connect(site, site.vip4, p)
+            assert whoami(c) != victim.name
+            c.close()
+    finally:
+        for c, _ in conns:
+            c.close()
+        for node in site.nodes:
+            subprocess.run([sys.executable, "-m", "gridbpf", "lb", "backend", "add", "webdav4", addr,
+                            "--mac", victim.mac("eth0"), "--weight", str(WEIGHTS[0]),
+                            "--instance", site.instance(node)], check=True, capture_output=True)
+
+
+def backend_healthy(site, node, addr):
+    st = {s["name"]: s for s in site.status(node)["services"]}["webdav4"]
+    return {b["address"]: b["healthy"] for b in st["backends"]}[addr]
+
+
+def wait_for(cond, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_health_checks_take_a_backend_out_and_back(site):
+    srv, addr = site.backends[1], site.backend_addr(1)
+    # interval 0.5 s, timeout 0.5 s, fall 2, rise 2 (site config): out within ~fall*interval+timeout
+    stop_nginx(srv)
+    t0 = time.monotonic()
+    try:
+        for node in site.nodes:
+            t = wait_for(lambda: not backend_healthy(site, node, addr), 8)
+            assert t - t0 < 2 * 0.5 + 0.5 + 2.0     # fall time plus the status command's own latency
+        for p in range(42000, 42100):               # every request succeeds, none to the stopped one
+            c = connect(site, site.vip4, p)
+            assert whoami(c) != srv.name
+            c.close()
+    finally:
+        start_nginx(srv)
+    srv.wait_port("127.0.0.1", 80)
+    for node in site.nodes:
+        wait_for(lambda: backend_healthy(site, node, addr), 8)
+    got = set()
+    for p in range(43000, 43100):
+        c = connect(site, site.vip4, p)
+        got.add(whoami(c))
+        c.close()
+    assert srv.name in got
+
+
+def test_node_failure_breaks_no_upload(site):
+    """Concurrent long PUTs through both nodes; one node is withdrawn from the router and its
+    balancer stopped mid-run; every transfer completes and every file arrives whole."""
+    stop = time.monotonic() + UPLOAD_SECONDS
+    results, errors = [], []
+    chunk = os.urandom(64 * 1024)
+
+    def uploader(k):
+        n = 0
+        while time.monotonic() < stop:
+            size = 64 * 1024 * 40                    # 2.5 MB, sent in ~1.5 s
+            name = f"/up/{k}-{n}"
+            try:
+                c = connect(site, site.vip4 if k % 3 else site.vip6, timeout=20)
+                c.putrequest("PUT", name)
+                c.putheader("Content-Length", str(size))
+                c.endheaders()
+                for _ in range(40):
+                    c.send(chunk)
+                    time.sleep(0.035)
+                r = c.getresponse()
+                r.read()
+                c.close()
+                results.append((name, r.status, size))
+            except Exception as e:
+                errors.append((name, repr(e)))
+            n += 1
+
+    threads = [threading.Thread(target=uploader, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(UPLOAD_SECONDS / 2)
+    # the node goes away: the router stops using it (what BGP withdrawal does), its program detaches
+    site.router.ip("-4", "route", "replace", f"{site.vip4}/32", "via", "10.2.0.2", "dev", "eth1")
+    site.router.ip("-6", "route", "replace", f"{site.vip6}/128", "via", "fd00:2::2", "dev", "eth1")
+    assert site.stop_balancer(site.nodes[1]) == 0
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert len(results) >= 16
+    assert all(status in (201, 204) for _n, status, _s in results), results[:5]
+    # every file is whole on exactly one backend
+    for name, _status, size in results:
+        sizes = [os.path.getsize(p) for b in site.backends
+                 for p in [os.path.join(site.lab.workdir, f"nginx-{b.name}", "www", name.lstrip("/"))]
+                 if os.path.exists(p)]
+        assert sizes == [size], (name, sizes)
+    # the stopped balancer left nothing behind: no pins, no XDP program
+    assert not os.path.exists(f"/sys/fs/bpf/gridbpf/lb/{site.instance(site.nodes[1])}")
+    assert "xdp" not in site.nodes[1].ip("link", "show", "dev", "eth0").stdout
