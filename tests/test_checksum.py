@@ -431,3 +431,31 @@ def test_cli_bad_input():
     assert r.returncode == 2 and "not a directory" in r.stderr and len(r.stderr.splitlines()) == 1
     r = gridbpf_cli("checksum", "watch", "--path", "/tmp", "--comm", "x", "--pid", "1", check=False)
     assert r.returncode == 2 and "choose one" in r.stderr
+
+
+def test_agent_collector_metrics():
+    from gridbpf.checksum.collector import ChecksumCollector
+    from gridbpf.export.metrics import Registry
+    root = tempfile.mkdtemp(prefix="ck-coll-", dir="/dev/shm")
+    try:
+        reg = Registry()
+        with Watcher([root]) as w:
+            coll = ChecksumCollector(reg, w)
+            for i in range(3):
+                with open(os.path.join(root, f"f{i}"), "wb") as f:
+                    f.write(os.urandom(1000 * (i + 1)))
+            with open(os.path.join(root, "m"), "w+b") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                mmap.mmap(f.fileno(), 4096).close()
+            got, deadline = [], time.monotonic() + 10
+            while len(got) < 4 and time.monotonic() < deadline:
+                got += coll.poll(50)
+            files = {c.name: c for c in reg.counters}["gridbpf.checksum.files"].read()
+            assert files == {("kernel", "stored"): 3, ("userspace", "stored"): 1}
+            kernel = {c.name: c for c in reg.counters}["gridbpf.checksum.kernel"].read()
+            assert kernel[("closes",)] == 4 and kernel[("unfollowed",)] == 1
+            hist = {h.name: h for h in reg.histograms}["gridbpf.checksum.close_to_stored.duration"]
+            assert sum(s.count for _k, s in hist.snapshot()) == 4
+    finally:
+        shutil.rmtree(root)
