@@ -29,6 +29,9 @@ REASONS = ["concurrent-writes", "overlapping-write", "mmap", "truncate", "falloc
 STATS = ["opens", "state_full", "files_full", "pending_full", "close_lost", "range_lost",
          "rename_lost", "writes", "bytes", "unfollowed", "closes"]
 
+MISSED_RUNS = 1 << len(REASONS)    # set in userspace, from the programs' recursion_misses
+REASONS = REASONS + ["kernel-skipped-program-runs"]
+
 PENDING_SECONDS = 10.0        # how long a closed file may stay missing, waiting for its rename
 
 
@@ -120,6 +123,10 @@ class Watcher:
         self.rb = RingBuffer(obj, "events")
         for prog in obj.programs.values():
             self.links.append(prog.attach())
+        self._prog_fds = [p.fd for p in obj.programs.values()]
+        self._miss_windows: list[tuple[int, int]] = []
+        self._miss_read_ns = time.monotonic_ns()
+        self._miss_count = self._misses()
 
     def close(self) -> None:
         for link in self.links:
@@ -140,10 +147,34 @@ class Watcher:
 
     # --- events -------------------------------------------------------------------------------
 
+    def _misses(self) -> int:
+        """Runs of our programs the kernel skipped (a BPF program already running on that CPU)."""
+        total = 0
+        for fd in self._prog_fds:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("recursion_misses:"):
+                        total += int(line.split()[1])
+        return total
+
+    def _check_misses(self) -> None:
+        # A skipped run may have been a write: every file open during the window is suspect.
+        now, m = time.monotonic_ns(), self._misses()
+        if m > self._miss_count:
+            self._miss_windows = self._miss_windows[-99:] + [(self._miss_read_ns, now)]
+            self._miss_count = m
+        self._miss_read_ns = now
+
+    def _missed_during(self, ev) -> bool:
+        return any(lo <= ev.close_ns and ev.open_ns <= hi for lo, hi in self._miss_windows)
+
     def poll(self, timeout_ms: int = 100) -> list[Result]:
         """Wait up to TIMEOUT_MS for records, handle all of them, return the finished files."""
         out: list[Result] = []
-        for raw in self.rb.poll(timeout_ms):
+        records = self.rb.poll(timeout_ms)
+        if records:
+            self._check_misses()     # after the drain: covers every close in this batch
+        for raw in records:
             kind = int.from_bytes(raw[:4], "little")
             ctype = self._btf_types.get(kind)
             if ctype is None:
@@ -174,6 +205,7 @@ class Watcher:
         m = self.obj.map("stats")
         counters = {name: int(m.sum(i) or 0) for i, name in enumerate(STATS)}
         counters["ring_lost"] = int(self.rb.lost)
+        counters["program_runs_skipped"] = self._misses()
         counters["waiting_for_rename"] = len(self._pending)
         return counters
 
@@ -188,6 +220,8 @@ class Watcher:
             parts = [os.fsdecode(p) for p in parts if p]
             path = os.path.join(self.dirs[ev.dir_index], *reversed(parts))
         d = {name: getattr(ev, name) for name, *_ in ev._fields_ if name not in ("path",)}
+        if self._missed_during(ev):
+            d["flags"] |= MISSED_RUNS
         d["comm"] = bytes(ev.comm).split(b"\0")[0].decode(errors="replace")
         closed = _Closed(d, ranges, path, time.monotonic() + PENDING_SECONDS)
         if ev.nlink == 0:
