@@ -38,7 +38,7 @@ char LICENSE[] SEC("license") = "GPL";
 /* Wake the reader only when the ring is this full; otherwise it drains on its own timer. */
 #define WAKEUP_BYTES (1 << 20)
 
-GB_RINGBUF(events, 8 << 20);
+GB_RINGBUF(events, 4 << 20);
 
 /* Target processes (tgid -> 1), filled by userspace and by fork/exec below. */
 struct {

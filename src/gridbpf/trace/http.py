@@ -182,6 +182,9 @@ class HttpTracer:
             lib = library_of(pid, "libssl.so")
         except ProcessLookupError:
             return
+        except PermissionError:
+            self.warnings.append(f"cannot read /proc/{pid}/maps: TLS of pid {pid} not hooked")
+            return
         if lib is None or lib in self.ssl_libs:
             return
         links = []
