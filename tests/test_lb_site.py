@@ -195,6 +195,52 @@ def test_health_checks_take_a_backend_out_and_back(site):
     assert srv.name in got
 
 
+def test_packet_too_big_reaches_the_backend_of_the_flow(site):
+    """A narrow link between router and client: the router's ICMP "fragmentation needed" /
+    ICMPv6 "packet too big" about the backends' DSR replies goes to the VIP, so to a balancer
+    node; only if the node sends it on to the flow's backend does the backend lower its path
+    MTU, and the download complete."""
+    body = os.urandom(300_000)
+    srv = site.backends[2]
+    with open(os.path.join(site.lab.workdir, f"nginx-{srv.name}", "www", "big"), "wb") as f:
+        f.write(body)
+    before = sum(site.status(n)["reasons"]["fwd_icmp"] for n in site.nodes)
+    site.router.ip("link", "set", "eth0", "mtu", "1280")
+    try:
+        for vip, base in ((site.vip4, 44000), (site.vip6, 45000)):
+            # a client port whose flow Maglev gives to srv3, where the file is
+            sport = next(p for p in range(base, base + 500) if predicted(site, vip, [p])[0] == srv.name)
+            c = connect(site, vip, sport, timeout=10)
+            c.request("GET", "/big")
+            r = c.getresponse()
+            assert r.status == 200 and r.read() == body
+            c.close()
+    finally:
+        site.router.ip("link", "set", "eth0", "mtu", "1500")
+    assert sum(site.status(n)["reasons"]["fwd_icmp"] for n in site.nodes) >= before + 2
+
+
+@pytest.mark.parametrize("mode", ["ipip", "gue"])
+def test_encapsulating_modes_end_to_end(mode):
+    with Lab("lbenc") as lab:
+        s = build_site(lab, nodes=1, mode=mode)
+        try:
+            s.write_configs(weights=WEIGHTS)
+            s.start_balancer(s.nodes[0])
+            for vip, base in ((s.vip4, 21000), (s.vip6, 22000)):
+                sports = list(range(base, base + 150))
+                got = []
+                for p in sports:
+                    c = connect(s, vip, p)
+                    got.append(whoami(c))
+                    c.close()
+                assert got == predicted(s, vip, sports)
+            kind = 1 if mode == "gue" else 0          # decap_reasons: DECAP_IPIP, DECAP_GUE
+            assert s.decap.map("decap_reasons").sum(kind) >= 300 * 4
+        finally:
+            s.close()
+
+
 def test_node_failure_breaks_no_upload(site):
     """Concurrent long PUTs through both nodes; one node is withdrawn from the router and its
     balancer stopped mid-run; every transfer completes and every file arrives whole."""

@@ -67,6 +67,7 @@ class Site:
     configs: dict[str, str] = field(default_factory=dict)    # node name -> lb.toml path
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    decap: BpfObject | None = None        # tc_decap on the backends (ipip/gue sites)
     _pass_objs: list = field(default_factory=list)
     _links: list = field(default_factory=list)
     vip4: str = VIP4
@@ -227,6 +228,7 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
         dobj.rodata["gue_port"] = ((6080 & 0xFF) << 8) | (6080 >> 8)
         dobj.load()
         site._pass_objs.append(dobj)
+        site.decap = dobj
         for s in site.backends:
             site._links.append(dobj.program("tc_decap").attach_tc("eth0", "ingress", s.netns))
     if nginx:
