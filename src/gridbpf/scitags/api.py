@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .flows import InputError, parse_api_request
-from .marker import STATS
 from .registry import RegistryError
 
 log = logging.getLogger("gridbpf.scitags")
@@ -125,6 +124,10 @@ def make_server(daemon, host: str, port: int) -> ThreadingHTTPServer:
                 daemon.input_errors["api"] = daemon.input_errors.get("api", 0) + 1
                 log.error("api: rejected request: %s", exc)
                 self._json(400, {"error": str(exc)})
+                return
+            except Exception as exc:        # not the caller's fault: say so, keep serving
+                log.error("api: request failed: %s: %s", type(exc).__name__, exc)
+                self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
                 return
             self._json(200, flow.to_json())
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import select
@@ -17,11 +16,10 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import firefly, label
 from .config import Config
-from .flows import FiveTuple, FlowEvent, InputError, parse_api_request, parse_pipe_line
+from .flows import FiveTuple, FlowEvent, InputError, parse_pipe_line
 from .registry import Registry, RegistryError
 
 log = logging.getLogger("gridbpf.scitags")
@@ -259,7 +257,11 @@ class Daemon:
                     self.input_errors["pipe"] += 1
                     log.error("pipe: rejected a line that is not UTF-8: %r", raw[:100])
                     continue
-                self.handle_line(text, "pipe")
+                try:
+                    self.handle_line(text, "pipe")
+                except Exception as exc:     # a bug or a kernel error must not end the pipe reader
+                    self.input_errors["pipe"] += 1
+                    log.error("pipe: %r failed: %s: %s", text[:200], type(exc).__name__, exc)
         os.close(fd)
 
     # --- lifecycle -----------------------------------------------------------------------------
