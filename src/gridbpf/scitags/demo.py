@@ -63,6 +63,8 @@ def run(console) -> bool:
         cfg = Config(interfaces=[Interface("eth0", server.netns)], pipe_path=os.path.join(tmp, "flowd"),
                      api_listen=("127.0.0.1", 0), lock_path=os.path.join(tmp, "lock"))
         daemon = Daemon(cfg)
+        with server.enter():        # fireflies leave from the server's namespace, as on a real node
+            daemon.sender.socket(socket.AF_INET6)
         with client.enter():
             ff = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         ff.bind(("::", firefly.PORT))
@@ -101,7 +103,7 @@ def run(console) -> bool:
         labels = {fl: n for (p, fl), n in seen.items() if p == dport}
         decoded = ", ".join("/".join(str(x) for x in daemon.registry.names(*label.decode(fl))) if fl else "unmarked"
                             for fl in labels)
-        table.add_row(f"[{SERVER6}]:5001 -> :{dport}" + (" (registered)" if dport == 40001 else ""),
+        table.add_row(f"{SERVER6} 5001 -> {CLIENT6} {dport}" + (" (registered)" if dport == 40001 else ""),
                       str(sum(labels.values())), ", ".join(f"0x{fl:05x}" for fl in labels), decoded)
     console.print(table)
     for msg in fireflies:

@@ -142,7 +142,7 @@ class Sender:
         self.sent = 0
         self.errors = 0
 
-    def _sock(self, family: int) -> socket.socket:
+    def socket(self, family: int) -> socket.socket:
         if family not in self._socks:
             self._socks[family] = socket.socket(family, socket.SOCK_DGRAM)
         return self._socks[family]
@@ -150,7 +150,7 @@ class Sender:
     def send(self, data: bytes, host: str, port: int = PORT) -> bool:
         try:
             info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-            self._sock(info[0]).sendto(data, info[4])
+            self.socket(info[0]).sendto(data, info[4])
             self.sent += 1
             return True
         except OSError as exc:
