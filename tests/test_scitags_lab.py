@@ -322,6 +322,40 @@ def test_api_ipv4_flows_are_accepted_reported_not_markable_and_get_ongoing_firef
     assert end["usage"]["sent"] > 1000000
 
 
+def test_udp_flow_registered_through_the_api_is_marked(env):
+    server, client = env["server"], env["client"]
+    status, body = api(server, "POST", "/flows", {"protocol": "udp", "src": SERVER6, "src_port": 2811,
+                                                  "dst": CLIENT6, "dst_port": 40020,
+                                                  "experiment": "dune", "activity": "Cache"})
+    assert status == 200, body
+    expected = json.loads(body)["label"]
+    assert label.decode(expected) == (8, 3)
+    with client.enter():
+        rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+    rx.bind(("::", 40020))
+    sniff.bind(("eth0", 0))
+    sniff.settimeout(2)
+    with server.enter():
+        tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tx.bind(("::", 2811))
+    for i in range(50):
+        tx.sendto(b"%d" % i, (CLIENT6, 40020))       # the registered flow
+        tx.sendto(b"other", (CLIENT6, 40021))        # same hosts, one port off: not registered
+    seen = {40020: [], 40021: []}
+    while sum(map(len, seen.values())) < 100:
+        pkt = sniff.recv(128)
+        if pkt[20] == 17 and struct.unpack("!H", pkt[54:56])[0] == 2811:
+            seen[struct.unpack("!H", pkt[56:58])[0]].append(struct.unpack("!I", pkt[14:18])[0] & 0xFFFFF)
+    for sock in (rx, sniff, tx):
+        sock.close()
+    assert seen[40020] == [expected] * 50
+    assert seen[40021] == [0] * 50
+    status, body = api(server, "POST", "/flows", {"state": "end", "protocol": "udp", "src": SERVER6,
+                                                  "src_port": 2811, "dst": CLIENT6, "dst_port": 40020})
+    assert status == 200 and json.loads(body)["sent_packets"] == 50
+
+
 def test_metrics_flows_cli_and_single_instance(env):
     server = env["server"]
     status, body = api(server, "GET", "/metrics")
