@@ -459,3 +459,15 @@ def test_agent_collector_metrics():
             assert sum(s.count for _k, s in hist.snapshot()) == 4
     finally:
         shutil.rmtree(root)
+
+
+def test_renamed_after_close_by_another_process(files, monkeypatch):
+    """The rename comes from a process that closed nothing (mv): found by inode in the tree."""
+    import gridbpf.checksum.watcher as wmod
+    monkeypatch.setattr(wmod, "PENDING_SECONDS", 0.5)
+    tmp, final = files.path("by-mv.tmp"), files.path("by-mv.final")
+    with open(tmp, "wb") as f:
+        f.write(os.urandom(200_000))
+    subprocess.run(["mv", tmp, final], check=True)
+    r = check_right(files, final, "kernel")
+    assert r.path == final

@@ -256,8 +256,28 @@ class Watcher:
         for key, closed in list(self._pending.items()):
             if now > closed.deadline:
                 del self._pending[key]
-                out.append(self._result(closed, None, "gone", stored=False))
+                # Renamed by a process we do not follow? Look for the inode in the watched trees.
+                path = self._find_inode(*key)
+                out.append(self._finish(closed, path) if path else
+                           self._result(closed, None, "gone", stored=False))
         return out
+
+    def _find_inode(self, dev: int, ino: int, limit: int = 200_000) -> str | None:
+        seen = 0
+        for top in self.dirs:
+            for dirpath, _dirs, names in os.walk(top):
+                for n in names:
+                    seen += 1
+                    p = os.path.join(dirpath, n)
+                    try:
+                        st = os.lstat(p)
+                    except OSError:
+                        continue
+                    if st.st_ino == ino and _kernel_dev(st.st_dev) == dev:
+                        return p
+                if seen > limit:
+                    return None
+        return None
 
     def _finish(self, closed: _Closed, path: str) -> Result:
         ev = closed.ev
