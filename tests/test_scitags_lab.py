@@ -114,6 +114,13 @@ class Listener:
         self.sock.close()
 
 
+def wait_listening(proc, timeout=10):
+    deadline = time.time() + timeout
+    while "listening" not in proc.output():
+        assert proc.alive() and time.time() < deadline, proc.output()
+        time.sleep(0.05)
+
+
 def write_pipe(path, text):
     """As StoRM WebDAV does: RandomAccessFile(pipe, "rw").writeBytes(line), then close."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -213,8 +220,9 @@ def test_storm_lines_mark_every_packet_of_a_100mb_transfer(env):
     # exactly what StoRM WebDAV writes for a GET (local address is the source), ids as numbers
     t_start = time.time()
     write_pipe(pipe, f"start tcp {SERVER6} {DATA_PORT} {CLIENT6} {TAGGED_SPORT} 2 15\n")
-    flows = []
+    flows, deadline = [], time.time() + 10
     while not flows:
+        assert time.time() < deadline, open(env["daemon"].log_path).read()
         flows = json.loads(api(server, "GET", "/flows")[1])["flows"]
         time.sleep(0.05)
     (f,) = flows
@@ -230,9 +238,7 @@ def test_storm_lines_mark_every_packet_of_a_100mb_transfer(env):
         assert cap.alive() and time.time() < deadline, cap.output()
         time.sleep(0.05)
     sender = server.popen([sys.executable, "-c", SENDER, str(SIZE), "2"], name="sender")
-    while "listening" not in sender.output():
-        assert sender.alive(), sender.output()
-        time.sleep(0.05)
+    wait_listening(sender)
     r = client.run([sys.executable, "-c", RECEIVER, SERVER6, str(TAGGED_SPORT), str(UNTAGGED_SPORT)], timeout=120)
     got = json.loads(r.stdout)
     assert got == {str(TAGGED_SPORT): SIZE, str(UNTAGGED_SPORT): SIZE}
@@ -295,8 +301,7 @@ def test_api_ipv4_flows_are_accepted_reported_not_markable_and_get_ongoing_firef
     # real IPv4 traffic of that flow is counted by the kernel, not marked
     sender = server.popen([sys.executable, "-c", SENDER.replace('"::", 5001', '"0.0.0.0", 5001')
                            .replace("AF_INET6", "AF_INET"), str(1000000), "1"], name="sender4")
-    while "listening" not in sender.output():
-        time.sleep(0.05)
+    wait_listening(sender)
     env["client"].run([sys.executable, "-c", RECEIVER.replace("AF_INET6", "AF_INET").replace('"::"', '"0.0.0.0"'),
                        SERVER4, "40004"])
     flows = {x["dst_port"]: x for x in json.loads(api(server, "GET", "/flows")[1])["flows"]}
