@@ -1,5 +1,6 @@
 """SciTags pure logic: flow-label bit layout, registry, pipe lines, fireflies, config, CLI."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -103,9 +104,7 @@ def test_registry_update_installs_a_new_file(tmp_path):
         {"activityName": "Bulk", "activityId": 9}]}]}))
     dest = tmp_path / "state" / "scitags-api.json"
     env_run = [sys.executable, "-m", "gridbpf.cli", "scitags", "registry"]
-    env = {"GRIDBPF_SCITAGS_REGISTRY": str(dest), "PATH": "/usr/bin:/bin"}
-    import os
-    env = dict(os.environ, **env)
+    env = dict(os.environ, GRIDBPF_SCITAGS_REGISTRY=str(dest))
     r = subprocess.run(env_run + ["--update", str(new), "--json"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["experiments"] == 1 and dest.exists()
