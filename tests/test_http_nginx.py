@@ -146,3 +146,21 @@ def test_wrk_20000_requests_counted(nginx):
     assert served >= 20000
     assert seen + stats["events_lost"] == served, (seen, stats, served)
     assert stats["requests_completed"] == served
+
+
+def test_connection_accepted_before_tracing(nginx):
+    (nginx.root / "a").write_text("a")
+    c = http.client.HTTPConnection("127.0.0.1", nginx.port)
+    c.request("GET", "/a?before")
+    c.getresponse().read()
+    local_port = c.sock.getsockname()[1]
+    with HttpTracer(TargetSpec(pids=[nginx.pid])) as t:
+        # the open keep-alive connection was taken from /proc: its next requests are traced
+        for i in range(3):
+            c.request("GET", f"/a?after={i}")
+            c.getresponse().read()
+        c.close()
+        reqs = drain(t, until_n=3)
+    assert [r.path for r in reqs] == ["/a?after=0", "/a?after=1", "/a?after=2"]
+    assert all(r.port == local_port and r.client == "127.0.0.1" for r in reqs)
+    compare(reqs, wait_log(nginx, 4)[1:])

@@ -148,6 +148,7 @@ class HttpTracer:
         self.warnings: list[str] = []
         self.requests_seen = 0
         self._clients: dict = {}               # (family, address bytes) -> text
+        self._seeded: set[int] = set()          # processes whose earlier connections we took
         try:
             self.obj.load()
             self.dtype = self.obj.btf.dtype("struct http_event")
@@ -172,10 +173,36 @@ class HttpTracer:
         """Pick up processes that match now, hook new libssl copies, forget dead processes."""
         self.tgids = self.spec.refresh(self.obj)
         live = self.targets()
+        if not self.floor:
+            for pid in set(live) - self._seeded:
+                self.seed_connections(pid)
+            self._seeded = set(live)
         if self.tls and not self.floor:
             for pid in live:
                 self._hook_ssl(pid)
         self._sweep(set(live))
+
+    def seed_connections(self, pid: int) -> int:
+        """Follow connections PID accepted before we started (from /proc): established TCP
+        sockets whose local port PID's processes listen on. Their next request is traced."""
+        try:
+            socks = _socket_fds(pid)
+            table = _tcp_table(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return 0
+        listening = {t["lport"] for t in table.values() if t["state"] == TCP_LISTEN}
+        conns, n = self.obj.map("conns"), 0
+        for fd, inode in socks.items():
+            t = table.get(inode)
+            if t is None or t["state"] != TCP_ESTABLISHED or t["lport"] not in listening:
+                continue
+            key = {"tgid": pid, "fd": fd}
+            if key_in(conns, key):
+                continue
+            conns[key] = {"ev": {"pid": pid, "fd": fd, "family": t["family"], "cport": t["rport"],
+                                 "caddr": list(t["raddr"].ljust(16, b"\0"))}}
+            n += 1
+        return n
 
     def _hook_ssl(self, pid: int) -> None:
         try:
@@ -345,6 +372,49 @@ def drain_fixed(ring: RingBuffer, dtype: np.dtype) -> np.ndarray:
     out = np.ndarray((n,), dtype, raw, start + 8, (stride,)).copy()
     ring._commit(cons + n * stride)
     ring.received += n
+    return out
+
+
+TCP_ESTABLISHED, TCP_LISTEN = 1, 10
+
+
+def key_in(m, key) -> bool:
+    try:
+        return m.get(key) is not None
+    except KeyError:
+        return False
+
+
+def _socket_fds(pid: int) -> dict[int, int]:
+    """fd -> socket inode of a process."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out[int(fd)] = int(target[8:-1])
+    return out
+
+
+def _tcp_table(pid: int) -> dict[int, dict]:
+    """inode -> {state, family, lport, raddr (network-order bytes), rport} in PID's netns."""
+    out = {}
+    for name, family in (("tcp", 2), ("tcp6", 10)):
+        try:
+            lines = open(f"/proc/{pid}/net/{name}").read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            laddr, lport = f[1].split(":")
+            raddr, rport = f[2].split(":")
+            # /proc prints each 32-bit word of the address in host (little-endian) order
+            raw = bytes.fromhex(raddr)
+            raddr_b = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out[int(f[9])] = {"state": int(f[3], 16), "family": family, "lport": int(lport, 16),
+                              "raddr": raddr_b, "rport": int(rport, 16)}
     return out
 
 
