@@ -17,6 +17,9 @@ const volatile __u64 min_block_ns = 0;              /* shorter blocks are not ag
 const volatile bool user_stacks = true;
 const volatile bool want_events = true;
 const volatile bool want_waker = true;
+/* Follow syscalls (raw_tp sys_enter/sys_exit; `stuck` only): a syscall that blocks many short
+ * times (fsync waiting page after page) is reported once, with its whole duration. */
+const volatile bool want_syscalls = false;
 
 #define TASK_RUNNING 0
 #define TASK_DEAD 0x80
@@ -31,6 +34,7 @@ enum offcpu_stat {
 
 struct blocked {
 	__u64 start_ns;
+	__u64 end_ns;           /* 0 while off CPU; set when it ran again inside a followed syscall */
 	__u64 waker_ns;         /* time of the last wakeup, 0 while nobody woke it */
 	__s64 syscall;          /* pt_regs->orig_ax: syscall number, or <0 / fault code outside one */
 	__u64 args[6];          /* syscall arguments (di si dx r10 r8 r9) */
@@ -55,9 +59,23 @@ struct waker_mem {
 	__u64 words[WAKER_WORDS];
 };
 
+/* The syscall a target thread is in (want_syscalls). */
+struct insys {
+	__u64 start_ns;
+	__u64 offcpu_ns;        /* off-CPU time inside it so far */
+	__u64 nr;
+	__u32 blocks;           /* times it blocked inside it */
+	__u32 pad;
+};
+
 struct offcpu_event {
-	struct blocked b;
-	__u64 end_ns;
+	struct blocked b;       /* the (last) block */
+	__u64 end_ns;           /* when that block ended */
+	__u64 sys_start_ns;     /* the syscall around it (0: not followed) */
+	__u64 sys_end_ns;
+	__u64 sys_offcpu_ns;
+	__u32 sys_blocks;
+	__u32 pad;
 	struct waker_mem waker;
 };
 GB_EXPORT_STRUCT(offcpu_event);
@@ -90,6 +108,13 @@ struct {
 	__type(key, struct offcpu_key);
 	__type(value, struct offcpu_val);
 } offcpu SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);                 /* tid */
+	__type(value, struct insys);
+} insys SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -146,6 +171,30 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 		gb_count(&stats, OFFCPU_BLOCKED_FULL);
 }
 
+static __always_inline void emit(struct blocked *b, __u64 end, struct insys *in, __u64 sys_end)
+{
+	struct offcpu_event *e = gb_ringbuf_reserve(events, sizeof(*e));
+	__u32 tid = b->tid;
+
+	if (e) {
+		struct waker_mem *w = bpf_map_lookup_elem(&waker_mem, &tid);
+
+		__builtin_memcpy(&e->b, b, sizeof(*b));
+		e->end_ns = end;
+		e->sys_start_ns = in ? in->start_ns : 0;
+		e->sys_end_ns = sys_end;
+		e->sys_offcpu_ns = in ? in->offcpu_ns : 0;
+		e->sys_blocks = in ? in->blocks : 0;
+		e->pad = 0;
+		if (w)
+			__builtin_memcpy(&e->waker, w, sizeof(*w));
+		else
+			__builtin_memset(&e->waker, 0, sizeof(e->waker));
+		bpf_ringbuf_submit(e, 0);
+	}
+	bpf_map_delete_elem(&waker_mem, &tid);
+}
+
 static __always_inline void finish_block(struct task_struct *next, __u64 now)
 {
 	__u32 tid = next->pid;
@@ -176,21 +225,18 @@ static __always_inline void finish_block(struct task_struct *next, __u64 now)
 			gb_count(&stats, OFFCPU_AGG_FULL);
 		}
 	}
-	if (want_events && dur >= min_event_ns) {
-		struct offcpu_event *e = gb_ringbuf_reserve(events, sizeof(*e));
-		if (e) {
-			struct waker_mem *w = bpf_map_lookup_elem(&waker_mem, &tid);
-
-			__builtin_memcpy(&e->b, b, sizeof(*b));
-			e->end_ns = now;
-			if (w)
-				__builtin_memcpy(&e->waker, w, sizeof(*w));
-			else
-				__builtin_memset(&e->waker, 0, sizeof(e->waker));
-			bpf_ringbuf_submit(e, 0);
+	if (want_syscalls) {
+		struct insys *in = bpf_map_lookup_elem(&insys, &tid);
+		if (in) {
+			/* keep the block as the syscall's last one; sys_exit reports the syscall */
+			in->offcpu_ns += dur;
+			in->blocks += 1;
+			b->end_ns = now;
+			return;
 		}
-		bpf_map_delete_elem(&waker_mem, &tid);
 	}
+	if (want_events && dur >= min_event_ns)
+		emit(b, now, NULL, 0);
 	bpf_map_delete_elem(&blocked, &tid);
 }
 
@@ -225,8 +271,11 @@ int BPF_PROG(offcpu_waking, struct task_struct *p)
 		return 0;
 	/* Only blocks that will be reported need a waker: short ones stay cheap. */
 	now = bpf_ktime_get_ns();
-	if (now - b->start_ns < min_event_ns)
-		return 0;
+	if (now - b->start_ns < min_event_ns) {
+		struct insys *in = want_syscalls ? bpf_map_lookup_elem(&insys, &tid) : NULL;
+		if (!in || now - in->start_ns < min_event_ns)
+			return 0;
+	}
 	/* Runs in the waker's context (or an interrupt on top of whatever ran). */
 	id = bpf_get_current_pid_tgid();
 	b->waker_ns = now;
@@ -267,5 +316,42 @@ int BPF_PROG(offcpu_exit, struct task_struct *p)
 
 	bpf_map_delete_elem(&blocked, &tid);
 	bpf_map_delete_elem(&waker_mem, &tid);
+	bpf_map_delete_elem(&insys, &tid);
+	return 0;
+}
+
+SEC("raw_tp/sys_enter")
+int BPF_PROG(stuck_sys_enter, struct pt_regs *regs, long id)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct insys in = {};
+
+	if (!gb_is_target(pid_tgid >> 32))
+		return 0;
+	in.start_ns = bpf_ktime_get_ns();
+	in.nr = id;
+	bpf_map_update_elem(&insys, &tid, &in, BPF_ANY);
+	return 0;
+}
+
+SEC("raw_tp/sys_exit")
+int BPF_PROG(stuck_sys_exit, struct pt_regs *regs, long ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct insys *in = bpf_map_lookup_elem(&insys, &tid);
+	struct blocked *b;
+	__u64 now;
+
+	if (!in)
+		return 0;
+	b = bpf_map_lookup_elem(&blocked, &tid);
+	now = bpf_ktime_get_ns();
+	if (b) {
+		if (want_events && b->end_ns && now - in->start_ns >= min_event_ns)
+			emit(b, b->end_ns, in, now);
+		bpf_map_delete_elem(&blocked, &tid);
+	}
+	bpf_map_delete_elem(&insys, &tid);
 	return 0;
 }

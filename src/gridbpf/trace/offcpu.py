@@ -52,7 +52,8 @@ class OffcpuTracer:
     """Loads offcpu.bpf.o for some processes. Use as a context manager (detaches on exit)."""
 
     def __init__(self, pids, min_event_s: float = 1.0, min_block_s: float = 0.0,
-                 user_stacks: bool = True, events: bool = True, waker: bool = True):
+                 user_stacks: bool = True, events: bool = True, waker: bool = True,
+                 syscalls: bool = False):
         self.tgids = target_pids(pids)
         self.obj = BpfObject.open("offcpu")
         self.links = []
@@ -64,12 +65,16 @@ class OffcpuTracer:
             ro["user_stacks"] = bool(user_stacks)
             ro["want_events"] = bool(events)
             ro["want_waker"] = bool(waker)
+            ro["want_syscalls"] = bool(syscalls)
+            for name in ("stuck_sys_enter", "stuck_sys_exit"):   # every syscall: only if asked
+                self.obj.program(name).autoload = bool(syscalls)
             self.obj.load()
             targets = self.obj.map("targets")
             for t in self.tgids:
                 targets[t] = 1
             for prog in self.obj.programs.values():
-                self.links.append(prog.attach())
+                if prog.autoload:
+                    self.links.append(prog.attach())
             self.ring = RingBuffer(self.obj, "events")
             self.event_dtype = self.obj.btf.dtype("struct offcpu_event")
         except BaseException:
@@ -95,8 +100,14 @@ class OffcpuTracer:
         return out
 
     def blocked_now(self) -> list:
-        """Entries of `blocked`: target threads off CPU right now (struct blocked instances)."""
+        """Entries of `blocked` (struct blocked): target threads off CPU now, or (end_ns set)
+        running for a moment inside a followed syscall in which they blocked."""
         return [v for _k, v in self.obj.map("blocked").items()]
+
+    def syscall_start(self, tid: int) -> int | None:
+        """When the thread entered the syscall it is in (followed syscalls only)."""
+        v = self.obj.map("insys").get(tid)
+        return int(v.start_ns) if v is not None else None
 
     def poll_events(self, timeout_ms: int = 0):
         """Blocks that ended and lasted at least min_event (numpy array of struct offcpu_event)."""

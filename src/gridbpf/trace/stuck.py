@@ -196,6 +196,7 @@ class Block:
     kernel: list[Frame]
     user: list[Frame]
     since_before_tracing: bool = False
+    scanned: bool = False   # user stack found by scanning for return addresses (approximate)
     reported: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -217,7 +218,7 @@ class StuckMonitor:
         self.threshold_ns = int(threshold_s * 1e9)
         # Only blocks past the threshold are aggregated: stuck needs the events and the live map.
         self.tracer = OffcpuTracer(pids, min_event_s=threshold_s, min_block_s=threshold_s,
-                                   user_stacks=user_stacks)
+                                   user_stacks=user_stacks, syscalls=True)
         self.sym = Symbolizer()
         kernel_symbols()   # load kallsyms now, not in the middle of the first report
         self.blocks: dict[tuple[int, int], Block] = {}
@@ -285,31 +286,37 @@ class StuckMonitor:
         """Reports since the last call: 'woke' for blocks past the threshold that ended,
         'blocked' for threads past the threshold now (once per block)."""
         reports = []
-        events = self.tracer.poll_events(timeout_ms=0)
-        for e in events:
-            reports.append(self._woke(e))
+        # live ones first: their memory and fds can only be read while they are still blocked
         now = time.monotonic_ns()
         for b in self.tracer.blocked_now():
-            if now - b.start_ns < self.threshold_ns:
-                continue
-            key = (b.tid, b.start_ns)
+            # inside a followed syscall, the time counts from its start (it may have run
+            # briefly between blocks, e.g. fsync waiting for one page after another)
+            since = self.tracer.syscall_start(b.tid) or b.start_ns
+            if since > b.start_ns or now - since < self.threshold_ns:
+                continue   # (a newer syscall than this block: it woke while we read)
+            key = (b.tid, since)
             blk = self.blocks.get(key)
             if blk is not None and blk.reported:
                 continue
-            blk = self._decode(b, live=True)
+            blk = self._decode(b, live=True, key=key)
             blk.reported = True
             self.blocks[key] = blk
-            reports.append(self._report("blocked", blk, blocked_ns=now - b.start_ns))
+            self.blocks[(b.tid, b.start_ns)] = blk   # the wakeup event may name only the block
+            reports.append(self._report("blocked", blk, blocked_ns=now - since,
+                                        offcpu_ns=now - b.start_ns))
+        for e in self.tracer.poll_events(timeout_ms=0):
+            reports.append(self._woke(e))
         if not reports and timeout_ms:
             self.tracer.wait(timeout_ms)
         return reports
 
-    def _decode(self, b, live: bool) -> Block:
-        key = (b.tid, b.start_ns)
+    def _decode(self, b, live: bool, key=None) -> Block:
+        key = key or (b.tid, b.start_ns)
         old = self.blocks.get(key)
         if old is not None:
             return old
         adopted = b.kstack < 0 and b.ustack < 0 and b.waker_ns == 0 and key in self.blocks
+        scanned = adopted
         if adopted:
             kernel = _proc_kernel_stack(b.tgid, b.tid)
             user = [f for f in self.sym.user(b.tgid, _scan_user_stack(
@@ -318,20 +325,38 @@ class StuckMonitor:
         else:
             kernel = self.sym.kernel(self.tracer.stack(b.kstack))
             ips = self.tracer.stack(b.ustack)
-            if live:
-                ips = repair_leaf(b.tgid, ips, b.user_sp, b.user_bp, self.sym.process(b.tgid))
+            proc = self.sym.process(b.tgid)
+            if live and len(ips) <= 2 and b.user_sp:
+                # The frame-pointer chain broke in code that uses rbp for data (glibc's futex
+                # and condition-variable waits): scan the stack instead, marked approximate.
+                ips = ips[:1] + [a for a in _scan_user_stack(b.tgid, 0, b.user_sp, proc)
+                                 if a not in ips[:1]]
+                scanned = True
+            elif live:
+                ips = repair_leaf(b.tgid, ips, b.user_sp, b.user_bp, proc)
             user = self.sym.user(b.tgid, ips)
+            if scanned:
+                user = [f for f in user if not (f.offset == 0 and not f.name.startswith("["))]
         syscall = decode_syscall(b.tgid, int(b.syscall), [int(x) for x in b.args], kernel, live)
         return Block(b.tid, b.tgid, _cstr(b.comm), int(b.start_ns), state_name(int(b.state)),
-                     syscall, kernel, user, since_before_tracing=adopted)
+                     syscall, kernel, user, since_before_tracing=adopted, scanned=scanned)
 
     def _woke(self, e) -> dict:
         b = e["b"]
         rec = _Rec(b)
-        blk = self._decode(rec, live=False)
+        sys_start = int(e["sys_start_ns"])
+        key = (rec.tid, sys_start or rec.start_ns)
+        if key not in self.blocks and (rec.tid, rec.start_ns) in self.blocks:
+            key = (rec.tid, rec.start_ns)
+        blk = self._decode(rec, live=False, key=key)
+        self.blocks.pop(key, None)
         self.blocks.pop((rec.tid, rec.start_ns), None)
-        total = int(e["end_ns"]) - rec.start_ns
-        report = self._report("woke", blk, blocked_ns=total)
+        if sys_start:   # a followed syscall: its whole length, and its time off CPU
+            report = self._report("woke", blk, blocked_ns=int(e["sys_end_ns"]) - sys_start,
+                                  offcpu_ns=int(e["sys_offcpu_ns"]), blocks=int(e["sys_blocks"]))
+        else:
+            total = int(e["end_ns"]) - rec.start_ns
+            report = self._report("woke", blk, blocked_ns=total, offcpu_ns=total, blocks=1)
         waker = None
         if rec.waker_ns:
             wk = self.sym.kernel(self.tracer.stack(rec.waker_kstack))
@@ -347,16 +372,21 @@ class StuckMonitor:
                 wu = self.sym.user(rec.waker_tgid, ips)
             waker = {"tid": rec.waker_tid, "pid": rec.waker_tgid, "comm": _cstr(rec.waker_comm),
                      "context": "interrupt" if in_irq else "task",
-                     "after_s": (rec.waker_ns - rec.start_ns) / 1e9,
+                     "after_s": (rec.waker_ns - (sys_start or rec.start_ns)) / 1e9,
                      "kernel_stack": _frames_json(wk), "user_stack": _frames_json(wu),
                      "_k": wk, "_u": wu}
         report["waker"] = waker
         return report
 
-    def _report(self, kind: str, blk: Block, blocked_ns: int) -> dict:
+    def _report(self, kind: str, blk: Block, blocked_ns: int, offcpu_ns: int,
+                blocks: int | None = None) -> dict:
+        """blocked_s: time in the syscall (or the block when not in one), offcpu_s: of that,
+        time off CPU (the current block only, in a live report), blocks: how many times."""
         return {"event": kind, "pid": blk.tgid, "tid": blk.tid, "thread": blk.comm,
-                "state": blk.state, "blocked_s": blocked_ns / 1e9,
+                "state": blk.state, "blocked_s": blocked_ns / 1e9, "offcpu_s": offcpu_ns / 1e9,
+                "blocks": blocks,
                 "since_before_tracing": blk.since_before_tracing,
+                "user_stack_scanned": blk.scanned,
                 "syscall": blk.syscall, "kernel_stack": _frames_json(blk.kernel),
                 "user_stack": _frames_json(blk.user), "_k": blk.kernel, "_u": blk.user}
 
@@ -378,13 +408,15 @@ class _Rec:
 def format_report(r: dict) -> str:
     """Human text of one report."""
     sc = r["syscall"]["text"]
+    blocks = f" ({r['offcpu_s']:.3f}s off CPU in {r['blocks']} blocks)" if (r["blocks"] or 0) > 1 else ""
     head = (f"[{r['event']}] pid {r['pid']} tid {r['tid']} ({r['thread']}) "
-            f"{'blocked for' if r['event'] == 'woke' else 'blocked'} {r['blocked_s']:.3f}s"
+            f"{'blocked for' if r['event'] == 'woke' else 'blocked'} {r['blocked_s']:.3f}s{blocks}"
             f"{' (at least: blocked before tracing started)' if r['since_before_tracing'] else ''}"
             f", state {r['state']}, in {sc}")
     lines = [head]
     lines += _stack_lines("kernel", r["_k"])
-    lines += _stack_lines("user", r["_u"])
+    lines += _stack_lines("user (scanned, approximate)" if r["user_stack_scanned"] else "user",
+                          r["_u"])
     w = r.get("waker")
     if r["event"] == "woke":
         if w is None:
@@ -466,7 +498,9 @@ def _scan_user_stack(pid: int, ip: int, sp: int, proc, limit: int = 32) -> list[
     """Without frame registers: the return addresses found on the stack above SP (approximate)."""
     if not sp:
         return [ip] if ip else []
-    raw = read_memory(pid, sp, 32 * 1024)
+    m = proc.mapping(sp)   # not past the end of the stack's mapping
+    size = min(32 * 1024, m.end - sp) if m else 4096
+    raw = read_memory(pid, sp, size)
     out = [ip] if ip else []
     from .offcpu import _after_call
     for (word,) in struct.iter_unpack("<Q", raw[:len(raw) // 8 * 8]):

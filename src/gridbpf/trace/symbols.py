@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import struct
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
@@ -121,20 +122,27 @@ class ElfFile:
 
 
 def _func_symbols(elf) -> list[tuple[int, int, str]]:
+    """Function symbols of .symtab and .dynsym, read straight from the section bytes
+    (pyelftools' per-symbol parsing takes seconds for libjvm.so's 40,000 symbols)."""
     from elftools.elf.sections import SymbolTableSection
     out = []
+    if elf.elfclass != 64 or not elf.little_endian:
+        return out
     for name in (".symtab", ".dynsym"):
         sec = elf.get_section_by_name(name)
         if not isinstance(sec, SymbolTableSection):   # absent, or NOBITS in a debug file
             continue
-        for sym in sec.iter_symbols():
-            if sym["st_info"]["type"] in ("STT_FUNC", "STT_GNU_IFUNC") and sym["st_value"]:
-                out.append((sym["st_value"], sym["st_size"], sym.name))
+        strtab = elf.get_section(sec["sh_link"]).data()
+        for st_name, st_info, _other, _shndx, value, size in struct.iter_unpack("<IBBHQQ", sec.data()):
+            # STT_FUNC 2, STT_GNU_IFUNC 10
+            if value and (st_info & 0xF) in (2, 10):
+                end = strtab.index(b"\0", st_name)
+                out.append((value, size, strtab[st_name:end].decode(errors="replace")))
     return out
 
 
 @lru_cache(maxsize=64)
-def _elf(path: str, _mtime: float) -> ElfFile | None:
+def _elf(_identity: tuple, path: str) -> ElfFile | None:
     try:
         return ElfFile(path)
     except Exception:   # not ELF, unreadable, deleted: its frames stay unnamed
@@ -142,10 +150,13 @@ def _elf(path: str, _mtime: float) -> ElfFile | None:
 
 
 def elf_file(path: str) -> ElfFile | None:
+    """The parsed file, cached by identity (device, inode, mtime): the same library seen through
+    different /proc/PID/root paths is parsed once."""
     try:
-        return _elf(path, os.stat(path).st_mtime)
+        st = os.stat(path)
     except OSError:
         return None
+    return _elf((st.st_dev, st.st_ino, st.st_mtime_ns), path)
 
 
 # --- processes ------------------------------------------------------------------------------------
@@ -307,20 +318,17 @@ class Symbolizer:
         return frames
 
 
+_DEMANGLED: dict[str, str] = {}
+
+
 def demangle(frames: list[Frame]) -> list[Frame]:
-    """C++ names (_Z...) through c++filt, one call for the whole list (it is optional)."""
-    mangled = sorted({f.name for f in frames if f.name.startswith("_Z")})
-    if not mangled:
-        return frames
-    names = _demangle_many(tuple(mangled))
-    return [Frame(f.addr, names.get(f.name, f.name), f.module, f.offset) for f in frames]
-
-
-@lru_cache(maxsize=256)
-def _demangle_many(mangled: tuple[str, ...]) -> dict[str, str]:
-    try:
-        out = subprocess.run(["c++filt", "-p"], input="\n".join(mangled), capture_output=True,
-                             text=True, timeout=10).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return dict(zip(mangled, out)) if len(out) == len(mangled) else {}
+    """C++ names (_Z...) through c++filt (optional), one call for all names not seen before."""
+    new = sorted({f.name for f in frames if f.name.startswith("_Z") and f.name not in _DEMANGLED})
+    if new:
+        try:
+            out = subprocess.run(["c++filt", "-p"], input="\n".join(new), capture_output=True,
+                                 text=True, timeout=10).stdout.splitlines()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+        _DEMANGLED.update(zip(new, out) if len(out) == len(new) else ((n, n) for n in new))
+    return [Frame(f.addr, _DEMANGLED.get(f.name, f.name), f.module, f.offset) for f in frames]
