@@ -1,5 +1,4 @@
 """In-kernel ADLER32: the real program attached to the real syscalls, files on tmpfs and ext4."""
-import ctypes
 import json
 import mmap
 import os

@@ -3,10 +3,8 @@ import http.client
 import os
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
-import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -15,72 +13,10 @@ import pytest
 
 from conftest import gridbpf_cli
 from gridbpf.checksum import Watcher, adler, xattr
+from gridbpf.checksum.demo import DavServer, uploads
 from gridbpf.checksum.targets import select
 
 MiB = 1 << 20
-DAV_MODULE = "/usr/lib/nginx/modules/ngx_http_dav_ext_module.so"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Nginx:
-    """nginx on loopback, WebDAV PUT into BASE/root, request bodies buffered in BASE/tmp."""
-
-    def __init__(self, base: Path):
-        self.base, self.port = base, free_port()
-        (base / "root").mkdir()
-        (base / "tmp").mkdir()
-        conf = base / "nginx.conf"
-        conf.write_text(textwrap.dedent(f"""\
-            load_module {DAV_MODULE};
-            daemon off;
-            user root;
-            worker_processes 1;
-            pid {base}/nginx.pid;
-            error_log {base}/error.log warn;
-            events {{ worker_connections 256; }}
-            http {{
-                access_log off;
-                client_body_temp_path {base}/tmp;
-                proxy_temp_path {base}/tmp;
-                fastcgi_temp_path {base}/tmp;
-                uwsgi_temp_path {base}/tmp;
-                scgi_temp_path {base}/tmp;
-                keepalive_requests 100000;
-                server {{
-                    listen 127.0.0.1:{self.port};
-                    root {base}/root;
-                    client_max_body_size 0;
-                    location / {{
-                        dav_methods PUT DELETE MKCOL;
-                        create_full_put_path on;
-                    }}
-                }}
-            }}
-            """))
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(base)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                assert self.proc.poll() is None, self.proc.stderr.read()
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.05)
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def wait_results(w: Watcher, paths: set[str], timeout: float) -> dict:
@@ -96,7 +32,7 @@ def wait_results(w: Watcher, paths: set[str], timeout: float) -> dict:
 def nginx():
     base = Path(tempfile.mkdtemp(prefix="ck-nginx-", dir="/dev/shm"))
     assert xattr.supported(base), "tmpfs without user xattrs (kernel < 6.6)"
-    server = Nginx(base)
+    server = DavServer(base)
     try:
         yield server
     finally:
@@ -205,3 +141,13 @@ def test_java_filechannel_writer(tmp_path):
         assert r.size == 64 * MiB + 12345
     finally:
         shutil.rmtree(root)
+
+
+def test_demo_uploads():
+    """What `make demo` shows: every upload's attribute right, from the kernel."""
+    import io
+    from rich.console import Console
+    out = io.StringIO()
+    assert uploads(Console(file=out, width=120), sizes=(0, 4096, 3 * MiB)) == 0
+    table = out.getvalue()
+    assert table.count("kernel") == 3 and " NO " not in table
