@@ -255,7 +255,7 @@ def test_storm_lines_mark_every_packet_of_a_100mb_transfer(env):
     tagged = [p for p in packets if (p[1], p[2], p[4]) == (SERVER6, DATA_PORT, TAGGED_SPORT)]
     untagged = [p for p in packets if (p[1], p[2], p[4]) == (SERVER6, DATA_PORT, UNTAGGED_SPORT)]
     # every packet of the registered flow carries the label, entropy bits constant in the flow
-    assert len(tagged) > 100 and {p[0] for p in tagged} == {expected}
+    assert len(tagged) > 100 and {p[0] for p in tagged} == {expected}, open(env["daemon"].log_path).read()
     # the concurrent unregistered flow: not one packet touched
     assert len(untagged) > 100 and {p[0] for p in untagged} == {0}
     # the capture really saw the whole transfer of both flows
@@ -361,6 +361,47 @@ def test_udp_flow_registered_through_the_api_is_marked(env):
     assert status == 200 and json.loads(body)["sent_packets"] == 50
 
 
+def test_nginx_access_log_writes_the_end_line_as_in_storm_deployments(env):
+    """StoRM WebDAV behind nginx: StoRM writes `start`, nginx's access_log (log_format flowd,
+    pointed at the pipe) writes `end` when the download is done; the pipe is a FIFO that
+    nginx keeps open. Here nginx serves the file itself and the test writes StoRM's line."""
+    server, client, tmp, listener = env["server"], env["client"], env["tmp"], env["listener"]
+    www = tmp / "www"
+    www.mkdir()
+    (www / "f20m").write_bytes(os.urandom(20 * 1000 * 1000))
+    conf = tmp / "nginx.conf"
+    # StoRM's documented format is '... $upstream_http_x_scitag_actid $upstream_http_x_scitag_expid';
+    # without the proxy the ids are constants here (an `end` line only needs the 5-tuple).
+    conf.write_text(f"""
+daemon off; user root; worker_processes 1; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err warn;
+events {{ worker_connections 64; }}
+http {{
+    log_format flowd 'end tcp $server_addr $server_port $remote_addr $remote_port 15 2';
+    access_log {env["pipe"]} flowd;
+    sendfile on;
+    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+    server {{ listen [{SERVER6}]:8080; root {www}; }}
+}}
+""")
+    nginx = server.popen(["nginx", "-c", str(conf), "-p", str(tmp)], name="nginx")
+    server.wait_port(SERVER6, 8080)
+    write_pipe(env["pipe"], f"start tcp {SERVER6} 8080 {CLIENT6} 40030 2 16\n")
+    deadline = time.time() + 10
+    while not any(f["dst_port"] == 40030 for f in json.loads(api(server, "GET", "/flows")[1])["flows"]):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    r = client.run(["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", "--local-port", "40030",
+                    f"http://[{SERVER6}]:8080/f20m"])
+    assert r.stdout == str(20 * 1000 * 1000)
+    (_t, _h, end), = listener.wait(40030, "end")
+    firefly.validate(end)
+    assert end["context"]["activity-id"] == 16
+    assert 20 * 1000 * 1000 < end["usage"]["sent"] < 20 * 1000 * 1000 * 1.03
+    assert not any(f["dst_port"] == 40030 for f in json.loads(api(server, "GET", "/flows")[1])["flows"])
+    nginx.stop()
+
+
 def test_metrics_flows_cli_and_single_instance(env):
     server = env["server"]
     status, body = api(server, "GET", "/metrics")
@@ -368,7 +409,8 @@ def test_metrics_flows_cli_and_single_instance(env):
     assert status == 200
     assert 'gridbpf_scitags_flows_started_total{activity="Production Input",experiment="atlas"} 1.0' in text
     sent = [line for line in text.splitlines() if line.startswith("gridbpf_scitags_bytes_total")
-            and 'experiment="atlas"' in line and 'direction="sent"' in line]
+            and 'experiment="atlas"' in line and 'activity="Production Input"' in line
+            and 'direction="sent"' in line]
     assert len(sent) == 1 and float(sent[0].split()[-1]) > SIZE
     assert 'gridbpf_scitags_input_errors_total{source="pipe"} 2.0' in text
     assert 'gridbpf_scitags_input_errors_total{source="api"} 2.0' in text

@@ -271,7 +271,9 @@ def test_autotag_tags_by_longest_prefix_and_keeps_keepalive_flows():
         assert f3 is not f1 and f3.activity == "T0 Tape" and f1.end is not None
         f4 = tagger.on_request(put, "/cms/x")
         assert (f4.experiment_id, f4.activity_id) == (3, 12)
-        assert tagger.on_close(get) is f3 and get not in d.active
+        assert tagger.on_close(get) is f3 and f3.end is not None         # ending: still marked
+        assert d.marker.counters(get) is not None
+        assert d.reap() == 1 and get not in d.active                     # no packet in flight
         assert d.marker.counters(get) is None                            # unregistered
         with pytest.raises(RegistryError, match="activity 'Nope'"):
             AutoTagger(d, [config.AutoTagRule("/x/", "atlas", "Nope")], REG)

@@ -24,6 +24,9 @@ from .registry import Registry, RegistryError
 
 log = logging.getLogger("gridbpf.scitags")
 MAX_LINE = 4096
+QUIET_NS = 250_000_000   # an ending flow is drained once no packet crossed tc for this long
+LINGER_MAX = 5.0         # seconds an ending flow may stay registered after its end line
+CLOCK_MONOTONIC_COARSE = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)   # not in Python 3.11's time
 
 
 class DaemonError(RuntimeError):
@@ -64,7 +67,7 @@ class Flow:
             "markable": self.markable,
             "not_markable_reason": None if self.markable else "IPv4 has no flow label: counted and reported only",
             "source": self.source, "start_time": firefly.utc_iso(self.start),
-            "state": "active" if self.end is None else "ended",
+            "state": "active" if self.end is None else "ending",
         })
         c = self.counters
         out.update({"sent_bytes": c.get("sent", 0), "received_bytes": c.get("received", 0),
@@ -120,14 +123,38 @@ class Daemon:
         return flow
 
     def end_flow(self, ft: FiveTuple, source: str) -> Flow:
+        """The application says FLOW ended. What it wrote last may still sit in the socket
+        buffer (nginx logs a download when sendfile returns, not when the bytes have left), so
+        the flow stays marked and counted until no packet crossed tc for QUIET_NS (at most
+        LINGER_MAX seconds); reap() then finishes it and sends the end firefly."""
         with self.lock:
             flow = self.active.get(ft)
             if flow is None:
                 raise InputError(f"end of {ft}: no such active flow")
-            self._finish(flow, time.time())
-        log.info("end %s sent %d received %d bytes (%s)", ft, flow.counters.get("sent", 0),
-                 flow.counters.get("received", 0), source)
+            if flow.end is not None:
+                log.info("end %s again (%s): already ending", ft, source)
+                return flow
+            flow.end = time.time()
+            if self.marker is not None:
+                flow.counters = self.marker.counters(ft) or flow.counters
+            else:
+                self._finish(flow, flow.end)    # nothing in flight to wait for
+        log.info("end %s (%s): sent %d received %d bytes so far", ft, source,
+                 flow.counters.get("sent", 0), flow.counters.get("received", 0))
         return flow
+
+    def reap(self, force: bool = False) -> int:
+        """Finish the ending flows whose packets have stopped; FORCE: all of them now."""
+        done = 0
+        now_coarse = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)   # bpf_ktime_get_coarse_ns's clock
+        with self.lock:
+            for flow in [f for f in self.active.values() if f.end is not None]:
+                c = self.marker.counters(flow.tuple) if self.marker is not None else None
+                quiet = c is None or now_coarse - c["last_ns"] >= QUIET_NS
+                if force or quiet or time.time() - flow.end >= LINGER_MAX:
+                    self._finish(flow, time.time())
+                    done += 1
+        return done
 
     def _finish(self, flow: Flow, now: float) -> None:
         """Unregister (lock held), keep its totals, send the end firefly."""
@@ -138,11 +165,14 @@ class Daemon:
                 log.error("flow %s was no longer in the kernel table: its counters are lost", flow.tuple)
             else:
                 flow.counters = c
-        flow.end = now
+        if flow.end is None:
+            flow.end = now
         del self.active[flow.tuple]
         t = self.ended_totals.setdefault((flow.experiment, flow.activity), _zero_totals())
         for k in t:
             t[k] += flow.counters.get(k, 0)
+        log.info("finished %s: sent %d received %d bytes", flow.tuple, flow.counters.get("sent", 0),
+                 flow.counters.get("received", 0))
         self._firefly(flow, "end", now)
 
     def handle_event(self, ev: FlowEvent, source: str) -> Flow:
@@ -213,7 +243,7 @@ class Daemon:
         now = time.time()
         self.refresh()
         with self.lock:
-            due = [f for f in self.active.values() if now - f.last_firefly >= interval]
+            due = [f for f in self.active.values() if f.end is None and now - f.last_firefly >= interval]
             for f in due:
                 self._firefly(f, "ongoing", now)
 
@@ -312,12 +342,21 @@ class Daemon:
         """Until SIGTERM/SIGINT: periodic work (ongoing fireflies, eviction checks)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        last_check = time.monotonic()
-        while not self.stop_event.wait(0.5):
-            self.ongoing()
-            if time.monotonic() - last_check > 10:
-                self.refresh()
-                last_check = time.monotonic()
+        last_ongoing = last_check = time.monotonic()
+        last_error = None
+        while not self.stop_event.wait(0.1):
+            try:
+                self.reap()
+                if time.monotonic() - last_ongoing >= 0.5:
+                    self.ongoing()
+                    last_ongoing = time.monotonic()
+                if time.monotonic() - last_check > 10:
+                    self.refresh()
+                    last_check = time.monotonic()
+            except Exception as exc:    # keep marking; say it once, not every 0.1 s
+                if repr(exc) != last_error:
+                    log.error("periodic work failed: %s: %s", type(exc).__name__, exc)
+                    last_error = repr(exc)
 
     def close(self) -> None:
         self.stop_event.set()
@@ -328,6 +367,8 @@ class Daemon:
         for t in self._threads:
             t.join(timeout=2)
         self._threads.clear()
+        if self.marker is not None or self.active:
+            self.reap(force=True)           # inputs are closed: finish what was ending
         if self._made_pipe:
             try:
                 os.unlink(self.cfg.pipe_path)

@@ -85,7 +85,10 @@ def run(console) -> bool:
             client.run([sys.executable, "-c", RECEIVER, SERVER6])
             flow = next(iter(daemon.active.values()))
             daemon.handle_line(f"end tcp {SERVER6} 5001 {CLIENT6} 40001 2 15")
-            time.sleep(0.3)
+            deadline = time.time() + 6
+            while daemon.active and time.time() < deadline:   # what `run` does every 0.1 s
+                daemon.reap()
+                time.sleep(0.1)
             fireflies = []
             while True:
                 try:
