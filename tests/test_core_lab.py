@@ -104,6 +104,8 @@ def test_teardown_after_exception():
             while "hello" not in talker.output() and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert talker.output().strip() == "hello from to-b@if2"   # kept, and run inside the netns
+            talker.stop()
+            assert "hello from" in talker.output()                     # still readable once stopped
             raise RuntimeError("test body failed")
     assert not [n for n in namespaces() if n.startswith("gb-cfail-")]
     assert not alive(pids)

@@ -85,7 +85,9 @@ class Process:
         self.pid = self.popen.pid   # ip netns exec execs the command: same pid
 
     def output(self) -> str:
-        self._log.flush()
+        """Everything the process wrote so far (also after stop())."""
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
