@@ -54,6 +54,29 @@ def wrk(url: str) -> tuple[float, int]:
     return rps, n
 
 
+class _Consumer:
+    """HttpAgent's aggregation without its server and lock: what a deployed agent runs."""
+
+    def __init__(self, tracer):
+        from gridbpf.agent.daemon import HttpAgent
+        agent = HttpAgent.__new__(HttpAgent)
+        agent.tracer, agent.otlp, agent.requests, agent._line_cache = tracer, None, 0, {}
+        from gridbpf.agent.routes import Routes
+        from gridbpf.export.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Registry
+        from gridbpf.agent.daemon import LABELS
+        r = Registry()
+        agent.routes = Routes(["/{vo}/{path}"])
+        agent.duration = r.histogram("http.server.request.duration", "", "s", LABELS, DURATION_BUCKETS)
+        agent.req_body = r.histogram("http.server.request.body.size", "", "By", LABELS, SIZE_BUCKETS)
+        agent.resp_body = r.histogram("http.server.response.body.size", "", "By", LABELS, SIZE_BUCKETS)
+        self.agent = agent
+
+    def drain(self, timeout_ms: int) -> int:
+        before = self.agent.requests
+        self.agent.drain(timeout_ms)
+        return self.agent.requests - before
+
+
 def one_round(nginx: Nginx, mode: str) -> dict:
     worker = nginx.worker_pids()[0]
     tracer, drained, stop = None, [0], threading.Event()
@@ -63,9 +86,12 @@ def one_round(nginx: Nginx, mode: str) -> dict:
         if tracer else None
     drainer = None
     if mode == "trace":
+        # the agent's consumer: drain every 100 ms, columns straight into the histograms
+        consumer = _Consumer(tracer)
+
         def drain():
             while not stop.is_set():
-                drained[0] += len(tracer.poll(100))
+                drained[0] += consumer.drain(100)
         drainer = threading.Thread(target=drain)
         drainer.start()
     try:
@@ -78,7 +104,7 @@ def one_round(nginx: Nginx, mode: str) -> dict:
         if drainer:
             drainer.join()
             time.sleep(0.2)            # wrk closed its connections: the last requests
-            drained[0] += len(tracer.poll(0))
+            drained[0] += consumer.drain(0)
         lost = tracer.stats()["events_lost"] if tracer else 0
     finally:
         stop.set()
@@ -101,6 +127,7 @@ def agent_rss(nginx: Nginx) -> dict:
         p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config",
                               str(cfg), "--json"], stdout=subprocess.PIPE, text=True)
         status = json.loads(p.stdout.readline())
+        a0 = cpu_seconds(p.pid)
         rps, n = wrk(f"{nginx.url}/index.html")
         time.sleep(0.5)
         import urllib.request
@@ -109,11 +136,13 @@ def agent_rss(nginx: Nginx) -> dict:
                       if l.startswith("http_server_request_duration_seconds_count"))
         status_txt = Path(f"/proc/{p.pid}/status").read_text()
         hwm = int(re.search(r"VmHWM:\s+(\d+) kB", status_txt).group(1))
+        agent_cpu = cpu_seconds(p.pid) - a0
         rss = int(re.search(r"VmRSS:\s+(\d+) kB", status_txt).group(1))
         p.terminate()
         p.wait(30)
     return {"agent_peak_rss_mb": round(hwm / 1024, 1), "agent_rss_mb": round(rss / 1024, 1),
-            "agent_rps": rps, "agent_requests": n, "agent_counted": counted}
+            "agent_rps": rps, "agent_requests": n, "agent_counted": counted,
+            "agent_cpu_us_per_req": round(agent_cpu / n * 1e6, 2)}
 
 
 def run() -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..export.metrics import DURATION_BUCKETS, OVERFLOW, SIZE_BUCKETS, Registry
 from ..export.prometheus import MetricsServer
-from ..trace.http import STAT_NAMES, HttpTracer
+from ..trace.http import F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths, parse_request_line
 from .config import AgentConfig
 from .routes import Routes
 
@@ -68,6 +68,7 @@ class HttpAgent:
         self.tracer = self.server = self.otlp = None
         self._stop = threading.Event()
         self.requests = 0
+        self._line_cache: dict[bytes, tuple] = {}
         try:
             self.tracer = HttpTracer(cfg.targets, tls=cfg.tls)
             self.routes = Routes(cfg.routes)
@@ -106,40 +107,85 @@ class HttpAgent:
         s = self.tracer.stats()
         return {(k,): v for k, v in s.items() if k in STAT_NAMES or k == "events_lost"}
 
-    def record(self, reqs) -> None:
-        """One batch of requests into the histograms (and spans)."""
-        if not reqs:
+    def _labels(self, hdrs: list[bytes]) -> list[tuple]:
+        """(method, route) per request line, cached by the line itself: repeated requests cost
+        one dict lookup. The cache is bounded; a miss parses and routes the line."""
+        cache, out = self._line_cache, []
+        for h in hdrs:
+            line = h.split(b"\r\n", 1)[0]
+            hit = cache.get(line)
+            if hit is None:
+                method, path, _ = parse_request_line(line + b"\r\n")
+                hit = (method if method in KNOWN_METHODS else OVERFLOW, self.routes.route(path))
+                if len(cache) < 100_000:
+                    cache[line] = hit
+            out.append(hit)
+        return out
+
+    def record_array(self, reqs) -> None:
+        """One drained batch of request records into the histograms, from the columns: no
+        Request objects (spans, when enabled, decode only the records they export)."""
+        if not len(reqs):
             return
         self.requests += len(reqs)
+        pipelined = (reqs["pipe_idx"] > 0) | ((reqs["flags"] & F_PIPELINED) > 0)
+        simple = reqs[~pipelined]
+        if len(simple):
+            mr = self._labels(simple["hdr"].tolist())
+            status = [str(x) if x else "" for x in simple["status"].tolist()]
+            labels = [(m, st, r) for (m, r), st in zip(mr, status)]
+            dur = (simple["end_ns"] - simple["start_ns"]) / 1e9
+            self.duration.observe_many(dur, labels)
+            for fam, head, hlen, total in (
+                    (self.req_body, "hdr", "hdr_len", "req_bytes"),
+                    (self.resp_body, "resp_hdr", "resp_hdr_len", "resp_bytes")):
+                hl = head_lengths(simple[head], simple[hlen])
+                ok = np.nonzero(hl >= 0)[0]
+                if len(ok):
+                    body = np.maximum(simple[total][ok].astype(np.int64) - hl[ok], 0)
+                    fam.observe_many(body, [labels[i] for i in ok.tolist()])
+        if pipelined.any():       # rare: the full decoder splits pipelined captures
+            self._record_requests(self.tracer.decode(reqs[pipelined]))
+        if self.otlp is not None and self.otlp.provider is not None:
+            budget = self.otlp.span_budget()
+            if budget < len(reqs):
+                self.otlp.spans_dropped += len(reqs) - budget
+            if budget:
+                self._spans(self.tracer.decode(reqs[:budget]))
+
+    def _record_requests(self, reqs) -> None:
+        """Requests already decoded (pipelined ones) into the histograms."""
         labels = [(r.method if r.method in KNOWN_METHODS else OVERFLOW,
                    str(r.status) if r.status else "", self.routes.route(r.path)) for r in reqs]
-        self.duration.observe_many(np.fromiter((r.duration for r in reqs), np.float64, len(reqs)),
-                                   labels)
+        self.duration.observe_many([r.duration for r in reqs], labels)
         for fam, attr in ((self.req_body, "request_body_bytes"), (self.resp_body, "response_body_bytes")):
             known = [(getattr(r, attr), lab) for r, lab in zip(reqs, labels) if getattr(r, attr) is not None]
             if known:
                 fam.observe_many([k[0] for k in known], [k[1] for k in known])
-        if self.otlp is not None and self.otlp.provider is not None:
-            for r, (method, status, route) in zip(reqs, labels):
-                start = int(r.time * 1e9)
-                attrs = {"http.request.method": r.method, "url.path": r.path.split("?", 1)[0],
-                         "client.address": r.client, "client.port": r.port,
-                         "network.protocol.version": r.version.partition("/")[2] or r.version,
-                         "http.request.body.size": r.request_bytes,
-                         "http.response.body.size": r.response_bytes,
-                         "process.pid": r.pid, "thread.id": r.tid}
-                if r.status:
-                    attrs["http.response.status_code"] = r.status
-                if route:
-                    attrs["http.route"] = route
-                name = f"{method} {route}" if route else method
-                self.otlp.span(name, start, start + int(r.duration * 1e9), attrs)
+
+    def _spans(self, reqs) -> None:
+        for r in reqs:
+            route = self.routes.route(r.path)
+            method = r.method if r.method in KNOWN_METHODS else OVERFLOW
+            start = int(r.time * 1e9)
+            attrs = {"http.request.method": r.method, "url.path": r.path.split("?", 1)[0],
+                     "client.address": r.client, "client.port": r.port,
+                     "network.protocol.version": r.version.partition("/")[2] or r.version,
+                     "http.request.body.size": r.request_bytes,
+                     "http.response.body.size": r.response_bytes,
+                     "process.pid": r.pid, "thread.id": r.tid}
+            if r.status:
+                attrs["http.response.status_code"] = r.status
+            if route:
+                attrs["http.route"] = route
+            self.otlp.span(f"{method} {route}" if route else method, start,
+                           start + int(r.duration * 1e9), attrs)
 
     def drain(self, timeout_ms: int) -> None:
         """Drain the ring; decode and record it in chunks so memory stays flat under load."""
-        arr = self.tracer.poll_array(timeout_ms)
+        arr = self.tracer.requests_only(self.tracer.poll_array(timeout_ms))
         for i in range(0, len(arr), CHUNK):
-            self.record(self.tracer.decode(arr[i:i + CHUNK]))
+            self.record_array(arr[i:i + CHUNK])
 
     def run(self, duration: float = 0) -> None:
         drain = self.cfg.drain_ms

@@ -45,6 +45,15 @@ class OtlpExporter:
 
     # --- spans ---------------------------------------------------------------------------------
 
+    def span_budget(self) -> int:
+        """How many more spans this second allows (the caller counts what it skips)."""
+        if self.provider is None:
+            return 0
+        now = int(time.monotonic())
+        if now != self._window:
+            self._window, self._in_window = now, 0
+        return max(self.max_spans_per_second - self._in_window, 0)
+
     def span(self, name: str, start_ns: int, end_ns: int, attributes: dict, server: bool = True) -> bool:
         """One finished span (epoch nanoseconds). False if the rate cap dropped it."""
         if self.provider is None:

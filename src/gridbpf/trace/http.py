@@ -246,6 +246,15 @@ class HttpTracer:
             time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
         return drain_fixed(self.ring, self.dtype)
 
+    def requests_only(self, arr: np.ndarray) -> np.ndarray:
+        """The request records of a drained batch; TLS-connection records are handled here."""
+        kind = arr["kind"]
+        tls = kind == EV_TLS_CONN
+        if tls.any():
+            for pid in set(arr["pid"][tls].tolist()):
+                self._tls_conn(pid)
+        return arr[kind == EV_REQUEST]
+
     def decode(self, arr: np.ndarray) -> list[Request]:
         """Records -> Requests. Columns are turned into Python lists once (numpy row access is
         slow), so the per-request work is plain bytes and int handling."""
@@ -341,6 +350,20 @@ class HttpTracer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def head_lengths(heads: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Length of the first header block (through CRLF CRLF) of each captured head, -1 if the
+    block does not end within the valid bytes. Vectorised over a batch: heads is the 'S256'
+    column, lens the valid byte counts (bytes past them are stale captures)."""
+    n = len(heads)
+    if not n:
+        return np.empty(0, np.int64)
+    a = np.frombuffer(heads.tobytes(), np.uint8).reshape(n, heads.dtype.itemsize)
+    hit = (a[:, :-3] == 13) & (a[:, 1:-2] == 10) & (a[:, 2:-1] == 13) & (a[:, 3:] == 10)
+    pos = hit.argmax(axis=1)
+    found = hit[np.arange(n), pos] & (pos + 4 <= lens)
+    return np.where(found, pos + 4, -1)
 
 
 def drain_fixed(ring: RingBuffer, dtype: np.dtype) -> np.ndarray:
