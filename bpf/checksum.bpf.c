@@ -128,7 +128,7 @@ struct pending_write {
 	__u32 kind;
 	__u32 fpos;              /* position comes from f_pos (write, writev, O_APPEND) */
 	__u32 append;
-	__u32 pad;
+	__s32 nr;                /* syscall number: the exit must be of the same syscall */
 };
 
 struct pending_rename {
@@ -465,7 +465,8 @@ int ck_exit_creat(struct trace_event_raw_sys_exit *ctx) { return on_open_exit(ct
 
 /* ---- writes ------------------------------------------------------------------------------- */
 
-static __always_inline int on_write_enter(__s64 fd, __u64 buf, __u64 count, __s64 pos, __u32 kind)
+static __always_inline int on_write_enter(struct trace_event_raw_sys_enter *ctx, __s64 pos, __u32 kind,
+					  bool rwf_append)
 {
 	struct pending_write p = {};
 	struct fstate *st;
@@ -474,7 +475,7 @@ static __always_inline int on_write_enter(__s64 fd, __u64 buf, __u64 count, __s6
 
 	if (!is_target())
 		return 0;
-	f = current_fd_file(fd);
+	f = current_fd_file(ctx->args[0]);
 	if (!f)
 		return 0;
 	p.inode = (__u64)BPF_CORE_READ(f, f_inode);
@@ -483,10 +484,11 @@ static __always_inline int on_write_enter(__s64 fd, __u64 buf, __u64 count, __s6
 		return 0;
 
 	p.file = (__u64)f;
-	p.buf = buf;
-	p.count = count;
+	p.buf = ctx->args[1];
+	p.count = ctx->args[2];
 	p.kind = kind;
-	p.append = (BPF_CORE_READ(f, f_flags) & O_APPEND) != 0;
+	p.nr = (__s32)ctx->id;   /* __syscall_nr is an int; the upper half is padding */
+	p.append = rwf_append || (BPF_CORE_READ(f, f_flags) & O_APPEND) != 0;
 	/* write/writev, and pwritev2 with offset -1, use and move the file position. */
 	p.fpos = kind == K_WRITE || kind == K_WRITEV || pos < 0;
 	if (p.append && !p.fpos) {
@@ -592,8 +594,9 @@ static __always_inline void emit_range(struct fstate *st)
 	st->ranges++;
 }
 
-static __always_inline int on_write_exit(long ret)
+static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 {
+	long ret = ctx->ret;
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct pending_write *pp, p;
 	struct fstate *st;
@@ -608,6 +611,8 @@ static __always_inline int on_write_exit(long ret)
 		return 0;
 	p = *pp;
 	bpf_map_delete_elem(&pending, &tid);
+	if (p.nr != (__s32)ctx->id)
+		return 0; /* left by an enter whose exit we never saw (cannot happen once attached) */
 	st = bpf_map_lookup_elem(&inodes, &p.inode);
 	if (!st)
 		return 0;
@@ -692,38 +697,39 @@ done:
 SEC("tracepoint/syscalls/sys_enter_write")
 int ck_enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_write_enter(ctx->args[0], ctx->args[1], ctx->args[2], 0, K_WRITE);
+	return on_write_enter(ctx, 0, K_WRITE, false);
 }
 SEC("tracepoint/syscalls/sys_enter_pwrite64")
 int ck_enter_pwrite64(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_write_enter(ctx->args[0], ctx->args[1], ctx->args[2], ctx->args[3], K_PWRITE);
+	return on_write_enter(ctx, ctx->args[3], K_PWRITE, false);
 }
 SEC("tracepoint/syscalls/sys_enter_writev")
 int ck_enter_writev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_write_enter(ctx->args[0], ctx->args[1], ctx->args[2], 0, K_WRITEV);
+	return on_write_enter(ctx, 0, K_WRITEV, false);
 }
 SEC("tracepoint/syscalls/sys_enter_pwritev")
 int ck_enter_pwritev(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_write_enter(ctx->args[0], ctx->args[1], ctx->args[2], ctx->args[3], K_PWRITEV);
+	return on_write_enter(ctx, ctx->args[3], K_PWRITEV, false);
 }
 SEC("tracepoint/syscalls/sys_enter_pwritev2")
 int ck_enter_pwritev2(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_write_enter(ctx->args[0], ctx->args[1], ctx->args[2], ctx->args[3], K_PWRITEV);
+	/* RWF_APPEND (0x10) appends whatever the offset, like O_APPEND. */
+	return on_write_enter(ctx, ctx->args[3], K_PWRITEV, ctx->args[5] & 0x10);
 }
 SEC("tracepoint/syscalls/sys_exit_write")
-int ck_exit_write(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx->ret); }
+int ck_exit_write(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx); }
 SEC("tracepoint/syscalls/sys_exit_pwrite64")
-int ck_exit_pwrite64(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx->ret); }
+int ck_exit_pwrite64(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx); }
 SEC("tracepoint/syscalls/sys_exit_writev")
-int ck_exit_writev(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx->ret); }
+int ck_exit_writev(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx); }
 SEC("tracepoint/syscalls/sys_exit_pwritev")
-int ck_exit_pwritev(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx->ret); }
+int ck_exit_pwritev(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx); }
 SEC("tracepoint/syscalls/sys_exit_pwritev2")
-int ck_exit_pwritev2(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx->ret); }
+int ck_exit_pwritev2(struct trace_event_raw_sys_exit *ctx) { return on_write_exit(ctx); }
 
 /* ---- closes --------------------------------------------------------------------------------- */
 
@@ -772,6 +778,9 @@ static __always_inline void file_released(struct file *f)
 		return;
 	ikey = tf->inode;
 	bpf_map_delete_elem(&files, &fkey);
+	/* An entry left by a file released unseen (exec) whose memory now holds another file. */
+	if ((__u64)BPF_CORE_READ(f, f_inode) != ikey)
+		return;
 	st = bpf_map_lookup_elem(&inodes, &ikey);
 	if (!st || __sync_fetch_and_add(&st->opens, -1) != 1)
 		return;

@@ -75,7 +75,7 @@ def check_right(files, path, expect_source=None):
 # --- the property of the issue --------------------------------------------------------------
 
 sizes = st.one_of(st.integers(0, 64), st.integers(0, 70_000), st.integers(0, 8 * MiB))
-op = st.tuples(st.sampled_from(["write", "pwrite", "writev"]), sizes,
+op = st.tuples(st.sampled_from(["write", "pwrite", "writev", "pwritev"]), sizes,
                st.one_of(st.none(), st.integers(0, 9 * MiB)), st.integers(1, 4))
 plan = st.lists(op, min_size=0, max_size=5)
 
@@ -83,7 +83,7 @@ plan = st.lists(op, min_size=0, max_size=5)
 @settings(max_examples=int(os.environ.get("CK_EXAMPLES", 60)), deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=plan, seed=st.integers(0, 2**32 - 1))
 def test_property_random_writes(files, ops, seed):
-    """Random write/pwrite/writev sequences with random sizes and offsets (holes, overwrites):
+    """Random write/pwrite/writev/pwritev sequences with random sizes and offsets (holes, overwrites):
     the attribute always equals zlib.adler32 of the final content; when the ranges tile the file
     without overlap the kernel's value is the one stored."""
     path = files.path(f"prop-{seed}-{time.monotonic_ns()}")
@@ -94,13 +94,16 @@ def test_property_random_writes(files, ops, seed):
     try:
         for i, (kind, size, offset, pieces) in enumerate(ops):
             data = memoryview(blob)[i % 64:i % 64 + size]
+            cut = [size * k // pieces for k in range(pieces + 1)]
             if kind == "pwrite" and offset is not None:
                 n, start = os.pwrite(fd, data, offset), offset
+            elif kind == "pwritev" and offset is not None:
+                n = os.pwritev(fd, [data[cut[k]:cut[k + 1]] for k in range(pieces)], offset)
+                start = offset
             else:
                 start = pos if offset is None else offset
                 os.lseek(fd, start, os.SEEK_SET)
-                if kind == "writev":
-                    cut = [size * k // pieces for k in range(pieces + 1)]
+                if kind in ("writev", "pwritev"):
                     n = os.writev(fd, [data[cut[k]:cut[k + 1]] for k in range(pieces)])
                 else:
                     n = os.write(fd, data)
@@ -161,6 +164,16 @@ def test_append_mode(files):
         os.write(fd, bytes([i]) * 1000)
     os.close(fd)
     check_right(files, p, "kernel")
+
+
+def test_pwritev2_append_flag(files):
+    p = files.path("rwf-append")
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT)
+    os.pwritev(fd, [b"a" * 100, b"b" * 100], 0)
+    os.pwritev(fd, [b"c" * 50], 0, os.RWF_APPEND)      # lands at 200, not 0
+    os.close(fd)
+    r = check_right(files, p, "userspace")
+    assert "pwrite-on-append" in r.reasons and r.size == 250
 
 
 def test_empty_file(files):

@@ -121,7 +121,9 @@ class Watcher:
                            EV_CLOSE: obj.btf.struct("close_event"),
                            EV_RENAME: obj.btf.struct("rename_event")}
         self.rb = RingBuffer(obj, "events")
-        for prog in obj.programs.values():
+        # Exits before enters: every write remembered at its enter then has its exit attached.
+        progs = sorted(obj.programs.values(), key=lambda p: not p.name.startswith("ck_exit_"))
+        for prog in progs:
             self.links.append(prog.attach())
         self._prog_fds = [p.fd for p in obj.programs.values()]
         self._miss_windows: list[tuple[int, int]] = []
@@ -129,7 +131,7 @@ class Watcher:
         self._miss_count = self._misses()
 
     def close(self) -> None:
-        for link in self.links:
+        for link in reversed(self.links):     # enters first, exits last
             link.detach()
         self.links = []
         if self.rb is not None:
