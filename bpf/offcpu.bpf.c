@@ -80,6 +80,13 @@ struct offcpu_event {
 };
 GB_EXPORT_STRUCT(offcpu_event);
 
+/* Where a thread last blocked, and the stacks captured there (see record_block). */
+struct last_stack {
+	__u64 ip, sp, bp;
+	__s64 syscall;
+	__s32 kstack, ustack;
+};
+
 struct offcpu_key {
 	__u32 tgid, tid;
 	__s32 kstack, ustack;
@@ -113,6 +120,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);                 /* tid */
+	__type(value, struct last_stack);
+} last_stack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);                 /* tid */
 	__type(value, struct insys);
 } insys SEC(".maps");
 
@@ -133,6 +147,7 @@ struct {
 static __always_inline void record_block(void *ctx, struct task_struct *prev, __u32 state, __u64 now)
 {
 	struct blocked b = {};
+	struct last_stack *last;
 	struct pt_regs *regs;
 
 	b.start_ns = now;
@@ -140,16 +155,6 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 	b.tid = prev->pid;
 	b.state = state;
 	__builtin_memcpy(b.comm, prev->comm, sizeof(b.comm));
-	/* prev is current here: the helpers capture its stacks */
-	b.kstack = bpf_get_stackid(ctx, &stacks, 0);
-	if (b.kstack < 0)
-		gb_count(&stats, OFFCPU_KSTACK_ERR);
-	b.ustack = -1;
-	if (user_stacks && !(prev->flags & 0x00200000 /* PF_KTHREAD */)) {
-		b.ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
-		if (b.ustack < 0)
-			gb_count(&stats, OFFCPU_USTACK_ERR);
-	}
 	/* The user registers saved at kernel entry: the syscall (orig_ax) and its arguments. */
 	regs = (struct pt_regs *)bpf_task_pt_regs(prev);
 	if (regs) {
@@ -165,6 +170,39 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 		b.user_bp = BPF_CORE_READ(regs, bp);
 	} else {
 		b.syscall = -1;
+	}
+	/*
+	 * Walking two stacks is most of the cost of a block. A thread that blocks again in the same
+	 * syscall from the same user ip, sp and bp (a server's event loop, a worker waiting for its
+	 * queue) has the same user frames: reuse the ids captured there last time.
+	 */
+	last = bpf_map_lookup_elem(&last_stack, &b.tid);
+	if (last && last->ip == b.user_ip && last->sp == b.user_sp && last->bp == b.user_bp &&
+	    last->syscall == b.syscall && b.user_ip) {
+		b.kstack = last->kstack;
+		b.ustack = last->ustack;
+	} else {
+		struct last_stack ls = {};
+
+		/* prev is current here: the helpers capture its stacks */
+		b.kstack = bpf_get_stackid(ctx, &stacks, 0);
+		if (b.kstack < 0)
+			gb_count(&stats, OFFCPU_KSTACK_ERR);
+		b.ustack = -1;
+		if (user_stacks && !(prev->flags & 0x00200000 /* PF_KTHREAD */)) {
+			b.ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+			if (b.ustack < 0)
+				gb_count(&stats, OFFCPU_USTACK_ERR);
+		}
+		if (b.kstack >= 0 && (b.ustack >= 0 || !user_stacks)) {
+			ls.ip = b.user_ip;
+			ls.sp = b.user_sp;
+			ls.bp = b.user_bp;
+			ls.syscall = b.syscall;
+			ls.kstack = b.kstack;
+			ls.ustack = b.ustack;
+			bpf_map_update_elem(&last_stack, &b.tid, &ls, BPF_ANY);
+		}
 	}
 	b.waker_kstack = b.waker_ustack = -1;
 	if (bpf_map_update_elem(&blocked, &b.tid, &b, BPF_ANY))
@@ -317,6 +355,7 @@ int BPF_PROG(offcpu_exit, struct task_struct *p)
 	bpf_map_delete_elem(&blocked, &tid);
 	bpf_map_delete_elem(&waker_mem, &tid);
 	bpf_map_delete_elem(&insys, &tid);
+	bpf_map_delete_elem(&last_stack, &tid);
 	return 0;
 }
 

@@ -315,12 +315,20 @@ def pprof(totals: list[StackTotal], duration_s: float, by_thread: bool = True) -
 def run_offcpu(pids: list[int], duration_s: float, min_block_s: float = 0.0,
                user_stacks: bool = True, stop=None) -> tuple[list[StackTotal], dict]:
     """Trace for DURATION_S seconds (or until stop() is true) and return totals and stats."""
+    sym = Symbolizer()
     with OffcpuTracer(pids, min_block_s=min_block_s, user_stacks=user_stacks, events=False,
                       waker=False) as tr:
+        # Mappings are read while the processes live (they may exit before we symbolize),
+        # and again now and then for libraries loaded and code generated meanwhile.
         end = time.monotonic() + duration_s
+        next_maps = 0.0
         while time.monotonic() < end:
+            if time.monotonic() >= next_maps:
+                for t in tr.tgids:
+                    sym.process(t).refresh()
+                next_maps = time.monotonic() + 2.0
             if stop is not None and stop():
                 break
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
-        return collect_totals(tr), tr.stats()
+        return collect_totals(tr, sym), tr.stats()
 

@@ -213,9 +213,11 @@ class ProcessSymbols:
 
     def refresh(self) -> None:
         try:
-            self._maps = read_maps(self.pid)
+            maps = read_maps(self.pid)
         except OSError:
-            self._maps = []     # the process is gone: keep whatever we can't resolve unnamed
+            return              # the process is gone: keep the mappings we saw last
+        if maps:                # (a zombie shows none)
+            self._maps = maps
         self._starts = [m.start for m in self._maps]
 
     def _mapping(self, addr: int) -> Mapping | None:

@@ -1,0 +1,124 @@
+"""Off-CPU tracing cost on a context-switch-heavy workload.
+
+Two processes bounce one byte over a pair of pipes (every round trip is two blocking reads and
+two context switches). Rounds alternate untraced and traced runs of the same workload, where
+traced means `gridbpf trace offcpu` attached (sched_switch/sched_waking programs, stacks and
+per-stack totals in the kernel). Reported: round trips per second, ratio traced/untraced
+(median of the per-round ratios; the goal is >= 0.95), and the switches the tracer saw.
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+PINGPONG = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+	int a[2], b[2];
+	char c = 0;
+	double warmup = atof(argv[1]), duration = atof(argv[2]);
+	long n = 0;
+
+	if (pipe(a) || pipe(b))
+		return 1;
+	if (fork() == 0) {              /* echo: read from a, write to b, until a closes */
+		close(a[1]);
+		close(b[0]);
+		while (read(a[0], &c, 1) == 1)
+			if (write(b[1], &c, 1) != 1)
+				return 1;
+		return 0;
+	}
+	close(a[0]);
+	close(b[1]);
+	usleep((useconds_t)(warmup * 1e6));   /* time for the tracer to attach */
+	double t0 = now(), end = t0 + duration;
+	while (now() < end) {
+		for (int i = 0; i < 256; i++) {
+			if (write(a[1], &c, 1) != 1 || read(b[0], &c, 1) != 1)
+				return 1;
+		}
+		n += 256;
+	}
+	printf("%ld %.6f\n", n, now() - t0);
+	close(a[1]);
+	return 0;
+}
+"""
+
+
+def _build(d: Path) -> Path:
+    src, exe = d / "pingpong.c", d / "pingpong"
+    src.write_text(PINGPONG)
+    subprocess.run(["gcc", "-O2", "-g", "-fno-omit-frame-pointer", "-o", str(exe), str(src)],
+                   check=True)
+    return exe
+
+
+def _one(exe: Path, duration: float, traced: bool) -> tuple[float, dict]:
+    from gridbpf.trace.offcpu import OffcpuTracer
+    warmup = 0.5
+    p = subprocess.Popen([str(exe), str(warmup), str(duration)], stdout=subprocess.PIPE, text=True)
+    info = {}
+    if traced:
+        time.sleep(0.1)   # let it fork its echo process (a target too, as a child)
+        with OffcpuTracer([p.pid], events=False, waker=False) as tr:
+            out, _ = p.communicate(timeout=duration + 30)
+            totals = tr.totals()
+            info = {"blocks_seen": sum(int(v.count) for _k, v in totals), "stacks": len(totals),
+                    "processes": len(tr.tgids), **tr.stats()}
+    else:
+        out, _ = p.communicate(timeout=duration + 30)
+    n, took = out.split()
+    return int(n) / float(took), info
+
+
+def run(rounds: int = 7, duration: float = 2.0) -> dict:
+    with tempfile.TemporaryDirectory(prefix="sk-bench-") as d:
+        exe = _build(Path(d))
+        base, traced, ratios, infos = [], [], [], []
+        for i in range(rounds):
+            # alternate which goes first, so drifts in machine load do not favour one side
+            order = [False, True] if i % 2 == 0 else [True, False]
+            got = {}
+            for t in order:
+                rate, info = _one(exe, duration, t)
+                got[t] = rate
+                if t:
+                    infos.append(info)
+            base.append(got[False])
+            traced.append(got[True])
+            ratios.append(got[True] / got[False])
+    result = {
+        "workload": "pipe ping-pong between two processes (2 switches per round trip)",
+        "rounds": rounds, "duration_s": duration,
+        "untraced_roundtrips_per_s": round(statistics.median(base)),
+        "traced_roundtrips_per_s": round(statistics.median(traced)),
+        "ratio_traced_vs_untraced_median": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "goal": ">= 0.95",
+        "last_traced_round": infos[-1] if infos else {},
+    }
+    print(f"offcpu: {result['untraced_roundtrips_per_s']} -> {result['traced_roundtrips_per_s']} "
+          f"round trips/s, ratio {result['ratio_traced_vs_untraced_median']}")
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(run(), indent=2))
