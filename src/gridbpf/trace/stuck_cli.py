@@ -43,6 +43,18 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="totals per stack as JSON")
     p.set_defaults(func=cmd_offcpu)
 
+    p = verbs.add_parser("io", help="file I/O latency per file and operation, slowest operations")
+    add_target_args(p)
+    p.add_argument("--duration", type=_duration, default=0, help="stop after this long (default: "
+                   "until interrupted)")
+    p.add_argument("--interval", type=_duration, default=0, help="print the table this often")
+    p.add_argument("--slow", type=_duration, default=0.010, help="operations at least this slow "
+                   "are listed one by one (10ms)")
+    p.add_argument("--top", type=int, default=10, help="how many slowest operations to keep")
+    p.add_argument("--all-files", action="store_true", help="also pipes, sockets, devices")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_io)
+
 
 class _Stop:
     """SIGTERM/SIGINT end the loop cleanly (links detached on the way out)."""
@@ -110,4 +122,39 @@ def cmd_offcpu(args) -> int:
         sys.stdout.write(text)
     if any(stats.values()):
         print(f"gridbpf: losses: {stats}", file=sys.stderr)
+    return 0
+
+
+def _run_loop(tracer, args, report) -> None:
+    """Poll until --duration, SIGTERM or Ctrl-C; print REPORT() every --interval."""
+    stop = _Stop()
+    end = time.monotonic() + args.duration if args.duration else None
+    next_print = time.monotonic() + args.interval if args.interval else None
+    try:
+        while not stop and (end is None or time.monotonic() < end):
+            tracer.poll(200)
+            if next_print and time.monotonic() >= next_print:
+                report()
+                next_print += args.interval
+    except KeyboardInterrupt:
+        pass
+    tracer.poll(0)
+
+
+def cmd_io(args) -> int:
+    from .io import IoTracer, format_table
+    with IoTracer(spec_from_args(args), slow_s=args.slow, regular_only=not args.all_files,
+                  top=args.top) as tr:
+        def report():
+            files, slow = tr.files(), tr.slowest_ops()
+            if args.json:
+                _out(json.dumps({"files": files, "slowest": [s.to_json() for s in slow],
+                                 "stats": tr.stats()}))
+            else:
+                _out(format_table(files, slow) + "\n")
+        _run_loop(tr, args, report)
+        report()
+        st = tr.stats()
+        if any(st.values()):
+            print(f"gridbpf: losses: {st}", file=sys.stderr)
     return 0
