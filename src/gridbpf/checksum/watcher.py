@@ -80,6 +80,9 @@ class Watcher:
             real = os.path.realpath(p)
             if not os.path.isdir(real):
                 raise NotADirectoryError(f"--path {p}: not a directory")
+            if store and not xattr.supported(real):
+                raise OSError(f"--path {p}: its filesystem does not accept user extended "
+                              f"attributes (tmpfs needs Linux 6.6+); use --no-store to only compute")
             self.dirs.append(real)
         if len(self.dirs) > 64:
             raise ValueError("at most 64 watched directories")

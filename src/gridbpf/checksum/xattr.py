@@ -43,7 +43,12 @@ def verify(path: str | os.PathLike) -> dict:
 def supported(directory: str | os.PathLike) -> bool:
     """True if files under DIRECTORY accept user extended attributes (tmpfs only since 6.6)."""
     import tempfile
-    with tempfile.NamedTemporaryFile(dir=directory) as f:
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".gridbpf-xattr-probe-")
+    except OSError as e:
+        raise OSError(f"{directory}: cannot create a file to probe extended attributes "
+                      f"({e.strerror})") from None
+    with probe as f:
         try:
             os.setxattr(f.name, "user.gridbpf.probe", b"1")
         except OSError as e:
