@@ -5,9 +5,15 @@ two context switches). Rounds alternate untraced and traced runs of the same wor
 traced means `gridbpf trace offcpu` attached (sched_switch/sched_waking programs, stacks and
 per-stack totals in the kernel). Reported: round trips per second, ratio traced/untraced
 (median of the per-round ratios; the goal is >= 0.95), and the switches the tracer saw.
+Both processes are pinned to one CPU, so every round trip is exactly two context switches there
+(unpinned, the ratio swings between 0.5 and 1.4 from one round to the next on this shared
+2-core machine). Also reported: the kernel's own accounting of the BPF programs' run time
+(kernel.bpf_stats_enabled) per context switch, which the machine's noise does not move.
 """
 from __future__ import annotations
 
+import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -70,18 +76,34 @@ def _build(d: Path) -> Path:
     return exe
 
 
+def _prog_stats(prog) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded program, from its fdinfo."""
+    text = Path(f"/proc/self/fdinfo/{prog.fd}").read_text()
+    get = lambda k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1))
+    return get("run_time_ns"), get("run_cnt")
+
+
+CPU = str(os.cpu_count() - 1)
+
+
 def _one(exe: Path, duration: float, traced: bool) -> tuple[float, dict]:
     from gridbpf.trace.offcpu import OffcpuTracer
     warmup = 0.5
-    p = subprocess.Popen([str(exe), str(warmup), str(duration)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(["taskset", "-c", CPU, str(exe), str(warmup), str(duration)],
+                         stdout=subprocess.PIPE, text=True)
     info = {}
     if traced:
         time.sleep(0.1)   # let it fork its echo process (a target too, as a child)
         with OffcpuTracer([p.pid], events=False, waker=False) as tr:
             out, _ = p.communicate(timeout=duration + 30)
             totals = tr.totals()
-            info = {"blocks_seen": sum(int(v.count) for _k, v in totals), "stacks": len(totals),
-                    "processes": len(tr.tgids), **tr.stats()}
+            blocks = sum(int(v.count) for _k, v in totals)
+            run_ns = {name: _prog_stats(prog) for name, prog in tr.obj.programs.items()
+                      if prog.autoload}
+            info = {"blocks_seen": blocks, "stacks": len(totals), "processes": len(tr.tgids),
+                    "bpf_ns_per_block": round(sum(ns for ns, _n in run_ns.values()) / max(blocks, 1), 1),
+                    "bpf_ns_per_run": {k: round(ns / max(n, 1), 1) for k, (ns, n) in run_ns.items()},
+                    **tr.stats()}
     else:
         out, _ = p.communicate(timeout=duration + 30)
     n, took = out.split()
@@ -89,6 +111,15 @@ def _one(exe: Path, duration: float, traced: bool) -> tuple[float, dict]:
 
 
 def run(rounds: int = 7, duration: float = 2.0) -> dict:
+    old = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
+    try:
+        return _run(rounds, duration)
+    finally:
+        subprocess.run(["sysctl", "-qw", f"kernel.bpf_stats_enabled={old}"], check=True)
+
+
+def _run(rounds: int, duration: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="sk-bench-") as d:
         exe = _build(Path(d))
         base, traced, ratios, infos = [], [], [], []
@@ -112,10 +143,13 @@ def run(rounds: int = 7, duration: float = 2.0) -> dict:
         "ratio_traced_vs_untraced_median": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
         "goal": ">= 0.95",
+        "bpf_ns_per_block_median": statistics.median(i["bpf_ns_per_block"] for i in infos),
+        "untraced_ns_per_roundtrip": round(1e9 / statistics.median(base)),
         "last_traced_round": infos[-1] if infos else {},
     }
     print(f"offcpu: {result['untraced_roundtrips_per_s']} -> {result['traced_roundtrips_per_s']} "
-          f"round trips/s, ratio {result['ratio_traced_vs_untraced_median']}")
+          f"round trips/s, ratio {result['ratio_traced_vs_untraced_median']}, "
+          f"BPF {result['bpf_ns_per_block_median']} ns per block")
     return result
 
 

@@ -100,9 +100,12 @@ class OffcpuTracer:
         return out
 
     def blocked_now(self) -> list:
-        """Entries of `blocked` (struct blocked): target threads off CPU now, or (end_ns set)
-        running for a moment inside a followed syscall in which they blocked."""
-        return [v for _k, v in self.obj.map("blocked").items()]
+        """Entries of `blocked` (struct blocked) of target threads off CPU now (end_ns 0), or
+        running for a moment inside a followed syscall in which they blocked (end_ns set, and
+        in `insys`). Entries of threads that ran again otherwise stay only for reuse."""
+        insys = self.obj.map("insys")
+        return [v for _k, v in self.obj.map("blocked").items()
+                if not v.end_ns or insys.get(v.tid) is not None]
 
     def syscall_start(self, tid: int) -> int | None:
         """When the thread entered the syscall it is in (followed syscalls only)."""
