@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bpf import BpfObject, list_pins, pin_path, remove_pins
+from ..bpf import PIN_ROOT, BpfObject, list_pins, remove_pins
 from . import maglev
 
 PIN_DIR = "lb"                  # /sys/fs/bpf/gridbpf/lb/<instance>/<map>
@@ -106,7 +106,7 @@ class Datapath:
 
     @classmethod
     def create(cls, instance: str, table_size: int = maglev.DEFAULT_SIZE,
-               conntrack_size: int | None = None) -> "Datapath":
+               conntrack_size: int | None = None, bench: bool = False) -> "Datapath":
         if not maglev.is_prime(table_size):
             raise LbError(f"table_size {table_size} is not prime")
         obj = BpfObject.open("lb")
@@ -115,6 +115,8 @@ class Datapath:
             if table_size > capacity:
                 raise LbError(f"table_size {table_size} is larger than the ring capacity {capacity}")
             obj.rodata["ring_size"] = table_size
+            for name in ("xdp_lb_bench", "xdp_restore_bench", "xdp_macswap_bench"):
+                obj.program(name).autoload = bench      # benchmark wrappers only
             if conntrack_size:
                 obj.map("lb_conntrack").max_entries = conntrack_size
             obj.load()
@@ -126,14 +128,16 @@ class Datapath:
     @classmethod
     def open_pinned(cls, instance: str | None = None) -> "Datapath":
         instance = instance or only_instance()
+        where = os.path.join(PIN_ROOT, PIN_DIR, instance)
+        if not os.path.exists(os.path.join(where, "lb_ring")):   # look without creating anything
+            raise LbError(f"no balancer instance {instance!r} is running (no pins under {where})")
         obj = BpfObject.open("lb")
         try:
             for n in MAPS:
                 obj.map(n).open_pinned(f"{PIN_DIR}/{instance}/{n}")
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             obj.close()
-            raise LbError(f"no balancer instance {instance!r} is running "
-                          f"(no pins under {pin_path(PIN_DIR)}/{instance})") from None
+            raise LbError(f"balancer instance {instance!r}: {e}") from None
         return cls(obj, instance)
 
     def pin(self) -> None:
@@ -273,7 +277,8 @@ class Datapath:
         self.maps["lb_service_ctl"][svc.id] = {"used": 0}
 
     def add_backend(self, service: str, address: str, mac: str, weight: int = 1,
-                    state: str = "active") -> Backend:
+                    state: str = "active", rebuild: bool = True) -> Backend | None:
+        """Add a backend; rebuild=False leaves the table for one rebuild() after many adds."""
         svc = self.service(service)
         addr = str(ipaddress.ip_address(address))
         if addr in svc.backends:
@@ -293,6 +298,8 @@ class Datapath:
                                           "gen": gen}
         ctl[free] = {"service": svc.id, "weight": weight,
                      "state": STATE_DRAINING if state == "draining" else STATE_ACTIVE, "used": 1}
+        if not rebuild:
+            return None
         self.rebuild(service)
         return self.service(service).backends[addr]
 
@@ -390,8 +397,8 @@ class Datapath:
 
 
 def instances() -> list[str]:
-    root = pin_path(PIN_DIR)
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+    root = os.path.join(PIN_ROOT, PIN_DIR)
+    return sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "lb_ring"))) \
         if os.path.isdir(root) else []
 
 
@@ -400,7 +407,7 @@ def only_instance() -> str:
     if len(names) == 1:
         return names[0]
     if not names:
-        raise LbError(f"no balancer is running (nothing pinned under {pin_path(PIN_DIR)})")
+        raise LbError(f"no balancer is running (nothing pinned under {os.path.join(PIN_ROOT, PIN_DIR)})")
     raise LbError(f"several balancers are running ({', '.join(names)}): choose one with --instance")
 
 

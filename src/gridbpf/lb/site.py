@@ -197,6 +197,8 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
     for i in range(nodes):
         n = lab.host(f"lb{i + 1}")
         lab.attach_to_bridge(switch, "br0", n, [f"10.2.0.{2 + i}/24", f"fd00:2::{2 + i:x}/64"])
+        n.route("default via 10.2.0.1")
+        n.route("default via fd00:2::1")
         site.nodes.append(n)
     for i in range(backends):
         s = lab.host(f"srv{i + 1}")
