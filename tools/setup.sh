@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "gridbpf setup: must run as root (apt, mounts, BPF)" >&2; exit 1; }
 
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx-mod-http-dav-ext
-              wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev)
+              wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev
+              haproxy nftables)   # lb benchmark baselines
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
