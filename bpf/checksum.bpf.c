@@ -196,6 +196,10 @@ struct sum_ctx {
 struct range_event *_range_event_type;
 struct close_event *_close_event_type;
 struct rename_event *_rename_event_type;
+/* ... and name reasons, counters and record kinds from these enums. */
+enum unfollowed_reason *_reason_type;
+enum stat_index *_stat_type;
+enum event_type *_event_type;
 
 /*
  * Per-CPU work area of one write's sum. The loop state lives here, not on the stack: map memory

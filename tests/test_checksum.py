@@ -173,7 +173,7 @@ def test_pwritev2_append_flag(files):
     os.pwritev(fd, [b"c" * 50], 0, os.RWF_APPEND)      # lands at 200, not 0
     os.close(fd)
     r = check_right(files, p, "userspace")
-    assert "pwrite-on-append" in r.reasons and r.size == 250
+    assert "append-pwrite" in r.reasons and r.size == 250
 
 
 def test_empty_file(files):

@@ -17,26 +17,18 @@ from ..bpf import BpfObject, RingBuffer
 from . import adler, xattr
 from .targets import Target
 
-EV_RANGE, EV_CLOSE, EV_RENAME = 1, 2, 3
 AT_FDCWD = -100
-
-# Bits of fstate.flags, in the order of enum unfollowed_reason in checksum.bpf.c.
-REASONS = ["concurrent-writes", "overlapping-write", "mmap", "truncate", "fallocate",
-           "splice/sendfile/copy_file_range", "user-buffer-fault", "range-record-lost",
-           "pending-map-full", "async-io", "pwrite-on-append", "scratch-reused",
-           "position-moved", "bad-iovec"]
-
-STATS = ["opens", "state_full", "files_full", "pending_full", "close_lost", "range_lost",
-         "rename_lost", "writes", "bytes", "unfollowed", "closes"]
-
-MISSED_RUNS = 1 << len(REASONS)    # set in userspace, from the programs' recursion_misses
-REASONS = REASONS + ["kernel-skipped-program-runs"]
+# Names of the unfollowed reasons, counters and record kinds come from the object's BTF enums
+# (enum unfollowed_reason, stat_index, event_type in checksum.bpf.c): see _enums().
+MISSED_RUNS_REASON = "kernel-skipped-program-runs"   # set in userspace, from recursion_misses
 
 PENDING_SECONDS = 10.0        # how long a closed file may stay missing, waiting for its rename
 
 
-def reasons(flags: int) -> list[str]:
-    return [name for bit, name in enumerate(REASONS) if flags & (1 << bit)]
+def _enum(btf, name: str, prefix: str) -> dict[str, int]:
+    """{'concurrent': 1, ...} from 'enum NAME' members 'PREFIXCONCURRENT' in BTF."""
+    return {m[0][len(prefix):].lower(): m[1] for m in btf.find(f"enum {name}").members
+            if m[0].startswith(prefix)}
 
 
 @dataclass
@@ -106,6 +98,12 @@ class Watcher:
 
     def _start(self) -> None:
         obj = self.obj = BpfObject.open("checksum")
+        self._reasons = {v: k.replace("_", "-") for k, v in _enum(obj.btf, "unfollowed_reason", "R_").items()}
+        self._missed_bit = max(self._reasons) << 1
+        self._reasons[self._missed_bit] = MISSED_RUNS_REASON
+        self._stats = {k: v for k, v in _enum(obj.btf, "stat_index", "ST_").items() if k != "max"}
+        ev = _enum(obj.btf, "event_type", "EV_")
+        self._ev_range, self._ev_close, self._ev_rename = ev["range"], ev["close"], ev["rename"]
         t = self.target
         obj.rodata["filter_mode"] = t.mode
         if t.comm:
@@ -120,9 +118,9 @@ class Watcher:
         pids = obj.map("target_pids")
         for pid in t.pids:
             pids[pid] = 1
-        self._btf_types = {EV_RANGE: obj.btf.struct("range_event"),
-                           EV_CLOSE: obj.btf.struct("close_event"),
-                           EV_RENAME: obj.btf.struct("rename_event")}
+        self._btf_types = {self._ev_range: obj.btf.struct("range_event"),
+                           self._ev_close: obj.btf.struct("close_event"),
+                           self._ev_rename: obj.btf.struct("rename_event")}
         self.rb = RingBuffer(obj, "events")
         # Exits before enters: every write remembered at its enter then has its exit attached.
         progs = sorted(obj.programs.values(), key=lambda p: not p.name.startswith("ck_exit_"))
@@ -151,6 +149,9 @@ class Watcher:
         self.close()
 
     # --- events -------------------------------------------------------------------------------
+
+    def reasons(self, flags: int) -> list[str]:
+        return [name for bit, name in sorted(self._reasons.items()) if flags & bit]
 
     def _misses(self) -> int:
         """Runs of our programs the kernel skipped (a BPF program already running on that CPU)."""
@@ -185,9 +186,9 @@ class Watcher:
             if ctype is None:
                 continue
             rec = ctype.from_buffer_copy(raw.ljust(ctypes.sizeof(ctype), b"\0"))
-            if kind == EV_RANGE:
+            if kind == self._ev_range:
                 self._ranges.setdefault(rec.session, []).append((rec.start, rec.len, rec.adler))
-            elif kind == EV_CLOSE:
+            elif kind == self._ev_close:
                 r = self._on_close(rec)
                 if r:
                     out.append(r)
@@ -208,7 +209,7 @@ class Watcher:
 
     def stats(self) -> dict:
         m = self.obj.map("stats")
-        counters = {name: int(m.sum(i) or 0) for i, name in enumerate(STATS)}
+        counters = {name: int(m.sum(i) or 0) for name, i in sorted(self._stats.items(), key=lambda kv: kv[1])}
         counters["ring_lost"] = int(self.rb.lost)
         counters["program_runs_skipped"] = self._misses()
         counters["waiting_for_rename"] = len(self._pending)
@@ -226,7 +227,7 @@ class Watcher:
             path = os.path.join(self.dirs[ev.dir_index], *reversed(parts))
         d = {name: getattr(ev, name) for name, *_ in ev._fields_ if name not in ("path",)}
         if self._missed_during(ev):
-            d["flags"] |= MISSED_RUNS
+            d["flags"] |= self._missed_bit
         d["comm"] = bytes(ev.comm).split(b"\0")[0].decode(errors="replace")
         closed = _Closed(d, ranges, path, time.monotonic() + PENDING_SECONDS)
         if ev.nlink == 0:
@@ -286,7 +287,7 @@ class Watcher:
 
     def _finish(self, closed: _Closed, path: str) -> Result:
         ev = closed.ev
-        why = reasons(ev["flags"])
+        why = self.reasons(ev["flags"])
         value = None
         if not why:
             try:
@@ -326,7 +327,7 @@ class Watcher:
             path=path or closed.path, size=ev["size"],
             adler32=adler.fmt(value) if value is not None else None,
             source=source, stored=stored, status=status,
-            reasons=why if why is not None else reasons(ev["flags"]),
+            reasons=why if why is not None else self.reasons(ev["flags"]),
             pid=ev["tgid"], comm=ev["comm"], writes=ev["writes"], bytes_summed=ev["bytes"],
             ranges=ev["ranges"] + 1 if ev["writes"] else 0,
             first_write_to_stored_ms=(now - ev["first_write_ns"]) / 1e6 if stored and ev["first_write_ns"] else None,
