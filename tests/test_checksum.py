@@ -288,6 +288,19 @@ def test_writer_that_dies(files):
     child.wait()
     check_right(files, p, "kernel")
 
+    # Killed with other threads alive (a JVM-like writer): the last thread's exit closes it.
+    p = files.path("killed-threads")
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import threading, time\n"
+                              "for _ in range(4): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+                              f"f = open({p!r}, 'wb'); f.write(b'q' * 1234567); f.flush()\n"
+                              "print('ok', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ok"
+    child.kill()
+    child.wait()
+    check_right(files, p, "kernel")
+
 
 def test_dup_keeps_file_open(files):
     """Closing one of two descriptors is not the end of the file."""
