@@ -147,6 +147,12 @@ def test_daemon_life_cycle_runtime_changes_and_metrics(lab):
         r = gridbpf("lb", "run", "--config", cfg)
         assert r.returncode == 2 and "already running" in r.stderr
         assert os.path.exists(f"{PIN}/lb_ring") and xdp_prog_id(lab) == prog
+        # ... also under another instance name: the interface is taken
+        other = write(lab, open(cfg).read().replace('instance = "lbctl"', 'instance = "lbctl2"')
+                      .replace(f":{port}", f":{free_port()}"), "other.toml")
+        r = gridbpf("lb", "run", "--config", other)
+        assert r.returncode == 2 and "interface eth0 in gb-lbctl-a is already running" in r.stderr, r.stderr
+        assert not os.path.exists("/sys/fs/bpf/gridbpf/lb/lbctl2") and xdp_prog_id(lab) == prog
 
         st = json.loads(gridbpf("lb", "status", "--json", "--instance", "lbctl", check=True).stdout)
         web = {s["name"]: s for s in st["services"]}["web"]

@@ -26,9 +26,7 @@ def site():
     with Lab("lbsite") as lab:
         s = build_site(lab)
         try:
-            s.write_configs(weights=WEIGHTS)
-            for n in s.nodes:
-                s.start_balancer(n)
+            s.start(weights=WEIGHTS)
             yield s
         finally:
             s.close()

@@ -57,9 +57,10 @@ def apply_config(dp: Datapath, cfg: _config.Config, log=lambda m: None) -> None:
 
 
 class InstanceLock:
-    """One daemon per instance (interface): an exclusive flock held for the daemon's life."""
+    """One daemon per instance name and per interface: exclusive flocks held for the daemon's
+    life (the instance names the pins, the interface is where the program attaches)."""
 
-    def __init__(self, instance: str):
+    def __init__(self, instance: str, what: str | None = None):
         os.makedirs(LOCK_DIR, exist_ok=True)
         self.path = os.path.join(LOCK_DIR, f"lb-{instance}.pid")
         self.f = open(self.path, "a+")
@@ -70,7 +71,8 @@ class InstanceLock:
             pid = self.f.read().strip() or "?"
             self.f.close()
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise LbError(f"a balancer for instance {instance!r} is already running (pid {pid})") from None
+                raise LbError(f"a balancer for {what or 'instance ' + repr(instance)} is already "
+                              f"running (pid {pid})") from None
             raise
         self.f.seek(0)
         self.f.truncate()
@@ -101,6 +103,14 @@ class Daemon:
             raise _config.ConfigError(f"{self.cfg_path}: balancer.interface: {e}") from None
         self.cfg = cfg
         self.lock = InstanceLock(cfg.instance)
+        try:
+            where = f"{cfg.netns or 'host'}-{cfg.interface}"
+            self.iface_lock = InstanceLock(f"if-{where}", f"interface {cfg.interface}" +
+                                           (f" in {cfg.netns}" if cfg.netns else ""))
+        except BaseException:
+            self.lock.release()
+            self.lock = None
+            raise
         try:
             self.dp = Datapath.create(cfg.instance, cfg.table_size, cfg.conntrack_size)
             # a crashed predecessor may have left pins (the lock is free, so nobody uses them)
@@ -168,7 +178,9 @@ class Daemon:
             self.dp.close()
         if self.lock:
             self.lock.release()
-        self.dp = self.link = self.health = self.metrics = self.lock = None
+        if getattr(self, "iface_lock", None):
+            self.iface_lock.release()
+        self.dp = self.link = self.health = self.metrics = self.lock = self.iface_lock = None
 
 
 def run(cfg_path: str) -> int:

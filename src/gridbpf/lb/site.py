@@ -104,6 +104,13 @@ class Site:
                 f.write(self.config_text(node, port, **kw))
             self.configs[node.name] = path
 
+    def start(self, **config) -> "Site":
+        """Write every node's lb.toml (keyword arguments: see config_text) and start them all."""
+        self.write_configs(**config)
+        for n in self.nodes:
+            self.start_balancer(n)
+        return self
+
     def start_balancer(self, node: Host, timeout: float = 20) -> subprocess.Popen:
         """`gridbpf lb run` for NODE, in the root namespace (pins live in the host's bpffs);
         returns once its pins exist."""
@@ -183,8 +190,14 @@ def stop_nginx(host: Host) -> None:
 
 def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2",
                nginx: bool = True) -> Site:
-    """Build the site's namespaces, links, routes and nginx backends (balancers not started:
-    call site.write_configs() and site.start_balancer(node))."""
+    """Build the site's namespaces, links, routes and nginx backends. Balancers are not
+    started: site.start() (or write_configs() then start_balancer(node) per node). The demo:
+
+        with Lab("demo") as lab:
+            site = build_site(lab).start()
+            try: ... site.client.run(["curl", f"http://{site.vip4}/whoami"]); site.status(site.nodes[0])
+            finally: site.close()
+    """
     client, router, switch = lab.host("client"), lab.host("router", forwarding=True), lab.host("switch")
     lab.link(client, router, ["10.1.0.2/24", "fd00:1::2/64"], ["10.1.0.1/24", "fd00:1::1/64"], "eth0", "eth0")
     lab.bridge(switch, "br0")
