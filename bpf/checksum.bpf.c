@@ -53,6 +53,7 @@ enum unfollowed_reason {
 	R_CLOBBERED = 1 << 11,   /* the per-CPU buffer was reused under us */
 	R_POSITION = 1 << 12,    /* file position moved unexpectedly during a write */
 	R_BAD_IOV = 1 << 13,     /* the iovec array could not be walked */
+	R_MISSED_EXIT = 1 << 14, /* a write entered but its exit was never seen */
 };
 
 enum event_type { EV_RANGE = 1, EV_CLOSE = 2, EV_RENAME = 3 };
@@ -469,6 +470,23 @@ int ck_exit_creat(struct trace_event_raw_sys_exit *ctx) { return on_open_exit(ct
 
 /* ---- writes ------------------------------------------------------------------------------- */
 
+/* A thread's previous write never reached its exit (we were not attached, or the kernel skipped
+ * our program): its bytes are not in the sum, so its file cannot be trusted. */
+static __always_inline void stale_exit(__u32 tid)
+{
+	struct pending_write *old = bpf_map_lookup_elem(&pending, &tid);
+	struct fstate *st;
+
+	if (!old)
+		return;
+	st = bpf_map_lookup_elem(&inodes, &old->inode);
+	if (st) {
+		mark(st, R_MISSED_EXIT);
+		__sync_fetch_and_add(&st->inflight, -1);
+	}
+	bpf_map_delete_elem(&pending, &tid);
+}
+
 static __always_inline int on_write_enter(struct trace_event_raw_sys_enter *ctx, __s64 pos, __u32 kind,
 					  bool rwf_append)
 {
@@ -508,6 +526,7 @@ static __always_inline int on_write_enter(struct trace_event_raw_sys_enter *ctx,
 	p.seq = __sync_fetch_and_add(&st->enters, 1) + 1;
 
 	tid = (__u32)bpf_get_current_pid_tgid();
+	stale_exit(tid);
 	if (bpf_map_update_elem(&pending, &tid, &p, BPF_ANY)) {
 		stat_add(ST_PENDING_FULL, 1);
 		mark(st, R_PENDING_FULL);
@@ -613,10 +632,12 @@ static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 	pp = bpf_map_lookup_elem(&pending, &tid);
 	if (!pp)
 		return 0;
+	if (pp->nr != (__s32)ctx->id) {
+		stale_exit(tid);
+		return 0;
+	}
 	p = *pp;
 	bpf_map_delete_elem(&pending, &tid);
-	if (p.nr != (__s32)ctx->id)
-		return 0; /* left by an enter whose exit we never saw (cannot happen once attached) */
 	st = bpf_map_lookup_elem(&inodes, &p.inode);
 	if (!st)
 		return 0;
