@@ -55,6 +55,14 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_io)
 
+    p = verbs.add_parser("tcp", help="per peer: bytes, RTT, retransmits, resets, state changes")
+    add_target_args(p)
+    p.add_argument("--duration", type=_duration, default=0, help="stop after this long (default: "
+                   "until interrupted)")
+    p.add_argument("--interval", type=_duration, default=0, help="print the table this often")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_tcp)
+
 
 class _Stop:
     """SIGTERM/SIGINT end the loop cleanly (links detached on the way out)."""
@@ -157,4 +165,16 @@ def cmd_io(args) -> int:
         st = tr.stats()
         if any(st.values()):
             print(f"gridbpf: losses: {st}", file=sys.stderr)
+    return 0
+
+
+def cmd_tcp(args) -> int:
+    from .tcp import TcpTracer, format_table
+    with TcpTracer(spec_from_args(args)) as tr:
+        def report():
+            peers = tr.peers()
+            _out(json.dumps({"peers": peers, "stats": tr.stats()}) if args.json
+                 else format_table(peers) + "\n")
+        _run_loop(tr, args, report)
+        report()
     return 0
