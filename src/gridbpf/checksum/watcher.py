@@ -19,7 +19,7 @@ from .targets import Target
 
 AT_FDCWD = -100
 # Names of the unfollowed reasons, counters and record kinds come from the object's BTF enums
-# (enum unfollowed_reason, stat_index, event_type in checksum.bpf.c): see _enums().
+# (enum unfollowed_reason, stat_index, event_type in checksum.bpf.c), see _enum().
 MISSED_RUNS_REASON = "kernel-skipped-program-runs"   # set in userspace, from recursion_misses
 
 PENDING_SECONDS = 10.0        # how long a closed file may stay missing, waiting for its rename
@@ -309,7 +309,12 @@ class Watcher:
         source = "kernel" if value is not None else "userspace"
         if value is None:
             try:
+                before = os.stat(path)
                 value, size = adler.file_adler32(path)
+                if _changed(before, os.stat(path)):
+                    # Written again while we read it: its writer's next close reports it.
+                    return self._result(closed, path, "not-stored: changing while read",
+                                        stored=False, source=source, why=why)
                 ev = dict(ev, size=size)
                 if self.store:
                     xattr.store(path, value)
@@ -341,6 +346,10 @@ def dict_closed(closed: _Closed, ev: dict) -> _Closed:
 def _kernel_dev(st_dev: int) -> int:
     """st_dev (userspace dev_t encoding) -> the kernel's s_dev (MAJOR << 20 | MINOR)."""
     return os.major(st_dev) << 20 | os.minor(st_dev)
+
+
+def _changed(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_ino, a.st_size, a.st_mtime_ns) != (b.st_ino, b.st_size, b.st_mtime_ns)
 
 
 def _same_inode(path: str, ev: dict) -> bool:
