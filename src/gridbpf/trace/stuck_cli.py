@@ -63,6 +63,15 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="the report as JSON")
     p.set_defaults(func=cmd_tcp)
 
+    p = verbs.add_parser("mem", help="RSS over time, page faults, mmap/brk growth, JVM GC pauses")
+    add_target_args(p)
+    p.add_argument("--duration", type=_duration, default=0, help="stop after this long (default: "
+                   "until interrupted)")
+    p.add_argument("--interval", type=_duration, default=1.0, help="sample this often (1s)")
+    p.add_argument("--no-gc", action="store_true", help="do not hook the JVM's GC probes")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample and process")
+    p.set_defaults(func=cmd_mem)
+
 
 class _Stop:
     """SIGTERM/SIGINT end the loop cleanly (links detached on the way out)."""
@@ -175,6 +184,20 @@ def cmd_tcp(args) -> int:
             peers = tr.peers()
             _out(json.dumps({"peers": peers, "stats": tr.stats()}) if args.json
                  else format_table(peers) + "\n")
+        _run_loop(tr, args, report)
+        report()
+    return 0
+
+
+def cmd_mem(args) -> int:
+    from .mem import MemTracer, format_row
+    if args.interval <= 0:
+        raise ValueError("--interval must be positive")
+    with MemTracer(spec_from_args(args), gc=not args.no_gc) as tr:
+        def report():
+            for row in tr.sample():
+                _out(json.dumps(row) if args.json else format_row(row))
+        report()
         _run_loop(tr, args, report)
         report()
     return 0
