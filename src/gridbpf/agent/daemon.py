@@ -107,20 +107,22 @@ class HttpAgent:
         s = self.tracer.stats()
         return {(k,): v for k, v in s.items() if k in STAT_NAMES or k == "events_lost"}
 
-    def _labels(self, hdrs: list[bytes]) -> list[tuple]:
-        """(method, route) per request line, cached by the line itself: repeated requests cost
-        one dict lookup. The cache is bounded; a miss parses and routes the line."""
-        cache, out = self._line_cache, []
-        for h in hdrs:
-            line = h.split(b"\r\n", 1)[0]
-            hit = cache.get(line)
-            if hit is None:
-                method, path, _ = parse_request_line(line + b"\r\n")
-                hit = (method if method in KNOWN_METHODS else OVERFLOW, self.routes.route(path))
+    def _group(self, hdrs: list[bytes], statuses: list[int]) -> tuple[list[tuple], np.ndarray]:
+        """Label tuples of a batch, grouped: (distinct tuples, index per request). The tuple of
+        a (request line, status) pair is cached, so repeated requests cost two dict lookups;
+        a miss parses the line and routes its path. The cache is bounded."""
+        cache, groups, inv = self._line_cache, {}, []
+        for h, st in zip(hdrs, statuses):
+            key = (h.split(b"\r\n", 1)[0], st)
+            lab = cache.get(key)
+            if lab is None:
+                method, path, _ = parse_request_line(key[0] + b"\r\n")
+                lab = (method if method in KNOWN_METHODS else OVERFLOW, str(st) if st else "",
+                       self.routes.route(path))
                 if len(cache) < 100_000:
-                    cache[line] = hit
-            out.append(hit)
-        return out
+                    cache[key] = lab
+            inv.append(groups.setdefault(lab, len(groups)))
+        return list(groups), np.array(inv, np.int64)
 
     def record_array(self, reqs) -> None:
         """One drained batch of request records into the histograms, from the columns: no
@@ -129,21 +131,18 @@ class HttpAgent:
             return
         self.requests += len(reqs)
         pipelined = (reqs["pipe_idx"] > 0) | ((reqs["flags"] & F_PIPELINED) > 0)
-        simple = reqs[~pipelined]
+        simple = reqs[~pipelined] if pipelined.any() else reqs
         if len(simple):
-            mr = self._labels(simple["hdr"].tolist())
-            status = [str(x) if x else "" for x in simple["status"].tolist()]
-            labels = [(m, st, r) for (m, r), st in zip(mr, status)]
-            dur = (simple["end_ns"] - simple["start_ns"]) / 1e9
-            self.duration.observe_many(dur, labels)
+            keys, inv = self._group(simple["hdr"].tolist(), simple["status"].tolist())
+            self.duration.observe_grouped((simple["end_ns"] - simple["start_ns"]) / 1e9, keys, inv)
             for fam, head, hlen, total in (
                     (self.req_body, "hdr", "hdr_len", "req_bytes"),
                     (self.resp_body, "resp_hdr", "resp_hdr_len", "resp_bytes")):
                 hl = head_lengths(simple[head], simple[hlen])
-                ok = np.nonzero(hl >= 0)[0]
-                if len(ok):
+                ok = hl >= 0
+                if ok.any():
                     body = np.maximum(simple[total][ok].astype(np.int64) - hl[ok], 0)
-                    fam.observe_many(body, [labels[i] for i in ok.tolist()])
+                    fam.observe_grouped(body, keys, inv[ok])
         if pipelined.any():       # rare: the full decoder splits pipelined captures
             self._record_requests(self.tracer.decode(reqs[pipelined]))
         if self.otlp is not None and self.otlp.provider is not None:

@@ -63,17 +63,21 @@ class HistogramFamily:
 
     def observe_many(self, values, labels: list[tuple]) -> None:
         """Add VALUES (array-like), the i-th with label tuple LABELS[i]."""
+        keys, inverse = group_labels(labels)
+        self.observe_grouped(values, keys, inverse)
+
+    def observe_grouped(self, values, keys: list[tuple], inverse: np.ndarray) -> None:
+        """Add VALUES, the i-th with label tuple KEYS[INVERSE[i]] (see group_labels): callers
+        that fill several families from one batch group it once."""
         values = np.asarray(values, dtype=np.float64)
         if not len(values):
             return
-        # group the batch by label set (one dict lookup per value), then bucket each group at once
-        groups: dict[tuple, int] = {}
-        inverse = np.fromiter((groups.setdefault(k, len(groups)) for k in labels), np.int64,
-                              count=len(values))
         idx = np.searchsorted(np.asarray(self.bounds, np.float64), values, side="left")
         with self.lock:
-            for key, k in groups.items():
+            for k, key in enumerate(keys):
                 sel = inverse == k
+                if not sel.any():
+                    continue
                 v = values[sel]
                 s = self._series_for(key, len(v))
                 s.buckets += np.bincount(idx[sel], minlength=len(self.bounds) + 1)
@@ -90,6 +94,14 @@ class HistogramFamily:
     @property
     def prometheus_name(self) -> str:
         return prometheus_name(self.name, self.unit)
+
+
+def group_labels(labels: list[tuple]) -> tuple[list[tuple], np.ndarray]:
+    """(distinct label tuples, index of each value's tuple): one dict lookup per value."""
+    groups: dict[tuple, int] = {}
+    inverse = np.fromiter((groups.setdefault(k, len(groups)) for k in labels), np.int64,
+                          count=len(labels))
+    return list(groups), inverse
 
 
 @dataclass
