@@ -496,3 +496,30 @@ def test_renamed_after_close_by_another_process(files, monkeypatch):
     subprocess.run(["mv", tmp, final], check=True)
     r = check_right(files, final, "kernel")
     assert r.path == final
+
+
+def test_cli_watch_serves_metrics():
+    import urllib.request
+    root = tempfile.mkdtemp(prefix="ck-metrics-", dir="/dev/shm")
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "gridbpf", "checksum", "watch", "--path", root,
+                             "--json", "--metrics-port", "0", "--count", "2", "--duration", "60"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        url = json.loads(proc.stdout.readline())["metrics"]     # printed once attached
+        with open(os.path.join(root, "a"), "wb") as f:
+            f.write(b"m" * 1000)
+        row = json.loads(proc.stdout.readline())
+        assert row["source"] == "kernel" and row["adler32"] == adler.fmt(zlib.adler32(b"m" * 1000))
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'gridbpf_checksum_files_total{source="kernel",status="stored"} 1.0' in text, text
+        assert 'gridbpf_checksum_kernel_total{counter="closes"} 1.0' in text
+        with open(os.path.join(root, "b"), "wb") as f:     # the second file ends the watch
+            f.write(b"n")
+        proc.wait(30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root)

@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     w.add_argument("--no-store", action="store_true", help="compute and report, do not set the attribute")
     w.add_argument("--duration", type=float, help="stop after this many seconds")
     w.add_argument("--count", type=int, help="stop after this many files")
+    w.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus /metrics on 127.0.0.1:PORT (0 picks one)")
     w.add_argument("--json", action="store_true", help="one JSON object per line")
     w.set_defaults(func=cmd_watch)
 
@@ -44,12 +46,25 @@ def cmd_watch(args) -> int:
     old = signal.signal(signal.SIGTERM, handler)
     seen = 0
     deadline = time.monotonic() + args.duration if args.duration else None
+    server = None
     with Watcher(args.path, target, store=not args.no_store) as w:
+        source = w
+        if args.metrics_port is not None:
+            from ..export.metrics import Registry
+            from ..export.prometheus import MetricsServer
+            from .collector import ChecksumCollector
+            registry = Registry()
+            source = ChecksumCollector(registry, w)
+            server = MetricsServer(registry, args.metrics_port)
+        where = f"; /metrics on {server.addr}:{server.port}" if server else ""
         if not args.json:
-            print(f"watching {', '.join(w.dirs)} for {target.description}", file=sys.stderr, flush=True)
+            print(f"watching {', '.join(w.dirs)} for {target.description}{where}", file=sys.stderr,
+                  flush=True)
+        elif server:
+            print(json.dumps({"metrics": f"http://{server.addr}:{server.port}/metrics"}), flush=True)
         try:
             while not stop and (deadline is None or time.monotonic() < deadline):
-                for r in w.poll(200):
+                for r in source.poll(200):
                     seen += 1
                     if args.json:
                         print(json.dumps(r.as_dict()), flush=True)
@@ -64,6 +79,8 @@ def cmd_watch(args) -> int:
         finally:
             signal.signal(signal.SIGTERM, old)
             stats = w.stats()
+            if server:
+                server.close()
     if args.json:
         print(json.dumps({"stats": stats}), flush=True)
     else:
