@@ -99,8 +99,10 @@ struct {
 	__type(value, struct lb_service_ctl);
 } lb_service_ctl SEC(".maps");
 
+/* memory-mapped: the control plane scans all 4096 entries as one numpy array */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, LB_MAX_BACKENDS);
 	__type(key, __u32);
 	__type(value, struct lb_backend_ctl);

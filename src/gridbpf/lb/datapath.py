@@ -101,6 +101,7 @@ class Datapath:
         self.maps = {n: obj.map(n) for n in MAPS}
         self._ring_mm = None
         self._ring = None
+        self._views: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -152,7 +153,22 @@ class Datapath:
         if self._ring_mm is not None:
             self._ring_mm.close()
             self._ring_mm = None
+        self._views.clear()      # the mappings go with their last numpy view
         self.obj.close()
+
+    def view(self, name: str) -> np.ndarray:
+        """A memory-mapped array map (BPF_F_MMAPABLE) as a numpy structured array, its dtype
+        from BTF (elements are 8-byte aligned in the kernel)."""
+        if name not in self._views:
+            m = self.maps[name]
+            dt = self.obj.btf.dtype(m.value_type)
+            stride = (dt.itemsize + 7) // 8 * 8
+            dt = np.dtype({"names": dt.names, "formats": [dt.fields[n][0] for n in dt.names],
+                           "offsets": [dt.fields[n][1] for n in dt.names], "itemsize": stride})
+            size = (m.max_entries * stride + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            mm = mmap.mmap(m.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._views[name] = (mm, np.frombuffer(mm, dtype=dt, count=m.max_entries))
+        return self._views[name][1]
 
     @contextlib.contextmanager
     def locked(self):
@@ -207,7 +223,10 @@ class Datapath:
             out[name] = s
             by_id[s.id] = s
         bes = self.maps["lb_backends"]
-        for bid, c in self.maps["lb_backend_ctl"].lookup_batch():
+        ctl_all = self.view("lb_backend_ctl")
+        for bid in np.nonzero(ctl_all["used"])[0]:
+            bid = int(bid)
+            c = self.maps["lb_backend_ctl"][bid]
             if not c.used or c.service not in by_id:
                 continue
             b = bes.get(bid)
@@ -288,9 +307,10 @@ class Datapath:
         if svc.mode == "dsr-l2" and ipaddress.ip_address(addr).version != svc.family:
             raise LbError(f"backend {addr} is not of the family of VIP {svc.vip} (dsr-l2)")
         ctl = self.maps["lb_backend_ctl"]
-        free = next((bid for bid, c in ctl.lookup_batch() if bid > 0 and not c.used), None)
-        if free is None:
+        unused = np.nonzero(self.view("lb_backend_ctl")["used"][1:] == 0)[0]
+        if not len(unused):
             raise LbError("no room for another backend")
+        free = int(unused[0]) + 1               # id 0 means "no backend"
         old = self.maps["lb_backends"].get(free)
         gen = (old.gen + 1) & 0xFFFFFFFF or 1
         self.maps["lb_backends"][free] = {"addr": addr_words(addr), "mac": mac_bytes(mac),

@@ -79,7 +79,9 @@ class HealthChecker(threading.Thread):
                 self.round()
             except Exception as e:   # the checker must outlive a bad round (e.g. a race with a command)
                 self.log(f"lb health: {type(e).__name__}: {e}")
-            self._halt.wait(0.1)
+            # sleep until the next check is due (at most 1 s: backends added by commands)
+            now = time.monotonic()
+            self._halt.wait(min(1.0, max(0.02, min(self._next.values(), default=now + 1.0) - now)))
 
     def round(self) -> None:
         now = time.monotonic()
