@@ -38,7 +38,11 @@ class Frame:
 class SymbolTable:
     """Sorted (start, size, name) entries; lookup returns (name, offset) or None."""
 
-    def __init__(self, entries: list[tuple[int, int, str]]):
+    def __init__(self, entries: list[tuple[int, int, str]], unsized_max: int | None = None):
+        # unsized_max: how far a symbol without a size may reach (None: to the next symbol,
+        # right for kallsyms; ELF files get a bound, or an address in a stripped static
+        # function would take the name of whatever exported symbol precedes it)
+        self.unsized_max = unsized_max
         entries.sort()
         self.starts = [e[0] for e in entries]
         self.entries = entries
@@ -50,6 +54,8 @@ class SymbolTable:
         start, size, name = self.entries[i]
         # Symbols without a size (assembly, kallsyms) cover up to the next symbol.
         if size and addr >= start + size:
+            return None
+        if not size and self.unsized_max is not None and addr - start >= self.unsized_max:
             return None
         return name, addr - start
 
@@ -112,7 +118,7 @@ class ElfFile:
         for e in entries:
             if e[0] not in seen or (not seen[e[0]][1] and e[1]):
                 seen[e[0]] = e
-        self.symbols = SymbolTable(list(seen.values()))
+        self.symbols = SymbolTable(list(seen.values()), unsized_max=4096)
 
     def vaddr(self, file_offset: int) -> int | None:
         for off, vaddr, size in self.segments:
