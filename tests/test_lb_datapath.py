@@ -160,6 +160,7 @@ def _check_outer(dp, svc, res, pkt, client, sport):
     vip, port, proto, mode, bes = SERVICES[svc]
     addr, mac, h = expected(dp, svc, client, sport)
     inner = bytes(pkt)[14:]
+    tos = pkt[IPv6].tc if IPv6 in pkt else pkt[IP].tos     # copied to the outer header
     out = Ether(res.data)
     assert out.dst == mac and out.src == LB_MAC
     outer6 = ":" in addr
@@ -168,7 +169,7 @@ def _check_outer(dp, svc, res, pkt, client, sport):
         o = IPv6(res.data[14:])
         assert out.type == 0x86DD
         assert o.version == 6 and o.hlim == 64 and o.dst == addr
-        assert o.tc == 0x28                                    # traffic class copied from the inner packet
+        assert o.tc == tos                                     # traffic class copied from the inner packet
         assert o.fl == h & 0xFFFFF                             # flow label carries the flow hash
         assert o.plen == len(inner) + udp_len
         assert o.src == str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("fd00:ffff::")) | (h & 0xFFFFFFFF)))
@@ -178,7 +179,7 @@ def _check_outer(dp, svc, res, pkt, client, sport):
         o = IP(res.data[14:])
         assert out.type == 0x0800
         assert o.version == 4 and o.ihl == 5 and o.ttl == 64 and o.dst == addr
-        assert o.tos == 0x28 and o.frag == 0 and o.flags == 0
+        assert o.tos == tos and o.frag == 0 and o.flags == 0
         assert o.len == 20 + udp_len + len(inner)
         assert o.src == str(ipaddress.IPv4Address(int(ipaddress.IPv4Address("172.16.0.0")) | (h & 0xFFFF)))
         # recompute independently: scapy fills the checksum when the field is deleted
@@ -230,13 +231,13 @@ def test_decap_leaves_plain_traffic_alone(decap):
     assert decap.map("decap_reasons").sum(3) == n + 1
 
 
-@pytest.mark.parametrize("v6", [False, True])
-def test_icmp_errors_follow_their_flow(dp, v6):
-    svc = "tcp6" if v6 else "tcp4"
-    vip, port = SERVICES[svc][0], SERVICES[svc][1]
+@pytest.mark.parametrize("svc", ["tcp4", "tcp6", "ipip4", "ipip6", "gue64", "ipip46"])
+def test_icmp_errors_follow_their_flow(dp, svc):
+    vip, port, _proto, mode = SERVICES[svc][:4]
+    v6 = ":" in vip
     client = C6 if v6 else C4
     sport = 43000
-    # the packet that was too big: the backend's reply VIP:80 -> client:43000
+    # the packet that was too big: the backend's reply VIP:port -> client:43000
     if v6:
         quoted = IPv6(src=vip, dst=client) / TCP(sport=port, dport=sport, flags="A") / Raw(b"x" * 100)
         err = Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src="fd00:1::1", dst=vip) / ICMPv6PacketTooBig(mtu=1280) / quoted
@@ -247,10 +248,13 @@ def test_icmp_errors_follow_their_flow(dp, v6):
     fwd_icmp = dp.reasons()["fwd_icmp"]
     res = run(dp, err)
     assert res.retval == XDP_TX
-    assert Ether(res.data).dst == expected(dp, svc, client, sport)[1]     # the flow's hash choice
-    assert res.data[12:] == bytes(err)[12:]
     assert dp.reasons()["fwd_icmp"] == fwd_icmp + 1
     assert len(list(dp.maps["lb_conntrack"].keys())) == n_ct             # errors create no flows
+    if mode == "dsr-l2":
+        assert Ether(res.data).dst == expected(dp, svc, client, sport)[1]     # the flow's hash choice
+        assert res.data[12:] == bytes(err)[12:]
+    else:   # encapsulated toward the flow's backend, the error itself unchanged inside
+        _check_outer(dp, svc, res, err, client, sport)
     # the flow is pinned elsewhere in the connection table: the error follows the table
     want, _, _ = expected(dp, svc, client, sport)
     other = next(b for a, b in dp.service(svc).backends.items() if a != want)
