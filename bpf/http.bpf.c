@@ -180,7 +180,8 @@ static __always_inline void start_request(struct http_conn *c, __u32 tid, __u64 
 	ev->flags = c->tls ? HTTP_F_TLS : 0;
 	ev->pipe_idx = 0;
 	ev->hdr_len = 0;
-	ev->resp_hdr_len = 0;
+	ev->resp_head_len = 0;
+	ev->interim_bytes = 0;
 	if (bpf_probe_read_user(ev->hdr, cap, (void *)buf) == 0)
 		ev->hdr_len = cap;
 	else
@@ -211,17 +212,25 @@ static __always_inline __u16 parse_status(const char *s)
 	return (s[9] - '0') * 100 + (s[10] - '0') * 10 + (s[11] - '0');
 }
 
-/* Keep the head of the final response: its status, and where its body starts. */
-static __always_inline __u16 capture_response(struct http_conn *c, __u64 buf, __u64 seglen, long n)
+/*
+ * The first write of a response: its status, and the head's length when the write's first
+ * segment is exactly the head (it ends with CRLF CRLF and was written whole). Two small reads
+ * instead of copying the head: the body size follows from the byte count.
+ */
+static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf, __u64 seglen,
+						 long n)
 {
-	__u64 cap = (__u64)n < seglen ? (__u64)n : seglen;
+	char head[HTTP_STATUS_CAP] = {};
+	__u32 tail = 0;
 
-	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(cap) : "i"(HTTP_RESP_CAP));
-	c->ev.resp_hdr_len = 0;
-	if (cap < 12 || bpf_probe_read_user(c->ev.resp_hdr, cap, (void *)buf))
+	c->ev.resp_head_len = 0;
+	if (seglen < 12 || bpf_probe_read_user(head, sizeof(head), (void *)buf))
 		return 0;
-	c->ev.resp_hdr_len = cap;
-	return parse_status(c->ev.resp_hdr);
+	if (seglen <= (__u64)n && seglen <= 0xffffffff &&
+	    bpf_probe_read_user(&tail, 4, (void *)(buf + seglen - 4)) == 0 &&
+	    tail == 0x0a0d0a0d)           /* "\r\n\r\n" as a little-endian u32 */
+		c->ev.resp_head_len = seglen;
+	return parse_status(head);
 }
 
 static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 seglen, long n,
@@ -235,12 +244,13 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 		return;
 	}
 	if (c->state == HTTP_CS_REQ) {
-		status = capture_response(c, buf, seglen, n);
+		status = read_response_start(c, buf, seglen, n);
 		if (status >= 100 && status < 200 && status != 101) {
 			/* 100 Continue: the body is still to be read; the final response comes later */
 			c->ev.flags |= HTTP_F_INTERIM;
 			c->ev.resp_bytes += n;
-			c->ev.resp_hdr_len = 0;
+			c->ev.interim_bytes += n;
+			c->ev.resp_head_len = 0;
 			return;
 		}
 		c->state = HTTP_CS_RESP;
@@ -257,7 +267,8 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 			c->ev.req_bytes = 0;
 			c->ev.resp_bytes = 0;
 			c->ev.ttfb_ns = now;
-			c->ev.status = capture_response(c, buf, seglen, n);
+			c->ev.interim_bytes = 0;
+			c->ev.status = read_response_start(c, buf, seglen, n);
 		}
 	}
 	c->ev.resp_bytes += n;

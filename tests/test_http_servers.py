@@ -47,7 +47,8 @@ class RawClient:
             self.buf += self._recv()
         self.buf = self.buf[end + length:]
         return {"method": method, "path": path, "status": status,
-                "request_bytes": len(head) + body_len, "response_bytes": end + length}
+                "request_bytes": len(head) + body_len, "response_bytes": end + length,
+                "request_body_bytes": body_len, "response_body_bytes": length}
 
     def _recv(self):
         d = self.s.recv(65536)
@@ -75,7 +76,9 @@ def run_steps(port, tls):
 
 def check(reqs, want, pid, tls):
     got = [{"method": r.method, "path": r.path, "status": r.status,
-            "request_bytes": r.request_bytes, "response_bytes": r.response_bytes} for r in reqs]
+            "request_bytes": r.request_bytes, "response_bytes": r.response_bytes,
+            "request_body_bytes": r.request_body_bytes, "response_body_bytes": r.response_body_bytes}
+           for r in reqs]
     assert got == want
     for r in reqs:
         assert r.pid == pid and r.tls == tls and r.version == "HTTP/1.1"

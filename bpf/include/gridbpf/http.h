@@ -4,9 +4,7 @@
 
 /* Bytes of the request kept per request: request line and the first headers. Power of two. */
 #define HTTP_HDR_CAP 256
-/* Bytes of the response head kept (status line and headers: userspace finds the body size). */
-#define HTTP_RESP_CAP 256
-/* Bytes looked at in later writes of a response, for a pipelined response's status line. */
+/* Bytes read from the start of a response write: "HTTP/1.1 200 " (status, pipelining). */
 #define HTTP_STATUS_CAP 16
 
 enum http_event_kind {
@@ -58,10 +56,16 @@ struct http_event {
 	__u16 flags;             /* enum http_flags */
 	__u16 hdr_len;           /* valid bytes in hdr */
 	__u16 pipe_idx;          /* index of the request within a pipelined read */
-	__u16 resp_hdr_len;      /* valid bytes in resp_hdr */
-	__u16 _pad;
+	/*
+	 * Response head length: the first write's first segment when it ends with CRLF CRLF
+	 * (servers write the head as one buffer: nginx's first iovec, the JDK, Python), else 0
+	 * (unknown). The body size is then resp_bytes - interim_bytes - resp_head_len, without
+	 * copying the head anywhere.
+	 */
+	__u32 resp_head_len;
+	__u32 interim_bytes;     /* bytes of interim 1xx responses (100 Continue) */
+	__u32 _pad;
 	char hdr[HTTP_HDR_CAP];  /* the request's first bytes */
-	char resp_hdr[HTTP_RESP_CAP]; /* the final response's first bytes */
 };
 
 struct http_conn_key {

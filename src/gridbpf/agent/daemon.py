@@ -17,7 +17,8 @@ import numpy as np
 
 from ..export.metrics import DURATION_BUCKETS, OVERFLOW, SIZE_BUCKETS, Registry
 from ..export.prometheus import MetricsServer
-from ..trace.http import F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths, parse_request_line
+from ..trace.http import (F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths,
+                          parse_request_line, response_body_sizes)
 from .config import AgentConfig
 from .routes import Routes
 
@@ -135,14 +136,12 @@ class HttpAgent:
         if len(simple):
             keys, inv = self._group(simple["hdr"].tolist(), simple["status"].tolist())
             self.duration.observe_grouped((simple["end_ns"] - simple["start_ns"]) / 1e9, keys, inv)
-            for fam, head, hlen, total in (
-                    (self.req_body, "hdr", "hdr_len", "req_bytes"),
-                    (self.resp_body, "resp_hdr", "resp_hdr_len", "resp_bytes")):
-                hl = head_lengths(simple[head], simple[hlen])
-                ok = hl >= 0
+            hl = head_lengths(simple["hdr"], simple["hdr_len"])
+            req_body = np.where(hl >= 0, np.maximum(simple["req_bytes"].astype(np.int64) - hl, 0), -1)
+            for fam, body in ((self.req_body, req_body), (self.resp_body, response_body_sizes(simple))):
+                ok = body >= 0
                 if ok.any():
-                    body = np.maximum(simple[total][ok].astype(np.int64) - hl[ok], 0)
-                    fam.observe_grouped(body, keys, inv[ok])
+                    fam.observe_grouped(body[ok], keys, inv[ok])
         if pipelined.any():       # rare: the full decoder splits pipelined captures
             self._record_requests(self.tracer.decode(reqs[pipelined]))
         if self.otlp is not None and self.otlp.provider is not None:

@@ -274,7 +274,7 @@ class HttpTracer:
         ttfb_ns = reqs["ttfb_ns"]
         ttfb = np.where(ttfb_ns > 0, (ttfb_ns - start) / 1e9, -1.0).tolist()
         hdrs, hlens = reqs["hdr"].tolist(), reqs["hdr_len"].tolist()
-        rhdrs, rhlens = reqs["resp_hdr"].tolist(), reqs["resp_hdr_len"].tolist()
+        resp_body = response_body_sizes(reqs).tolist()
         caddr = [bytes(c) for c in reqs["caddr"]]
         cols = [reqs[k].tolist() for k in ("pid", "tid", "family", "cport", "status", "flags",
                                            "pipe_idx", "req_bytes", "resp_bytes")]
@@ -292,7 +292,7 @@ class HttpTracer:
                 wall[i], pid, tid, client, port, method, path, version, status, qb, rb, dur[i],
                 ttfb[i] if ttfb[i] >= 0 else None, bool(flags & F_TLS),
                 [n for b, n in FLAG_NAMES.items() if flags & b] if flags else [],
-                _body(hdr, qb, pipe), _body(rhdrs[i][:rhlens[i]], rb)))
+                _body(hdr, qb, pipe), resp_body[i] if resp_body[i] >= 0 else None))
         self.requests_seen += len(out)
         return out
 
@@ -350,6 +350,13 @@ class HttpTracer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def response_body_sizes(reqs: np.ndarray) -> np.ndarray:
+    """Response body bytes per record, -1 where the kernel could not tell the head's length."""
+    head = reqs["resp_head_len"].astype(np.int64)
+    body = reqs["resp_bytes"].astype(np.int64) - reqs["interim_bytes"] - head
+    return np.where(head > 0, np.maximum(body, 0), -1)
 
 
 def head_lengths(heads: np.ndarray, lens: np.ndarray) -> np.ndarray:
