@@ -114,6 +114,7 @@ class Site:
     def start_balancer(self, node: Host, timeout: float = 20) -> subprocess.Popen:
         """`gridbpf lb run` for NODE, in the root namespace (pins live in the host's bpffs);
         returns once its pins exist."""
+        _kill_leftover(self.instance(node))
         log = open(os.path.join(self.lab.workdir, f"lb-{node.name}.log"), "ab")
         p = subprocess.Popen([sys.executable, "-m", "gridbpf", "lb", "run", "--config", self.configs[node.name]],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -161,6 +162,23 @@ class Site:
                 pass
         for o in self._pass_objs:
             o.close()
+
+
+def _kill_leftover(instance: str) -> None:
+    """A balancer of this lab's instance left running by an earlier run that was killed."""
+    try:
+        with open(f"/run/gridbpf/lb-{instance}.pid") as f:
+            pid = int(f.read().strip() or 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if b"lb" in cmd and b"run" in cmd and any(f"lb-{instance.split('-', 1)[1]}.toml".encode() in c for c in cmd):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
 
 
 def _free_port() -> int:
