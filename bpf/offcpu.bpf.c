@@ -80,13 +80,6 @@ struct offcpu_event {
 };
 GB_EXPORT_STRUCT(offcpu_event);
 
-/* Where a thread last blocked, and the stacks captured there (see record_block). */
-struct last_stack {
-	__u64 ip, sp, bp;
-	__s64 syscall;
-	__s32 kstack, ustack;
-};
-
 struct offcpu_key {
 	__u32 tgid, tid;
 	__s32 kstack, ustack;
@@ -120,13 +113,6 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);                 /* tid */
-	__type(value, struct last_stack);
-} last_stack SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u32);                 /* tid */
 	__type(value, struct insys);
 } insys SEC(".maps");
 
@@ -148,7 +134,6 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 {
 	struct blocked b = {};
 	struct blocked *old;
-	struct last_stack *last;
 	struct pt_regs *regs;
 
 	b.start_ns = now;
@@ -176,16 +161,16 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 	/*
 	 * Walking two stacks is most of the cost of a block. A thread that blocks again in the same
 	 * syscall from the same user ip, sp and bp (a server's event loop, a worker waiting for its
-	 * queue) has the same user frames: reuse the ids captured there last time.
+	 * queue) has the same user frames: reuse the ids captured there last time, found in its
+	 * previous entry (entries stay, with end_ns set, after the thread runs again).
 	 */
-	last = bpf_map_lookup_elem(&last_stack, &b.tid);
-	if (last && last->ip == b.user_ip && last->sp == b.user_sp && last->bp == b.user_bp &&
-	    last->syscall == b.syscall && b.user_ip) {
-		b.kstack = last->kstack;
-		b.ustack = last->ustack;
+	old = bpf_map_lookup_elem(&blocked, &b.tid);
+	if (old && old->end_ns && old->user_ip == b.user_ip && old->user_sp == b.user_sp &&
+	    old->user_bp == b.user_bp && old->syscall == b.syscall && b.user_ip &&
+	    old->kstack >= 0 && (old->ustack >= 0 || !user_stacks)) {
+		b.kstack = old->kstack;
+		b.ustack = old->ustack;
 	} else {
-		struct last_stack ls = {};
-
 		/* prev is current here: the helpers capture its stacks */
 		b.kstack = bpf_get_stackid(ctx, &stacks, 0);
 		if (b.kstack < 0)
@@ -196,20 +181,10 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 			if (b.ustack < 0)
 				gb_count(&stats, OFFCPU_USTACK_ERR);
 		}
-		if (b.kstack >= 0 && (b.ustack >= 0 || !user_stacks)) {
-			ls.ip = b.user_ip;
-			ls.sp = b.user_sp;
-			ls.bp = b.user_bp;
-			ls.syscall = b.syscall;
-			ls.kstack = b.kstack;
-			ls.ustack = b.ustack;
-			bpf_map_update_elem(&last_stack, &b.tid, &ls, BPF_ANY);
-		}
 	}
 	b.waker_kstack = b.waker_ustack = -1;
-	/* Entries stay (end_ns set) after a thread runs again: overwriting one in place is much
-	 * cheaper than a hash update, which allocates and frees an element. */
-	old = bpf_map_lookup_elem(&blocked, &b.tid);
+	/* Overwriting the entry in place is much cheaper than a hash update, which allocates and
+	 * frees an element. */
 	if (old)
 		__builtin_memcpy(old, &b, sizeof(b));
 	else if (bpf_map_update_elem(&blocked, &b.tid, &b, BPF_ANY))
@@ -289,14 +264,16 @@ SEC("tp_btf/sched_switch")
 int BPF_PROG(offcpu_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
 	     unsigned int prev_state)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = 0;   /* read the clock only for targets: this runs on every switch */
 
 	/* A preempted task stays runnable: that is run-queue wait, not blocking. */
 	if (!preempt && prev_state != TASK_RUNNING && !(prev_state & TASK_DEAD) &&
-	    gb_is_target(prev->tgid))
+	    gb_is_target(prev->tgid)) {
+		now = bpf_ktime_get_ns();
 		record_block(ctx, prev, prev_state, now);
+	}
 	if (gb_is_target(next->tgid))
-		finish_block(next, now);
+		finish_block(next, now ? now : bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -362,7 +339,6 @@ int BPF_PROG(offcpu_exit, struct task_struct *p)
 	bpf_map_delete_elem(&blocked, &tid);
 	bpf_map_delete_elem(&waker_mem, &tid);
 	bpf_map_delete_elem(&insys, &tid);
-	bpf_map_delete_elem(&last_stack, &tid);
 	return 0;
 }
 
