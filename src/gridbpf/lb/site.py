@@ -152,6 +152,22 @@ class Site:
                               "--instance", self.instance(node)], capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
+    def backend_totals(self) -> dict[str, dict[str, int]]:
+        """Per backend host (srv1...): packets, bytes, new flows summed over the running
+        nodes and both services (IPv4 and IPv6), from `lb status --json`."""
+        by_addr = {self.backend_addr(i, f): b.name for i, b in enumerate(self.backends) for f in (4, 6)}
+        out = {b.name: {"packets": 0, "bytes": 0, "new_flows": 0} for b in self.backends}
+        for node in self.nodes:
+            if node.name not in self.daemons:
+                continue
+            for s in self.status(node)["services"]:
+                for b in s["backends"]:
+                    name = by_addr.get(b["address"])
+                    if name:
+                        for k in out[name]:
+                            out[name][k] += b[k]
+        return out
+
     def close(self) -> None:
         for name in list(self.daemons):
             self.stop_balancer(next(n for n in self.nodes if n.name == name))
