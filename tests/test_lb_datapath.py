@@ -404,3 +404,22 @@ def test_random_and_mutated_packets(dp, raw):
     else:
         # Ethernet + outer header(s) put in front of the client's IP packet, which is unchanged
         assert res.data.endswith(raw[14:]) and len(res.data) - len(raw) in (20, 28, 40, 48)
+
+
+def test_no_sport_hash_keeps_a_client_on_one_backend(dp):
+    dp.add_service("sticky", "10.99.0.8", 443, "tcp", "dsr-l2", no_sport=True)
+    try:
+        for addr, mac in BE4:
+            dp.add_backend("sticky", addr, mac)
+        names, table = maglev.build_table({a: 1 for a, _ in BE4})
+        macs = dict(BE4)
+        seen = set()
+        for i, client in enumerate(["10.1.0.2", "10.1.7.9", "10.3.2.1", "10.8.8.8"]):
+            got = {Ether(run(dp, Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=client, dst="10.99.0.8") /
+                             TCP(sport=sp, dport=443)).data).dst for sp in range(1000 + i * 50, 1050 + i * 50)}
+            h = flow_hash(client, "10.99.0.8", 0, 443, 6, no_sport=True)
+            assert got == {macs[names[table[h % maglev.DEFAULT_SIZE]]]}   # one backend per client
+            seen |= got
+        assert len(seen) > 1                                              # clients still spread
+    finally:
+        dp.remove_service("sticky")
