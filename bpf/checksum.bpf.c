@@ -25,6 +25,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 #define FMODE_WRITE 0x2
 #define O_APPEND 02000
+#define O_TRUNC 01000
 #define S_IFMT 0170000
 #define S_IFREG 0100000
 #define MAP_SHARED 0x01
@@ -258,6 +259,13 @@ struct {
 } pending_renames SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);       /* thread id */
+	__type(value, __u8);
+} truncating SEC(".maps");    /* opens with O_TRUNC between their enter and exit */
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u32);       /* tgid */
@@ -401,15 +409,47 @@ static __always_inline int watched_dir(struct dentry *dentry, __u32 dev)
 	return -1;
 }
 
+/* O_TRUNC empties a file we may already follow: remember it for the exit. */
+static __always_inline int on_open_enter(__u64 flags)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u8 one = 1;
+
+	if ((flags & O_TRUNC) && is_target())
+		bpf_map_update_elem(&truncating, &tid, &one, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat")
+int ck_enter_openat(struct trace_event_raw_sys_enter *ctx) { return on_open_enter(ctx->args[2]); }
+SEC("tracepoint/syscalls/sys_enter_open")
+int ck_enter_open(struct trace_event_raw_sys_enter *ctx) { return on_open_enter(ctx->args[1]); }
+SEC("tracepoint/syscalls/sys_enter_creat")
+int ck_enter_creat(struct trace_event_raw_sys_enter *ctx) { return on_open_enter(O_TRUNC); }
+SEC("tracepoint/syscalls/sys_enter_openat2")
+int ck_enter_openat2(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 flags = 0;   /* struct open_how starts with the flags */
+
+	bpf_probe_read_user(&flags, sizeof(flags), (void *)ctx->args[2]);
+	return on_open_enter(flags);
+}
+
 static __always_inline int on_open_exit(long ret)
 {
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct file *f;
 	struct inode *inode;
 	struct fstate *st;
 	__u64 fkey, ikey;
+	bool truncated = false;
 	__u32 dev;
 	int dir;
 
+	if (bpf_map_lookup_elem(&truncating, &tid)) {
+		truncated = true;
+		bpf_map_delete_elem(&truncating, &tid);
+	}
 	if (ret < 0 || !is_target())
 		return 0;
 	f = current_fd_file(ret);
@@ -426,6 +466,8 @@ static __always_inline int on_open_exit(long ret)
 	fkey = (__u64)f;
 	ikey = (__u64)inode;
 	st = bpf_map_lookup_elem(&inodes, &ikey);
+	if (st && truncated)
+		mark(st, R_TRUNCATE);   /* the bytes summed so far are gone */
 	if (!st) {
 		struct fstate init = {
 			.session = __sync_fetch_and_add(&next_session, 1) + 1,

@@ -523,3 +523,16 @@ def test_cli_watch_serves_metrics():
             proc.kill()
             proc.wait()
         shutil.rmtree(root)
+
+
+def test_reopened_with_o_trunc_while_open(files):
+    """Another open with O_TRUNC empties the file under a writer: the sums so far are void."""
+    p = files.path("otrunc")
+    a = os.open(p, os.O_WRONLY | os.O_CREAT)
+    os.write(a, b"A" * 1000)
+    b = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    os.write(a, b"B" * 1000)          # lands at 1000: bytes 0..999 are now zeros
+    os.close(b)
+    os.close(a)
+    r = check_right(files, p, "userspace")
+    assert "truncate" in r.reasons
