@@ -164,3 +164,24 @@ def test_connection_accepted_before_tracing(nginx):
     assert [r.path for r in reqs] == ["/a?after=0", "/a?after=1", "/a?after=2"]
     assert all(r.port == local_port and r.client == "127.0.0.1" for r in reqs)
     compare(reqs, wait_log(nginx, 4)[1:])
+
+
+def test_exited_target_cleaned_up(nginx):
+    with HttpTracer(TargetSpec(pids=[nginx.pid])) as t:
+        workers = nginx.worker_pids()
+        socks = [socket.create_connection(("127.0.0.1", nginx.port)) for _ in range(3)]
+        time.sleep(0.2)
+        conns = t.obj.map("conns")
+        assert {k.tgid for k in conns.keys()} <= set(workers) and len(list(conns.keys())) == 3
+        os.kill(nginx.pid, signal.SIGKILL)      # master and workers gone, sockets never closed
+        for w in workers:
+            os.kill(w, signal.SIGKILL)
+        nginx.proc.wait()
+        deadline = time.monotonic() + 5
+        while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t.refresh()
+        assert t.targets() == []                 # the exit hook removed them
+        assert list(conns.keys()) == []          # and their connections were swept
+        for s in socks:
+            s.close()

@@ -91,13 +91,21 @@ def jdk():
         yield s
 
 
+# every WebDAV method and an arbitrary token method: no allow-list anywhere
+JDK_STEPS = STEPS + [("PROPPATCH", "/vo/file.bin", 120), ("LOCK", "/vo/file.bin", 200),
+                     ("UNLOCK", "/vo/file.bin", 0), ("COPY", "/vo/a", 0), ("MOVE", "/vo/b", 0),
+                     ("OPTIONS", "/", 0), ("X-GRID-REPLICATE", "/vo/c", 10)]
+
+
 def test_jdk17_httpserver(jdk):
     with HttpTracer(TargetSpec(pids=[jdk.pid])) as t:
-        want = run_steps(jdk.port, tls=False)
+        c = RawClient(jdk.port)
+        want = [c.request(m, p, n) for m, p, n in JDK_STEPS]
+        c.close()
         reqs = drain(t, len(want))
         stats = t.stats()
     check(reqs, want, jdk.pid, tls=False)
-    assert [r.status for r in reqs][-1] == 404
+    assert [r.method for r in reqs] == [m for m, _, _ in JDK_STEPS]
     # the JDK server reads on one thread and answers on pool threads: tids are real threads
     assert all(r.tid != 0 for r in reqs)
     assert stats["events_lost"] == 0
