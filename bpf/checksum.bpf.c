@@ -45,7 +45,7 @@ enum unfollowed_reason {
 	R_MMAP = 1 << 2,         /* shared mapping of the file */
 	R_TRUNCATE = 1 << 3,     /* ftruncate, or truncate(path) by a target */
 	R_FALLOCATE = 1 << 4,    /* punch hole, zero/collapse/insert range */
-	R_SPLICE = 1 << 5,       /* sendfile, splice or copy_file_range into the file */
+	R_SPLICE = 1 << 5,       /* sendfile, splice, copy_file_range or a reflink into the file */
 	R_READ_FAULT = 1 << 6,   /* the user buffer could not be read */
 	R_RANGE_LOST = 1 << 7,   /* a range record did not fit in the ring buffer */
 	R_PENDING_FULL = 1 << 8, /* no room to remember a write's arguments */
@@ -263,7 +263,14 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u32);       /* thread id */
 	__type(value, __u8);
-} truncating SEC(".maps");    /* opens with O_TRUNC between their enter and exit */
+} truncating SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);       /* tgid */
+	__type(value, __u8);
+} async_tgids SEC(".maps");   /* processes that used io_uring or aio */    /* opens with O_TRUNC between their enter and exit */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -498,6 +505,9 @@ static __always_inline int on_open_exit(long ret)
 	}
 	__sync_fetch_and_add(&st->opens, 1);
 	stat_add(ST_OPENS, 1);
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (bpf_map_lookup_elem(&async_tgids, &tgid))
+		mark(st, R_ASYNC_IO);
 	return 0;
 }
 
@@ -1092,10 +1102,42 @@ static __always_inline void mark_all(__u64 reason)
 
 SEC("tracepoint/syscalls/sys_enter_truncate")
 int ck_enter_truncate(void *ctx) { mark_all(R_TRUNCATE); return 0; }
+/* Asynchronous I/O writes without write syscalls (with SQPOLL, without any syscall at all): every
+ * followed file is marked, and so is every file the process opens from now on. */
+static __always_inline int async_io(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u8 one = 1;
+
+	if (!is_target())
+		return 0;
+	bpf_map_update_elem(&async_tgids, &tgid, &one, BPF_ANY);
+	mark_all(R_ASYNC_IO);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_io_uring_setup")
+int ck_enter_io_uring_setup(void *ctx) { return async_io(); }
 SEC("tracepoint/syscalls/sys_enter_io_uring_enter")
-int ck_enter_io_uring_enter(void *ctx) { mark_all(R_ASYNC_IO); return 0; }
+int ck_enter_io_uring_enter(void *ctx) { return async_io(); }
+SEC("tracepoint/syscalls/sys_enter_io_setup")
+int ck_enter_io_setup(void *ctx) { return async_io(); }
 SEC("tracepoint/syscalls/sys_enter_io_submit")
-int ck_enter_io_submit(void *ctx) { mark_all(R_ASYNC_IO); return 0; }
+int ck_enter_io_submit(void *ctx) { return async_io(); }
+
+#define FICLONE 0x40049409
+#define FICLONERANGE 0x4020940d
+
+SEC("tracepoint/syscalls/sys_enter_ioctl")
+int ck_enter_ioctl(struct trace_event_raw_sys_enter *ctx)
+{
+	/* Reflinks replace the content of the file the ioctl is made on. */
+	__u32 cmd = ctx->args[1];
+
+	if (cmd == FICLONE || cmd == FICLONERANGE)
+		mark_fd(ctx->args[0], R_SPLICE);
+	return 0;
+}
 
 /* ---- renames after close (write to a temporary name, close, rename) ----------------------- */
 

@@ -536,3 +536,34 @@ def test_reopened_with_o_trunc_while_open(files):
     os.close(a)
     r = check_right(files, p, "userspace")
     assert "truncate" in r.reasons
+
+
+def test_async_io_process_falls_back(files):
+    """A process that set up aio (or io_uring) may write without write(2): its files fall back."""
+    p = files.path("aio")
+    code = ("import ctypes, os\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "ctx = ctypes.c_ulong(0)\n"
+            "assert libc.syscall(206, 8, ctypes.byref(ctx)) == 0   # io_setup\n"
+            f"with open({p!r}, 'wb') as f: f.write(b'x' * 5000)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    r = check_right(files, p, "userspace")
+    assert "async-io" in r.reasons
+
+
+def test_reflink_into_file_falls_back(files):
+    src, dst = files.path("reflink-src"), files.path("reflink-dst")
+    with open(src, "wb") as f:
+        f.write(b"s" * 8192)
+    check_right(files, src, "kernel")
+    with open(dst, "wb") as f:
+        f.write(b"d" * 8192)
+        f.flush()
+        import fcntl
+        with open(src, "rb") as s:
+            try:
+                fcntl.ioctl(f.fileno(), 0x40049409, s.fileno())   # FICLONE
+            except OSError:
+                pass          # tmpfs/ext4 cannot reflink; the attempt alone is enough to distrust
+    r = check_right(files, dst, "userspace")
+    assert "splice" in r.reasons
