@@ -19,6 +19,7 @@
 char LICENSE[] SEC("license") = "GPL";
 
 #define AF_INET 2
+#define MSG_PEEK 2
 #define AF_INET6 10
 
 /* x86_64 syscall numbers */
@@ -320,14 +321,15 @@ static __always_inline void on_close(struct http_conn_key *key, struct http_conn
 	bpf_map_delete_elem(&conns, key);
 }
 
-/* The first bytes a client sends on a TLS connection: a handshake record, 0x16 0x03. */
-static __always_inline int looks_like_tls(__u64 buf, long n)
+/*
+ * The first byte a client sends on a TLS connection: a handshake record, 0x16 -- never the
+ * first byte of an HTTP/1 request line (a method is a token). One byte is enough.
+ */
+static __always_inline int looks_like_tls(__u64 buf)
 {
-	__u8 b[2] = {};
+	__u8 b = 0;
 
-	if (n < 2 || bpf_probe_read_user(b, 2, (void *)buf))
-		return 0;
-	return b[0] == 0x16 && b[1] == 0x03;
+	return bpf_probe_read_user(&b, 1, (void *)buf) == 0 && b == 0x16;
 }
 
 SEC("tp_btf/sys_exit")
@@ -386,10 +388,14 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 		}
 		return 0;
 	}
+	/* MSG_PEEK (nginx peeks at the first byte to tell TLS from plain HTTP): read again later */
+	if ((nr == NR_recvfrom && (regs->r10 & MSG_PEEK)) ||
+	    (nr == NR_recvmsg && (arg2 & MSG_PEEK)))
+		return 0;
 	if (first_segment(nr, arg1, arg2, &buf, &seglen))
 		return 0;
 	if (nr == NR_read || nr == NR_readv || nr == NR_recvfrom || nr == NR_recvmsg) {
-		if (c->state == HTTP_CS_IDLE && looks_like_tls(buf, ret)) {
+		if (c->state == HTTP_CS_IDLE && looks_like_tls(buf)) {
 			c->tls = 1;
 			gb_count(&stats, HTTP_ST_TLS_CONNS);
 			c->ev.kind = HTTP_EV_TLS_CONN;
@@ -435,7 +441,8 @@ static __always_inline int ssl_exit(struct pt_regs *ctx)
 	struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
 	struct http_conn_key key;
 	struct http_conn *c;
-	long ret = PT_REGS_RC(ctx), n = ret;
+	/* SSL_read/SSL_write return an int: -1 arrives as 0xffffffff in the 64-bit register */
+	long ret = (int)PT_REGS_RC(ctx), n = ret;
 	__u32 *fdp;
 
 	if (!call)

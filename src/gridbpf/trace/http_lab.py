@@ -40,6 +40,12 @@ def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = No
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def _self_signed(cert: Path, key: Path) -> None:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+
+
 class Server:
     def __init__(self, name: str):
         self.dir = Path(tempfile.mkdtemp(prefix=f"ht-{name}-"))
@@ -75,8 +81,14 @@ class Nginx(Server):
     """nginx with WebDAV (PUT DELETE MKCOL COPY MOVE + PROPFIND OPTIONS) under ./root."""
 
     def __init__(self, workers: int = 1, access_log: bool = True, sendfile: bool = True,
-                 comm: str | None = None):
+                 comm: str | None = None, tls: bool = False):
         super().__init__("nginx")
+        self.tls = tls
+        ssl_conf = ""
+        if tls:
+            cert, key = self.dir / "cert.pem", self.dir / "key.pem"
+            _self_signed(cert, key)
+            ssl_conf = f"ssl_certificate {cert}; ssl_certificate_key {key};"
         binary = "nginx"
         if comm:
             # a copy under another name: selecting by comm then matches only this server
@@ -106,7 +118,8 @@ class Nginx(Server):
                 uwsgi_temp_path {self.dir}/tmp;
                 scgi_temp_path {self.dir}/tmp;
                 server {{
-                    listen 127.0.0.1:{self.port};
+                    listen 127.0.0.1:{self.port}{" ssl" if tls else ""};
+                    {ssl_conf}
                     root {self.root};
                     client_max_body_size 0;
                     location / {{
@@ -121,6 +134,10 @@ class Nginx(Server):
         self.proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(self.dir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(self.port, proc=self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
@@ -211,9 +228,7 @@ class PythonHttps(Server):
     def __init__(self):
         super().__init__("pyhttps")
         self.cert, self.key = self.dir / "cert.pem", self.dir / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                        "-subj", "/CN=localhost", "-keyout", str(self.key), "-out", str(self.cert)],
-                       check=True, capture_output=True)
+        _self_signed(self.cert, self.key)
         (self.dir / "srv.py").write_text(PY_HTTPS)
         self.proc = subprocess.Popen(["python3", str(self.dir / "srv.py"), str(self.port),
                                       str(self.cert), str(self.key)],
