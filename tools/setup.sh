@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx-mod-http-dav-ext
               wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev
-              haproxy nftables)   # lb benchmark baselines
+              haproxy nftables    # lb benchmark baselines
+              openssl util-linux) # trace tests: certificates for HTTPS servers, setpriv
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
