@@ -1,9 +1,10 @@
 """Off-CPU tracing cost on a context-switch-heavy workload.
 
 Two processes bounce one byte over a pair of pipes (every round trip is two blocking reads and
-two context switches). Rounds alternate untraced and traced runs of the same workload, where
-traced means `gridbpf trace offcpu` attached (sched_switch/sched_waking programs, stacks and
-per-stack totals in the kernel). Reported: round trips per second, ratio traced/untraced
+two context switches). Rounds rotate three runs of the same workload: untraced; the floor (one
+sched_switch program that only checks whether the tasks are targets: what any sched_switch
+tracer pays at least); traced, `gridbpf trace offcpu` attached (sched_switch/sched_waking
+programs, stacks and per-stack totals in the kernel). Reported: round trips per second, ratio traced/untraced
 (median of the per-round ratios; the goal is >= 0.95), and the switches the tracer saw.
 Both processes are pinned to one CPU, so every round trip is exactly two context switches there
 (unpinned, the ratio swings between 0.5 and 1.4 from one round to the next on this shared
@@ -86,13 +87,19 @@ def _prog_stats(prog) -> tuple[int, int]:
 CPU = str(os.cpu_count() - 1)
 
 
-def _one(exe: Path, duration: float, traced: bool) -> tuple[float, dict]:
+def _one(exe: Path, duration: float, mode: str) -> tuple[float, dict]:
     from gridbpf.trace.offcpu import OffcpuTracer
     warmup = 0.5
     p = subprocess.Popen(["taskset", "-c", CPU, str(exe), str(warmup), str(duration)],
                          stdout=subprocess.PIPE, text=True)
     info = {}
-    if traced:
+    if mode == "floor":
+        time.sleep(0.1)
+        with OffcpuTracer([p.pid], events=False, waker=False, floor=True) as tr:
+            out, _ = p.communicate(timeout=duration + 30)
+            ns, n = _prog_stats(tr.obj.program("offcpu_floor"))
+            info = {"bpf_ns_per_run": round(ns / max(n, 1), 1), "runs": n}
+    elif mode == "traced":
         time.sleep(0.1)   # let it fork its echo process (a target too, as a child)
         with OffcpuTracer([p.pid], events=False, waker=False) as tr:
             out, _ = p.communicate(timeout=duration + 30)
@@ -122,19 +129,23 @@ def run(rounds: int = 7, duration: float = 2.0) -> dict:
 def _run(rounds: int, duration: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="sk-bench-") as d:
         exe = _build(Path(d))
-        base, traced, ratios, infos = [], [], [], []
+        base, traced, floor, ratios, floor_ratios, infos, floor_infos = [], [], [], [], [], [], []
+        modes = ["off", "floor", "traced"]
         for i in range(rounds):
-            # alternate which goes first, so drifts in machine load do not favour one side
-            order = [False, True] if i % 2 == 0 else [True, False]
+            # rotate the order, so drifts in machine load do not favour one mode
             got = {}
-            for t in order:
-                rate, info = _one(exe, duration, t)
-                got[t] = rate
-                if t:
+            for mode in modes[i % 3:] + modes[:i % 3]:
+                rate, info = _one(exe, duration, mode)
+                got[mode] = rate
+                if mode == "traced":
                     infos.append(info)
-            base.append(got[False])
-            traced.append(got[True])
-            ratios.append(got[True] / got[False])
+                elif mode == "floor":
+                    floor_infos.append(info)
+            base.append(got["off"])
+            traced.append(got["traced"])
+            floor.append(got["floor"])
+            ratios.append(got["traced"] / got["off"])
+            floor_ratios.append(got["floor"] / got["off"])
     result = {
         "workload": "pipe ping-pong between two processes (2 switches per round trip)",
         "rounds": rounds, "duration_s": duration,
@@ -142,6 +153,11 @@ def _run(rounds: int, duration: float) -> dict:
         "traced_roundtrips_per_s": round(statistics.median(traced)),
         "ratio_traced_vs_untraced_median": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
+        "floor_roundtrips_per_s": round(statistics.median(floor)),
+        "ratio_floor_vs_untraced_median": round(statistics.median(floor_ratios), 3),
+        "floor_bpf_ns_per_switch": statistics.median(i["bpf_ns_per_run"] for i in floor_infos),
+        "traced_bpf_ns_per_switch": statistics.median(i["bpf_ns_per_run"]["offcpu_switch"]
+                                                      for i in infos),
         "goal": ">= 0.95",
         "bpf_ns_per_block_median": statistics.median(i["bpf_ns_per_block"] for i in infos),
         "untraced_ns_per_roundtrip": round(1e9 / statistics.median(base)),

@@ -48,12 +48,27 @@ def target_pids(targets) -> set[int]:
     return tgids
 
 
+@dataclass
+class StackKey:
+    tgid: int
+    tid: int
+    kstack: int
+    ustack: int
+
+
+@dataclass
+class StackValue:
+    total_ns: int
+    count: int
+    comm: bytes
+
+
 class OffcpuTracer:
     """Loads offcpu.bpf.o for some processes. Use as a context manager (detaches on exit)."""
 
     def __init__(self, pids, min_event_s: float = 1.0, min_block_s: float = 0.0,
                  user_stacks: bool = True, events: bool = True, waker: bool = True,
-                 syscalls: bool = False):
+                 syscalls: bool = False, floor: bool = False):
         self.tgids = target_pids(pids)
         self.obj = BpfObject.open("offcpu")
         self.links = []
@@ -68,6 +83,12 @@ class OffcpuTracer:
             ro["want_syscalls"] = bool(syscalls)
             for name in ("stuck_sys_enter", "stuck_sys_exit"):   # every syscall: only if asked
                 self.obj.program(name).autoload = bool(syscalls)
+            # floor: benchmarks only, the target check alone instead of everything else
+            for name, prog in self.obj.programs.items():
+                if floor:
+                    prog.autoload = name == "offcpu_floor"
+                elif name == "offcpu_floor":
+                    prog.autoload = False
             self.obj.load()
             targets = self.obj.map("targets")
             for t in self.tgids:
@@ -120,8 +141,17 @@ class OffcpuTracer:
         return self.ring.wait(timeout_ms)
 
     def totals(self) -> list[tuple]:
-        """(offcpu_key, offcpu_val) of every stack pair seen."""
-        return self.obj.map("offcpu").lookup_batch()
+        """(key, value) per (thread, kernel stack, user stack): the `offcpu` map plus what the
+        threads' `blocked` entries accumulated since (see struct blocked, acc_ns)."""
+        merged: dict[tuple, list] = {}
+        for k, v in self.obj.map("offcpu").lookup_batch():
+            merged[(k.tgid, k.tid, k.kstack, k.ustack)] = [int(v.total_ns), int(v.count), bytes(v.comm)]
+        for _k, b in self.obj.map("blocked").lookup_batch():
+            if b.acc_count:
+                m = merged.setdefault((b.tgid, b.tid, b.kstack, b.ustack), [0, 0, bytes(b.comm)])
+                m[0] += int(b.acc_ns)
+                m[1] += int(b.acc_count)
+        return [(StackKey(*k), StackValue(*v)) for k, v in merged.items()]
 
     def stats(self) -> dict[str, int]:
         m = self.obj.map("stats")
