@@ -3,7 +3,6 @@ GC pauses through HotSpot's USDT probes (bpf/mem.bpf.c). RSS comes from /proc/PI
 sample; the rest is counted in the kernel."""
 from __future__ import annotations
 
-import os
 import struct
 import time
 
