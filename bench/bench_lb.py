@@ -7,8 +7,8 @@
    (xdp_*_bench in lb.bpf.c); the wrapper's own cost (xdp_restore_bench) is subtracted, and the
    baseline, a bare MAC swap + XDP_TX, is measured through the same wrapper. The counters must
    show the intended path taken exactly `repeat` times. Two direct runs need no wrapper (their
-   rewrite is idempotent): dsr-l2 hit and the bare MAC swap. "miss" runs give every packet a
-   new source address, so each is a new flow inserted into a full connection table (evictions).
+   rewrite is idempotent): dsr-l2 hit and the bare MAC swap. "miss" runs are SYNs, each from a
+   new source address: every one a new flow inserted into a full connection table (evictions).
 2. Maglev table build time, 65537 slots, 10/100/1000 backends.
 3. HTTP through the lab site: requests/s and p99 with wrk (keep-alive, 2 threads, 32
    connections) through the XDP balancer vs straight to one backend vs nftables DNAT
@@ -36,10 +36,11 @@ WRK_SECONDS = 4
 WRK_ROUNDS = 3
 
 
-def _template(v6: bool, vip: str) -> bytes:
+def _template(v6: bool, vip: str, flags: str = "A") -> bytes:
+    """An established flow's packet (ACK), or a new connection's SYN."""
     ip = IPv6(src="fd00:1::2", dst=vip) if v6 else IP(src="10.1.0.2", dst=vip)
     return bytes(Ether(src="02:c1:00:00:00:01", dst="02:1b:00:00:00:01") / ip /
-                 TCP(sport=40000, dport=80, flags="A") / Raw(b"x" * 8))
+                 TCP(sport=40000, dport=80, flags=flags) / Raw(b"x" * 8))
 
 
 def _set_template(dp, pkt: bytes, vary_src: bool, v6: bool) -> None:
@@ -79,9 +80,10 @@ def datapath() -> dict:
 
         for _ in range(ROUNDS):
             for name, vip, v6 in cases:
-                pkt = _template(v6, vip)
                 sid = dp.service(name).id
                 for hit in (True, False):
+                    # hit: an ACK of a known flow; miss: SYNs, each from a new source address
+                    pkt = _template(v6, vip, "A" if hit else "S")
                     _set_template(dp, pkt, not hit, v6)
                     if hit:   # place the flow first: every measured run is a table hit
                         dp.obj.program("xdp_lb").test_run(pkt)

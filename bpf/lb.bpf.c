@@ -114,6 +114,7 @@ struct lb_pkt {
 	__u32 l3_len;         /* length of the IP packet from its header */
 	__u8 tos;             /* IPv4 TOS / IPv6 traffic class, copied to an outer header */
 	__u8 icmp;            /* an ICMP error about the flow: never creates a connection */
+	__u8 syn;             /* a TCP SYN without ACK: a new connection, placed by the table */
 };
 
 static __always_inline int verdict(__u32 reason, int action)
@@ -127,11 +128,16 @@ static __always_inline int verdict(__u32 reason, int action)
  * packet's own length (l4_len: Ethernet padding is not part of the packet).
  */
 static __always_inline int read_ports(void *l4, void *end, __u32 l4_len, __u8 proto,
-				      struct lb_flow *f)
+				      struct lb_pkt *p)
 {
+	struct lb_flow *f = &p->flow;
+
 	if (proto == IPPROTO_TCP) {
-		if (l4 + sizeof(struct tcphdr) > end || l4_len < sizeof(struct tcphdr))
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > end || l4_len < sizeof(struct tcphdr))
 			return -1;
+		p->syn = th->syn && !th->ack;
 	} else {
 		if (l4 + sizeof(struct udphdr) > end || l4_len < sizeof(struct udphdr))
 			return -1;
@@ -197,7 +203,7 @@ static __always_inline int parse_ipv4(void *data, void *end, struct lb_pkt *p)
 	switch (ip->protocol) {
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
-		return read_ports(l4, end, l4_len, ip->protocol, &p->flow) ? LB_DROP_TRUNCATED : LB_FWD;
+		return read_ports(l4, end, l4_len, ip->protocol, p) ? LB_DROP_TRUNCATED : LB_FWD;
 	case IPPROTO_ICMP: {
 		struct icmphdr *ic = l4;
 
@@ -263,7 +269,7 @@ static __always_inline int parse_ipv6(void *data, void *end, struct lb_pkt *p)
 	switch (ip6->nexthdr) {
 	case IPPROTO_TCP:
 	case IPPROTO_UDP:
-		return read_ports(l4, end, l4_len, ip6->nexthdr, &p->flow) ? LB_DROP_TRUNCATED : LB_FWD;
+		return read_ports(l4, end, l4_len, ip6->nexthdr, p) ? LB_DROP_TRUNCATED : LB_FWD;
 	case GB_IPPROTO_ICMPV6: {
 		struct icmp6hdr *ic = l4;
 
@@ -432,7 +438,9 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	if (!svc)
 		return verdict(LB_PASS_NO_SERVICE, XDP_PASS);
 
-	ct = bpf_map_lookup_elem(&lb_conntrack, &p.flow);
+	/* A SYN opens a new connection: the table places it (and replaces any stale entry of an
+	 * earlier connection with the same 5-tuple), so no lookup. Everything else looks first. */
+	ct = p.syn ? NULL : bpf_map_lookup_elem(&lb_conntrack, &p.flow);
 	if (ct) {
 		id = ct->backend;
 		be = bpf_map_lookup_elem(&lb_backends, &id);

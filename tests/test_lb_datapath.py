@@ -71,9 +71,9 @@ def l3(vip, src=None):
         IP(src=src or C4, dst=vip, ttl=57, tos=0x28, id=777)
 
 
-def packet(svc, sport=40000, payload=b"hello grid", src=None):
+def packet(svc, sport=40000, payload=b"hello grid", src=None, flags="S"):
     vip, port, proto, _mode, _bes = SERVICES[svc]
-    l4 = TCP(sport=sport, dport=port, flags="S", seq=1000) if proto == "tcp" else UDP(sport=sport, dport=port)
+    l4 = TCP(sport=sport, dport=port, flags=flags, seq=1000) if proto == "tcp" else UDP(sport=sport, dport=port)
     return Ether(src=CLIENT_MAC, dst=LB_MAC) / l3(vip, src) / l4 / Raw(payload)
 
 
@@ -135,10 +135,19 @@ def test_dsr_rewrites_only_the_destination_mac(dp, svc):
     assert after["packets"] == before["packets"] + 1
     assert after["bytes"] == before["bytes"] + len(raw)
     assert after["new_flows"] == before["new_flows"] + 1
-    # the second packet of the flow: a hit, not a new flow
-    res2 = run(dp, pkt)
-    assert res2.retval == XDP_TX and res2.data == res.data
+    # the next packet of the flow: a hit, not a new flow
+    ack = packet(svc, sport=41000, flags="A")
+    res2 = run(dp, ack)
+    assert res2.retval == XDP_TX and Ether(res2.data).dst == mac and res2.data[12:] == bytes(ack)[12:]
     assert dp.maps["lb_service_stats"].sum(sid)["new_flows"] == after["new_flows"]
+    if proto == "tcp":
+        # a SYN starts a new connection: the table places it, whatever a stale entry said
+        other = next(b for a, b in dp.service(svc).backends.items() if a != addr)
+        key = ct_key(client, vip, 41000, port, 6)
+        dp.maps["lb_conntrack"][key] = {"backend": other.id, "gen": other.gen}
+        assert Ether(run(dp, ack).data).dst == other.mac               # established: the entry
+        assert Ether(run(dp, pkt).data).dst == mac                     # new connection: the table
+        assert dp.maps["lb_conntrack"][key].backend == dp.service(svc).backends[addr].id
 
 
 def test_python_hash_and_table_match_the_datapath(dp):
@@ -315,7 +324,7 @@ def test_established_flows_keep_their_backend_when_the_table_changes(dp):
         dp.set_weight(svc, next(a for a in macs.values() if a != drained), 5)
         dp.add_backend(svc, "10.2.0.20", "02:be:00:00:00:20")
         for sp in sports:                                  # established: unchanged
-            assert Ether(run(dp, packet(svc, sp)).data).dst == first[sp]
+            assert Ether(run(dp, packet(svc, sp, flags="A")).data).dst == first[sp]
         drained_mac = dp.service(svc).backends[drained].mac
         for sp in range(51000, 51300):                     # new flows: never the drained one
             assert Ether(run(dp, packet(svc, sp)).data).dst != drained_mac
@@ -323,7 +332,7 @@ def test_established_flows_keep_their_backend_when_the_table_changes(dp):
         dp.set_down(svc, drained, True)
         for sp in sports:
             if first[sp] == drained_mac:
-                assert Ether(run(dp, packet(svc, sp)).data).dst != drained_mac
+                assert Ether(run(dp, packet(svc, sp, flags="A")).data).dst != drained_mac
         # a removed backend: its flows are placed again (generation changed)
         dp.remove_backend(svc, "10.2.0.20")
         assert "02:be:00:00:00:20" not in {Ether(run(dp, packet(svc, sp)).data).dst for sp in range(51000, 51300)}
