@@ -131,6 +131,8 @@ struct pending_write {
 	__u32 fpos;              /* position comes from f_pos (write, writev, O_APPEND) */
 	__u32 append;
 	__s32 nr;                /* syscall number: the exit must be of the same syscall */
+	__u32 concurrent;        /* overlapped another write in time: sent as its own range */
+	__u32 pad;
 };
 
 struct pending_rename {
@@ -571,10 +573,16 @@ static __always_inline int on_write_enter(struct trace_event_raw_sys_enter *ctx,
 	}
 	p.pos = p.fpos ? BPF_CORE_READ(f, f_pos) : pos;
 
-	/* Writes on one inode must not overlap in time: the state is updated without a lock, and
-	 * a file position moved by another writer would give a wrong offset. */
-	if (__sync_fetch_and_add(&st->inflight, 1) > 0)
-		mark(st, R_CONCURRENT);
+	/* The running segment is updated without a lock (tracing programs cannot take
+	 * bpf_spin_lock): only a write that overlaps no other in time may touch it. A pwrite that
+	 * does overlap is sent as a range of its own; a write at the file position is not followed
+	 * (another writer could have moved the position under it). */
+	if (__sync_fetch_and_add(&st->inflight, 1) > 0) {
+		if (p.fpos)
+			mark(st, R_CONCURRENT);
+		else
+			p.concurrent = 1;
+	}
 	p.seq = __sync_fetch_and_add(&st->enters, 1) + 1;
 
 	tid = (__u32)bpf_get_current_pid_tgid();
@@ -666,7 +674,26 @@ static __always_inline void emit_range(struct fstate *st)
 	r->start = st->seg_start;
 	r->len = st->seg_end - st->seg_start;
 	bpf_ringbuf_submit(r, 0);
-	st->ranges++;
+	__sync_fetch_and_add(&st->ranges, 1);
+}
+
+/* A write that overlapped others in time: its own range, the shared segment untouched. */
+static __always_inline void emit_write(struct fstate *st, __u64 off, __u64 len, __u32 adler)
+{
+	struct range_event *r = gb_ringbuf_reserve(events, sizeof(*r));
+
+	if (!r) {
+		stat_add(ST_RANGE_LOST, 1);
+		mark(st, R_RANGE_LOST);
+		return;
+	}
+	r->type = EV_RANGE;
+	r->adler = adler;
+	r->session = st->session;
+	r->start = off;
+	r->len = len;
+	bpf_ringbuf_submit(r, 0);
+	__sync_fetch_and_add(&st->ranges, 1);
 }
 
 static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
@@ -695,8 +722,12 @@ static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 		return 0;
 	if (ret <= 0)
 		goto done;
-	if (st->enters != p.seq)
-		mark(st, R_CONCURRENT);
+	if (st->enters != p.seq) {       /* another write entered while we were in flight */
+		if (p.fpos)
+			mark(st, R_CONCURRENT);
+		else
+			p.concurrent = 1;
+	}
 	if (st->flags)
 		goto done; /* userspace will read the file: summing would be wasted */
 
@@ -747,7 +778,9 @@ static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 	}
 	adler = (__u32)(c->s.b << 16 | c->s.a);
 
-	if ((__u64)off == st->seg_end) {
+	if (p.concurrent) {
+		emit_write(st, off, ret, adler);   /* overlaps are found in userspace */
+	} else if ((__u64)off == st->seg_end) {
 		st->seg_adler = gb_adler_combine(st->seg_adler, adler, ret);
 		st->seg_end += ret;
 	} else if ((__u64)off < st->seg_end && (__u64)off + ret > st->seg_start) {
@@ -759,8 +792,8 @@ static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 		st->seg_end = off + ret;
 		st->seg_adler = adler;
 	}
-	st->writes++;
-	st->bytes += ret;
+	__sync_fetch_and_add(&st->writes, 1);
+	__sync_fetch_and_add(&st->bytes, ret);
 	st->last_write_ns = bpf_ktime_get_ns();
 	if (!st->first_write_ns)
 		st->first_write_ns = st->last_write_ns;

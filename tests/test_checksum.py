@@ -268,7 +268,25 @@ def test_several_writers(files):
     for t in threads:
         t.join()
     os.close(fd)
-    check_right(files, p)      # kernel or userspace (writes at the same time): right either way
+    # pwrites overlapping in time are sent as ranges of their own: still the kernel's value.
+    r = check_right(files, p, "kernel")
+    assert r.bytes_summed == len(data)
+
+    # Two threads sharing one file position (write(2)): not followable, read in userspace.
+    p = files.path("shared-pos")
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT)
+
+    def writer_pos():
+        for i in range(200):
+            os.write(fd, data[:8192])
+
+    threads = [threading.Thread(target=writer_pos) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    os.close(fd)
+    check_right(files, p)      # kernel if the writes never met in time, else userspace
 
 
 def test_writer_that_dies(files):
@@ -567,3 +585,36 @@ def test_reflink_into_file_falls_back(files):
                 pass          # tmpfs/ext4 cannot reflink; the attempt alone is enough to distrust
     r = check_right(files, dst, "userspace")
     assert "splice" in r.reasons
+
+
+def test_parallel_pwriters(files):
+    """Four processes pwrite chunks of one file in random order at once (multi-stream writers):
+    the kernel's ranges tile it; repeated chunks (overlaps) make it fall back. Always right."""
+    import random
+    sources = set()
+    for it in range(12):
+        rng = random.Random(it)
+        size, chunk = rng.randrange(1, 3 << 20), rng.choice([4096, 65536, 1 << 20])
+        data = os.urandom(size)
+        offs = list(range(0, size, chunk))
+        rng.shuffle(offs)
+        overlap = it % 3 == 2
+        if overlap:
+            offs += offs[:2]
+        p = files.path(f"parallel-{it}")
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        pids = []
+        for k in range(4):
+            pid = os.fork()
+            if pid == 0:
+                for o in offs[k::4]:
+                    os.pwrite(fd, data[o:o + chunk], o)
+                os._exit(0)
+            pids.append(pid)
+        for pid in pids:
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        os.close(fd)
+        r = check_right(files, p, "userspace" if overlap else "kernel")
+        sources.add(r.source)
+        os.unlink(p)
+    assert sources == {"kernel", "userspace"}
