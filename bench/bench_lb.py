@@ -20,10 +20,8 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import time
 
-import numpy as np
 from scapy.all import IP, TCP, Ether, IPv6, Raw
 
 from gridbpf.bpf import BpfObject

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bpf import PIN_ROOT, BpfObject, list_pins, remove_pins
+from ..bpf import PIN_ROOT, BpfObject, remove_pins
 from . import maglev
 
 PIN_DIR = "lb"                  # /sys/fs/bpf/gridbpf/lb/<instance>/<map>
@@ -431,4 +431,4 @@ def only_instance() -> str:
     raise LbError(f"several balancers are running ({', '.join(names)}): choose one with --instance")
 
 
-__all__ = ["Backend", "Datapath", "LbError", "Service", "instances", "list_pins"]
+__all__ = ["Backend", "Datapath", "LbError", "Service", "instances"]
