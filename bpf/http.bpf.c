@@ -276,6 +276,8 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 	c->ev.end_ns = now;
 }
 
+static __always_inline void peer_from_fd(struct http_conn *c, long fd);
+
 static __always_inline void on_accept(__u32 tgid, long fd, __u64 sockaddr)
 {
 	struct http_conn_key key = {.tgid = tgid, .fd = fd};
@@ -302,14 +304,42 @@ static __always_inline void on_accept(__u32 tgid, long fd, __u64 sockaddr)
 		return;
 	c->ev.pid = tgid;
 	c->ev.fd = fd;
-	if (sockaddr && bpf_probe_read_user(&sa, sizeof(sa), (void *)sockaddr) == 0) {
+	if (sockaddr && bpf_probe_read_user(&sa, sizeof(sa), (void *)sockaddr) == 0 &&
+	    (sa.family == AF_INET || sa.family == AF_INET6)) {
 		c->ev.family = sa.family;
 		c->ev.cport = bpf_ntohs(sa.port);
 		if (sa.family == AF_INET)
 			__builtin_memcpy(c->ev.caddr, &sa.flowinfo_or_v4, 4);
-		else if (sa.family == AF_INET6)
+		else
 			__builtin_memcpy(c->ev.caddr, sa.v6, 16);
+		return;
 	}
+	peer_from_fd(c, fd);
+}
+
+/* accept(fd, NULL, NULL): the peer from the new socket itself (task -> fd table -> sock). */
+static __always_inline void peer_from_fd(struct http_conn *c, long fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
+	struct file *file = NULL;
+	struct socket *sock;
+	struct sock *sk;
+	__u16 family;
+
+	if (!fds || bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return;
+	sock = BPF_CORE_READ(file, private_data);
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk)
+		return;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	c->ev.family = family;
+	c->ev.cport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET)
+		bpf_core_read(c->ev.caddr, 4, &sk->__sk_common.skc_daddr);
+	else if (family == AF_INET6)
+		bpf_core_read(c->ev.caddr, 16, &sk->__sk_common.skc_v6_daddr);
 }
 
 static __always_inline void on_close(struct http_conn_key *key, struct http_conn *c)

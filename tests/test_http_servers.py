@@ -3,6 +3,7 @@ and a JVM serving TLS (reported as unreadable, never faked)."""
 import socket
 import ssl
 import subprocess
+import sys
 import time
 
 import pytest
@@ -137,3 +138,47 @@ def test_jvm_tls_reported_unreadable():
     assert reqs == []
     assert stats["tls_connections"] >= 1
     assert any("JVM serving TLS" in w and str(srv.pid) in w for w in t.warnings), t.warnings
+
+
+NULL_ACCEPT_SERVER = r"""
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ls = socket.socket(socket.AF_INET6 if sys.argv[2] == "6" else socket.AF_INET)
+ls.bind((sys.argv[3], int(sys.argv[1]))); ls.listen(8)
+print("ready", flush=True)
+while True:
+    fd = libc.accept(ls.fileno(), None, None)      # no sockaddr: the tracer must find the peer
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = os.read(fd, 4096)
+        if not d:
+            break
+        buf += d
+    os.write(fd, b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    os.close(fd)
+"""
+
+
+@pytest.mark.parametrize("family,addr", [("4", "127.0.0.1"), ("6", "::1")])
+def test_client_address_when_accept_has_no_sockaddr(tmp_path, family, addr):
+    from gridbpf.trace.http_lab import free_port
+    port = free_port()
+    (tmp_path / "srv.py").write_text(NULL_ACCEPT_SERVER)
+    srv = subprocess.Popen([sys.executable, str(tmp_path / "srv.py"), str(port), family, addr],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        with HttpTracer(TargetSpec(pids=[srv.pid])) as t:
+            s = socket.create_connection((addr, port))
+            s.sendall(b"DELETE /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 204")
+            local = s.getsockname()
+            s.close()
+            reqs = drain(t, 1)
+    finally:
+        srv.kill()
+        srv.wait()
+    assert len(reqs) == 1
+    r = reqs[0]
+    assert (r.method, r.path, r.status) == ("DELETE", "/x", 204)
+    assert (r.client, r.port) == (addr, local[1])
