@@ -3,8 +3,8 @@
 (a) kernel checksum rate: bytes summed / extra CPU time of the writer with the program attached
     (BPF programs run in the writing task, so their cost is in its CPU time; the writer is timed
     around its write loop only), 1 MiB writes to tmpfs, paired rounds; zlib.adler32 on the same
-    buffer in this process as the reference. (The kernel's bpf_stats run_time_ns was tried and
-    gave run counts below the number of writes here, so it is not used.)
+    buffer in this process as the reference. (bpf_stats run_time_ns is not used: the sysctl is
+    global, and other benchmarks on this shared machine switched it off mid-run.)
 (b) time from first write to checksum stored: writer + watcher (kernel sums, attribute set on
     close) vs. writer, then re-read with zlib.adler32 and set the attribute (what StoRM's "late"
     strategy and partial PUTs do). Also the part after close alone.
