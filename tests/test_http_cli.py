@@ -100,3 +100,36 @@ def test_https_line_marked_tls():
         subprocess.run(["curl", "-sk", f"{srv.url}/secret/path"], check=True, capture_output=True)
         out, err = p.communicate(timeout=30)
     assert " GET /secret/path HTTP/1.1 200 " in out and out.rstrip().endswith(" tls"), (out, err)
+
+
+def test_cgroup_picks_up_process_started_later():
+    from gridbpf.trace.targets import CGROUP_ROOT
+    name = f"ht-test-{random.randint(1000, 9999)}"
+    cg = CGROUP_ROOT / name
+    cg.mkdir()
+    srv = None
+    try:
+        p = subprocess.Popen(CLI + ["--cgroup", f"/{name}", "--count", "2", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        from gridbpf.trace.http_lab import free_port, wait_port
+        port = free_port()
+        # the server joins the cgroup, then execs: the exec hook makes it a target
+        srv = subprocess.Popen(["sh", "-c", f"echo $$ > {cg}/cgroup.procs && exec {sys.executable} "
+                                f"-m http.server --bind 127.0.0.1 {port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+        wait_port(port)
+        for path in ("/", "/nope"):
+            subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}{path}"],
+                           check=True)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if srv is not None:
+            srv.kill()
+            srv.wait()
+        p.kill()
+        time.sleep(0.1)
+        cg.rmdir()
+    lines = [json.loads(l) for l in out.splitlines()]
+    assert [(l["path"], l["status"], l["pid"]) for l in lines] == [("/", 200, srv.pid),
+                                                                   ("/nope", 404, srv.pid)]

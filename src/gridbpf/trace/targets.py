@@ -14,7 +14,21 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+def _cgroup2_root() -> Path:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup on pure v2 systems,
+    /sys/fs/cgroup/unified on hybrid ones. bpf_get_current_cgroup_id() speaks of this one."""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return Path(parts[1])
+    except OSError:
+        pass
+    return Path("/sys/fs/cgroup")
+
+
+CGROUP_ROOT = _cgroup2_root()
 COMM_LEN = 15   # TASK_COMM_LEN - 1: the kernel truncates longer names
 
 
