@@ -223,3 +223,8 @@ def test_stuck_bad_input():
     r = subprocess.run([sys.executable, "-m", "gridbpf.cli", "trace", "stuck", "--pid", "1",
                         "--threshold", "soon"], capture_output=True, text=True)
     assert r.returncode == 2 and "bad duration 'soon'" in r.stderr
+    for verb in ("stuck", "offcpu", "io", "tcp", "mem"):
+        r = subprocess.run([sys.executable, "-m", "gridbpf.cli", "trace", verb, "--pid", "4000000",
+                            "--duration", "1s"], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.strip() == \
+            "gridbpf: error: no process with pid 4000000", (verb, r.stderr)
