@@ -179,6 +179,8 @@ def test_agent_prometheus_and_otlp(tmp_path):
     points = {attrs(p.attributes)["http.request.method"]: p for p in h.histogram.data_points}
     assert points["GET"].count == 20 and sum(points["GET"].bucket_counts) == 20
     assert h.histogram.aggregation_temporality == 2     # cumulative
+    assert attrs(points["GET"].attributes)["http.response.status_code"] == 200   # an int
+    assert "http.route" not in attrs(points["PROPFIND"].attributes)      # unknown: left out
     # the agent's pins/links are gone: nothing of ours stays attached
     assert not os.path.exists(f"{tmp_path}/agent.lock") or open(f"{tmp_path}/agent.lock").read() == ""
 

@@ -27,6 +27,7 @@ KNOWN_METHODS = frozenset("GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH 
                           "PROPPATCH MKCOL COPY MOVE LOCK UNLOCK".split())
 # OpenTelemetry attribute names; Prometheus shows them with underscores
 LABELS = ("http.request.method", "http.response.status_code", "http.route")
+ATTR_TYPES = {"http.response.status_code": int}
 
 
 CHUNK = 512
@@ -77,13 +78,13 @@ class HttpAgent:
             r = self.registry
             self.duration = r.histogram("http.server.request.duration",
                                         "Duration of HTTP server requests.", "s", LABELS,
-                                        DURATION_BUCKETS, cfg.max_series)
+                                        DURATION_BUCKETS, cfg.max_series, ATTR_TYPES)
             self.req_body = r.histogram("http.server.request.body.size",
                                         "Size of HTTP server request bodies.", "By", LABELS,
-                                        SIZE_BUCKETS, cfg.max_series)
+                                        SIZE_BUCKETS, cfg.max_series, ATTR_TYPES)
             self.resp_body = r.histogram("http.server.response.body.size",
                                          "Size of HTTP server response bodies.", "By", LABELS,
-                                         SIZE_BUCKETS, cfg.max_series)
+                                         SIZE_BUCKETS, cfg.max_series, ATTR_TYPES)
             r.counter("gridbpf.http.kernel", "Counters of the in-kernel request tracer "
                       "(events_lost: requests the ring buffer could not take).", "1",
                       self._kernel_stats, ("counter",))

@@ -42,6 +42,9 @@ class HistogramFamily:
     labelnames: tuple[str, ...]
     bounds: tuple[float, ...]
     max_series: int = 1000
+    # OTLP attribute types where a label is not a string (e.g. status code: int); an empty
+    # label value is left out of the OTLP attributes
+    attribute_types: dict = field(default_factory=dict)
     series: dict = field(default_factory=dict)
     overflowed: int = 0
     start_ns: int = field(default_factory=time.time_ns)
@@ -94,6 +97,20 @@ class HistogramFamily:
     @property
     def prometheus_name(self) -> str:
         return prometheus_name(self.name, self.unit)
+
+    def attributes(self, labels: tuple) -> dict:
+        out = {}
+        for name, value in zip(self.labelnames, labels):
+            if value == "":
+                continue
+            conv = self.attribute_types.get(name)
+            if conv is not None:
+                try:
+                    value = conv(value)
+                except ValueError:
+                    pass        # e.g. the overflow series' "_OTHER"
+            out[name] = value
+        return out
 
 
 def group_labels(labels: list[tuple]) -> tuple[list[tuple], np.ndarray]:

@@ -86,7 +86,7 @@ class OtlpExporter:
         metrics = []
         for h in registry.histograms:
             points = [HistogramDataPoint(
-                attributes=dict(zip(h.labelnames, labels)), start_time_unix_nano=h.start_ns,
+                attributes=h.attributes(labels), start_time_unix_nano=h.start_ns,
                 time_unix_nano=now, count=s.count, sum=s.total,
                 bucket_counts=[int(x) for x in s.buckets], explicit_bounds=list(h.bounds),
                 min=s.min, max=s.max) for labels, s in h.snapshot()]
