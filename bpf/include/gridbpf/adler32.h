@@ -6,8 +6,10 @@
  *   b += 8*a + (8*x0 + 7*x1 + ... + 1*x7)      a += x0 + ... + x7
  * The even bytes (x0,x2,x4,x6) and odd bytes (x1,x3,x5,x7) are split into four 16-bit lanes;
  * multiplying the lanes by a packed constant puts the dot product in the top lane (no lane can
- * carry into the next: every partial sum stays below 2^16). The modulo is deferred to the end of
- * a chunk of blocks: with 64-bit accumulators nothing overflows for megabytes.
+ * carry into the next: every partial sum stays below 2^16). The modulo is deferred much further
+ * than zlib's NMAX (5552 bytes, the bound for 32-bit sums): with 64-bit sums, after n bytes
+ * a < 65521 + 255 n and b < 65521 + n a, so a 16 KiB chunk keeps b below 2^37 (and even 1 MiB
+ * would stay below 2^49); the caller reduces once per chunk.
  */
 #ifndef GRIDBPF_ADLER32_H
 #define GRIDBPF_ADLER32_H
