@@ -2,7 +2,8 @@
 interleaved rounds, with:
   off    no BPF at all
   floor  the same hook (sys_exit) with programs that only filter by syscall and pid
-  trace  the tracer, drained and decoded into requests on a timer as the agent does
+  kernel the tracer with its records drained (copied out) but not decoded: the kernel's cost
+  trace  the tracer, drained and aggregated into histograms on a timer as the agent does
 and one round with the whole agent (Prometheus + histograms) for its memory.
 
 Reported (medians over rounds): throughput ratio trace/off and floor/off, nginx CPU time per
@@ -79,12 +80,18 @@ class _Consumer:
 
 def one_round(nginx: Nginx, mode: str) -> dict:
     worker = nginx.worker_pids()[0]
-    tracer, drained, stop = None, [0], threading.Event()
+    tracer, drained, stop, drainer = None, [0], threading.Event(), None
     if mode != "off":
         tracer = HttpTracer(TargetSpec(pids=[nginx.pid]), tls=False, floor=(mode == "floor"))
+    if mode == "kernel":
+        # the kernel side alone: records are drained (copied out) but not decoded
+        def drain():
+            while not stop.is_set():
+                drained[0] += len(tracer.poll_array(100))
+        drainer = threading.Thread(target=drain)
+        drainer.start()
     prog = tracer.obj.program("http_floor_sys_exit" if mode == "floor" else "http_sys_exit") \
         if tracer else None
-    drainer = None
     if mode == "trace":
         # the agent's consumer: drain every 100 ms, columns straight into the histograms
         consumer = _Consumer(tracer)
@@ -104,7 +111,7 @@ def one_round(nginx: Nginx, mode: str) -> dict:
         if drainer:
             drainer.join()
             time.sleep(0.2)            # wrk closed its connections: the last requests
-            drained[0] += consumer.drain(0)
+            drained[0] += consumer.drain(0) if mode == "trace" else len(tracer.poll_array(0))
         lost = tracer.stats()["events_lost"] if tracer else 0
     finally:
         stop.set()
@@ -113,7 +120,7 @@ def one_round(nginx: Nginx, mode: str) -> dict:
     r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
          "bpf_ns_per_req": (b1[0] - b0[0]) / n if prog else 0.0,
          "bpf_runs_per_req": (b1[1] - b0[1]) / n if prog else 0.0}
-    if mode == "trace":
+    if mode in ("trace", "kernel"):
         r.update(traced=drained[0], lost=lost)
     return r
 
@@ -151,10 +158,11 @@ def run() -> dict:
         with Nginx(workers=1, access_log=False) as nginx:
             (nginx.root / "index.html").write_bytes(b"<html>hello grid</html>\n" * 20)
             wrk(f"{nginx.url}/index.html")      # warm up
-            rounds = {m: [] for m in ("off", "floor", "trace")}
+            modes = ["off", "floor", "kernel", "trace"]
+            rounds = {m: [] for m in modes}
             for i in range(ROUNDS):
                 # rotate the order so drift over time does not favour one mode
-                order = ["off", "floor", "trace"][i % 3:] + ["off", "floor", "trace"][:i % 3]
+                order = modes[i % len(modes):] + modes[:i % len(modes)]
                 for mode in order:
                     rounds[mode].append(one_round(nginx, mode))
             agent = agent_rss(nginx)
@@ -163,12 +171,15 @@ def run() -> dict:
     med = lambda mode, k: statistics.median(r[k] for r in rounds[mode])
     ratios = [t["rps"] / o["rps"] for t, o in zip(rounds["trace"], rounds["off"])]
     fratios = [f["rps"] / o["rps"] for f, o in zip(rounds["floor"], rounds["off"])]
+    kratios = [k["rps"] / o["rps"] for k, o in zip(rounds["kernel"], rounds["off"])]
     out = {
         "rounds": ROUNDS, "seconds_per_round": SECONDS, "connections": CONNS,
         "rps_off": round(med("off", "rps")), "rps_floor": round(med("floor", "rps")),
         "rps_trace": round(med("trace", "rps")),
         "throughput_ratio_trace_vs_off": round(statistics.median(ratios), 3),
         "throughput_ratio_floor_vs_off": round(statistics.median(fratios), 3),
+        "throughput_ratio_kernel_only_vs_off": round(statistics.median(kratios), 3),
+        "rps_kernel_only": round(med("kernel", "rps")),
         "nginx_cpu_us_per_req_off": round(med("off", "cpu_us_per_req"), 2),
         "nginx_cpu_us_per_req_floor": round(med("floor", "cpu_us_per_req"), 2),
         "nginx_cpu_us_per_req_trace": round(med("trace", "cpu_us_per_req"), 2),
@@ -178,8 +189,8 @@ def run() -> dict:
         "bpf_trace_vs_floor": round(med("trace", "bpf_ns_per_req") / max(med("floor", "bpf_ns_per_req"), 1), 2),
         "bpf_runs_per_req": round(med("trace", "bpf_runs_per_req"), 2),
         "traced_equals_requests_plus_inflight": all(
-            r["traced"] + r["lost"] >= r["requests"] for r in rounds["trace"]),
-        "lost_events": sum(r["lost"] for r in rounds["trace"]),
+            r["traced"] + r["lost"] >= r["requests"] for m in ("trace", "kernel") for r in rounds[m]),
+        "lost_events": sum(r["lost"] for m in ("trace", "kernel") for r in rounds[m]),
         **agent,
     }
     return out
