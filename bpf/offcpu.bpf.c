@@ -20,6 +20,9 @@ const volatile bool want_waker = true;
 /* Follow syscalls (raw_tp sys_enter/sys_exit; `stuck` only): a syscall that blocks many short
  * times (fsync waiting page after page) is reported once, with its whole duration. */
 const volatile bool want_syscalls = false;
+/* true: blocks in the `blocked` hash, which userspace reads (stuck); false: in task-local
+ * storage, reached straight from the task (offcpu: cheaper on every switch, not readable). */
+const volatile bool live_map = true;
 
 #define TASK_RUNNING 0
 #define TASK_DEAD 0x80
@@ -114,6 +117,13 @@ struct {
 } offcpu SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct blocked);
+} tblocked SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);                 /* tid */
@@ -161,10 +171,11 @@ static __always_inline void flush_acc(struct blocked *b)
 	b->acc_ns = b->acc_count = 0;
 }
 
-static __always_inline void record_block(void *ctx, struct task_struct *prev, __u32 state, __u64 now)
+/* OLD: the thread's entry from its previous block, or NULL */
+static __always_inline void record_block(void *ctx, struct task_struct *prev, __u32 state, __u64 now,
+					 struct blocked *old)
 {
 	struct blocked b = {};
-	struct blocked *old;
 	struct pt_regs *regs;
 
 	b.start_ns = now;
@@ -195,7 +206,6 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 	 * queue) has the same user frames: reuse the ids captured there last time, found in its
 	 * previous entry (entries stay, with end_ns set, after the thread runs again).
 	 */
-	old = bpf_map_lookup_elem(&blocked, &b.tid);
 	if (old && old->end_ns && old->user_ip == b.user_ip && old->user_sp == b.user_sp &&
 	    old->user_bp == b.user_bp && old->syscall == b.syscall && b.user_ip &&
 	    old->kstack >= 0 && (old->ustack >= 0 || !user_stacks)) {
@@ -222,7 +232,8 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 	 * frees an element. */
 	if (old)
 		__builtin_memcpy(old, &b, sizeof(b));
-	else if (bpf_map_update_elem(&blocked, &b.tid, &b, BPF_ANY))
+	else if (live_map ? bpf_map_update_elem(&blocked, &b.tid, &b, BPF_ANY) != 0 :
+		 !bpf_task_storage_get(&tblocked, prev, &b, BPF_LOCAL_STORAGE_GET_F_CREATE))
 		gb_count(&stats, OFFCPU_BLOCKED_FULL);
 }
 
@@ -250,18 +261,19 @@ static __always_inline void emit(struct blocked *b, __u64 end, struct insys *in,
 	bpf_map_delete_elem(&waker_mem, &tid);
 }
 
-static __always_inline void finish_block(struct task_struct *next, __u64 now)
+static __always_inline void finish_block(struct blocked *b, __u64 now)
 {
-	__u32 tid = next->pid;
-	struct blocked *b = bpf_map_lookup_elem(&blocked, &tid);
+	__u32 tid = b->tid;
 	__u64 dur;
 
-	if (!b || b->end_ns)
+	if (b->end_ns)
 		return;
 	dur = now - b->start_ns;
 	if (dur >= min_block_ns) {
 		b->acc_ns += dur;
 		b->acc_count += 1;
+		if (!live_map)   /* userspace cannot read task storage: add to `offcpu` now */
+			flush_acc(b);
 	}
 	if (want_syscalls) {
 		struct insys *in = bpf_map_lookup_elem(&insys, &tid);
@@ -283,15 +295,37 @@ int BPF_PROG(offcpu_switch, bool preempt, struct task_struct *prev, struct task_
 	     unsigned int prev_state)
 {
 	__u64 now = 0;   /* read the clock only for targets: this runs on every switch */
+	struct blocked *b;
 
 	/* A preempted task stays runnable: that is run-queue wait, not blocking. */
-	if (!preempt && prev_state != TASK_RUNNING && !(prev_state & TASK_DEAD) &&
-	    gb_is_target(prev->tgid)) {
-		now = bpf_ktime_get_ns();
-		record_block(ctx, prev, prev_state, now);
+	if (!preempt && prev_state != TASK_RUNNING && !(prev_state & TASK_DEAD)) {
+		if (live_map) {
+			__u32 tid = prev->pid;
+
+			b = NULL;
+			if (gb_is_target(prev->tgid)) {
+				b = bpf_map_lookup_elem(&blocked, &tid);
+				now = bpf_ktime_get_ns();
+				record_block(ctx, prev, prev_state, now, b);
+			}
+		} else {
+			/* a task with storage is a target seen before: no hash lookup */
+			b = bpf_task_storage_get(&tblocked, prev, 0, 0);
+			if (b || gb_is_target(prev->tgid)) {
+				now = bpf_ktime_get_ns();
+				record_block(ctx, prev, prev_state, now, b);
+			}
+		}
 	}
-	if (gb_is_target(next->tgid))
-		finish_block(next, now ? now : bpf_ktime_get_ns());
+	if (live_map) {
+		__u32 tid = next->pid;
+
+		b = gb_is_target(next->tgid) ? bpf_map_lookup_elem(&blocked, &tid) : NULL;
+	} else {
+		b = bpf_task_storage_get(&tblocked, next, 0, 0);
+	}
+	if (b)
+		finish_block(b, now ? now : bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -306,7 +340,7 @@ int BPF_PROG(offcpu_waking, struct task_struct *p)
 
 	if (!want_waker)
 		return 0;
-	b = bpf_map_lookup_elem(&blocked, &tid);
+	b = live_map ? bpf_map_lookup_elem(&blocked, &tid) : bpf_task_storage_get(&tblocked, p, 0, 0);
 	if (!b || b->end_ns)
 		return 0;
 	/* Only blocks that will be reported need a waker: short ones stay cheap. */
@@ -353,8 +387,11 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(offcpu_exit, struct task_struct *p)
 {
 	__u32 tid = p->pid;
-	struct blocked *b = bpf_map_lookup_elem(&blocked, &tid);
+	struct blocked *b;
 
+	if (!live_map)
+		return 0;   /* task storage goes with the task; its time is in `offcpu` already */
+	b = bpf_map_lookup_elem(&blocked, &tid);
 	if (b)
 		flush_acc(b);
 	bpf_map_delete_elem(&blocked, &tid);

@@ -68,7 +68,9 @@ class OffcpuTracer:
 
     def __init__(self, pids, min_event_s: float = 1.0, min_block_s: float = 0.0,
                  user_stacks: bool = True, events: bool = True, waker: bool = True,
-                 syscalls: bool = False, floor: bool = False):
+                 syscalls: bool = False, floor: bool = False, live: bool = True):
+        """live: keep blocked threads in a map userspace reads (stuck needs it); False keeps
+        them in task-local storage, cheaper per context switch (offcpu totals only)."""
         self.tgids = target_pids(pids)
         self.obj = BpfObject.open("offcpu")
         self.links = []
@@ -81,8 +83,13 @@ class OffcpuTracer:
             ro["want_events"] = bool(events)
             ro["want_waker"] = bool(waker)
             ro["want_syscalls"] = bool(syscalls)
+            ro["live_map"] = bool(live)
+            self.live = bool(live)
             for name in ("stuck_sys_enter", "stuck_sys_exit"):   # every syscall: only if asked
                 self.obj.program(name).autoload = bool(syscalls)
+            # programs that would only return: not attached at all (each costs a call per event)
+            self.obj.program("offcpu_waking").autoload = bool(waker)
+            self.obj.program("offcpu_exit").autoload = bool(live)
             # floor: benchmarks only, the target check alone instead of everything else
             for name, prog in self.obj.programs.items():
                 if floor:
@@ -146,7 +153,7 @@ class OffcpuTracer:
         merged: dict[tuple, list] = {}
         for k, v in self.obj.map("offcpu").lookup_batch():
             merged[(k.tgid, k.tid, k.kstack, k.ustack)] = [int(v.total_ns), int(v.count), bytes(v.comm)]
-        for _k, b in self.obj.map("blocked").lookup_batch():
+        for _k, b in (self.obj.map("blocked").lookup_batch() if self.live else []):
             if b.acc_count:
                 m = merged.setdefault((b.tgid, b.tid, b.kstack, b.ustack), [0, 0, bytes(b.comm)])
                 m[0] += int(b.acc_ns)
@@ -350,7 +357,7 @@ def run_offcpu(pids: list[int], duration_s: float, min_block_s: float = 0.0,
     """Trace for DURATION_S seconds (or until stop() is true) and return totals and stats."""
     sym = Symbolizer()
     with OffcpuTracer(pids, min_block_s=min_block_s, user_stacks=user_stacks, events=False,
-                      waker=False) as tr:
+                      waker=False, live=False) as tr:
         # Mappings are read while the processes live (they may exit before we symbolize),
         # and again now and then for libraries loaded and code generated meanwhile.
         end = time.monotonic() + duration_s

@@ -108,7 +108,7 @@ class OffcpuCollector:
     """Off-CPU time by process and thread name (all blocks, aggregated in the kernel)."""
 
     def __init__(self, registry: Registry, targets):
-        self.tracer = OffcpuTracer(targets, events=False, waker=False)
+        self.tracer = OffcpuTracer(targets, events=False, waker=False, live=False)
         registry.counter("gridbpf.offcpu.time", "Time threads spent blocked (off CPU), by "
                          "process and thread name.", "s", self._read, ("pid", "thread"))
         registry.counter("gridbpf.offcpu.blocks", "Times threads blocked, by process and thread "
