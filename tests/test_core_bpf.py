@@ -178,3 +178,16 @@ def test_xdp_replace_semantics():
         assert "prog/xdp" not in attached()
         first.close()
         second.close()
+
+
+def test_run_time_accounting(selftest):
+    from gridbpf.bpf import run_time_stats
+    selftest.load()
+    prog = selftest.program("xdp_count")
+    with run_time_stats():
+        prog.test_run(udp_packet(1), repeat=100)
+        during = prog.stats()
+    prog.test_run(udp_packet(1), repeat=100)
+    after = prog.stats()
+    assert during["run_cnt"] == 100 and during["run_time_ns"] > 0
+    assert after["run_cnt"] == 100      # not counted once stats are off again

@@ -44,9 +44,27 @@ def show_scitags(con: Console) -> bool:
     return demo.run(con)
 
 
+def show_checksums(con: Console) -> bool:
+    from .checksum.demo import uploads
+    return uploads(con) == 0
+
+
+def show_http_tracing(con: Console) -> bool:
+    from .trace import http_demo
+    return http_demo.run(con)
+
+
+def show_stuck(con: Console) -> bool:
+    from .trace import stuck_demo
+    return stuck_demo.run(con)
+
+
 PARTS = [
     ("gridbpf doctor: what this machine supports", show_doctor),
     ("lab: client -> ECMP router -> two servers holding one VIP", show_ecmp_lab),
+    ("HTTP tracing: requests of an unmodified nginx, from the kernel", show_http_tracing),
+    ("why is it stuck: a backend blocked on a lock, reported live", show_stuck),
+    ("checksums: ADLER32 of WebDAV uploads computed in the kernel, stored as StoRM does", show_checksums),
     ("SciTags: a transfer marked in the IPv6 flow label, with fireflies", show_scitags),
 ]
 

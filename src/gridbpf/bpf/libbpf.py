@@ -112,6 +112,7 @@ bpf_map_update_batch = _fn("bpf_map_update_batch", i32, i32, vp, vp, POINTER(u32
 bpf_obj_pin = _fn("bpf_obj_pin", i32, i32, c_char_p)
 bpf_obj_get = _fn("bpf_obj_get", i32, c_char_p)
 bpf_prog_test_run_opts = _fn("bpf_prog_test_run_opts", i32, i32, POINTER(TestRunOpts))
+bpf_enable_stats = _fn("bpf_enable_stats", i32, i32)
 btf__raw_data = _fn("btf__raw_data", vp, vp, POINTER(u32))
 libbpf_num_possible_cpus = _fn("libbpf_num_possible_cpus", i32)
 libbpf_probe_bpf_prog_type = _fn("libbpf_probe_bpf_prog_type", i32, i32, vp)

@@ -154,6 +154,17 @@ class Program:
         return TcLink(hook, opts.handle, opts.priority, created == 0, netns,
                       f"{self.name} -> {what}", owner=self)
 
+    def stats(self) -> dict[str, int]:
+        """The kernel's accounting of this program: run_cnt, run_time_ns (counted only while
+        run-time stats are on, see gridbpf.bpf.run_time_stats()), recursion_misses."""
+        out = {}
+        with open(f"/proc/self/fdinfo/{self.fd}") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("run_time_ns", "run_cnt", "recursion_misses"):
+                    out[key] = int(value)
+        return out
+
     # --- test run ------------------------------------------------------------------------------
 
     def test_run(self, data: bytes = b"", repeat: int = 1, ctx: bytes | None = None,
@@ -173,6 +184,19 @@ class Program:
         L.check(L.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)), f"test run of {self.name}")
         return TestRunResult(opts.retval, data_out.raw[:opts.data_size_out] if data else b"",
                              opts.duration, repeat)
+
+
+class run_time_stats:
+    """`with run_time_stats():` makes the kernel account BPF run time (BPF_ENABLE_STATS).
+    Reference-counted by the kernel, unlike the global sysctl kernel.bpf_stats_enabled, so
+    concurrent users do not switch it off under each other."""
+
+    def __enter__(self):
+        self.fd = L.check(L.bpf_enable_stats(0), "enabling BPF run-time stats")   # BPF_STATS_RUN_TIME
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
 
 
 def _destroy_clsact(idx: int) -> None:
