@@ -160,6 +160,9 @@ static __always_inline int parse_icmp4_inner(void *l4, void *end, struct lb_pkt 
 		return LB_DROP_TRUNCATED;
 	if (in->version != 4 || in->ihl != 5)
 		return LB_DROP_TRUNCATED;
+	/* a quoted non-first fragment has no ports where we would read them */
+	if (in->frag_off & bpf_htons(GB_IP_OFFSET))
+		return LB_DROP_FRAGMENT;
 	if (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP)
 		return LB_PASS_NO_SERVICE;
 	/* Only the first 8 bytes of the quoted L4 header are guaranteed: the ports. */

@@ -357,7 +357,14 @@ def test_no_backend_drops_and_counts(dp):
 
 # --- random and mutated packets ----------------------------------------------------------------------
 
-VALID = [bytes(packet(s, 45000 + i)) for i, s in enumerate(SERVICES)]
+VALID = [bytes(packet(s, 45000 + i)) for i, s in enumerate(SERVICES)] + [
+    bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src="10.1.0.1", dst="10.99.0.2") / ICMP(type=3, code=4) /
+          IP(src="10.99.0.2", dst=C4) / TCP(sport=80, dport=45001)),
+    bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src="fd00:1::1", dst="fd00:99::1") / ICMPv6PacketTooBig() /
+          IPv6(src="fd00:99::1", dst=C6) / TCP(sport=80, dport=45002)),
+    bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(src=C6, dst="fd00:99::1") / IPv6ExtHdrDestOpt() / TCP(dport=80)),
+    bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=C4, dst="10.99.0.1", flags="MF") / UDP(dport=53) / Raw(b"f" * 40)),
+]
 
 
 def _vip_services():
@@ -379,7 +386,7 @@ def frames(draw):
     return bytes(base[:cut]) if draw(st.booleans()) else bytes(base)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frames())
 def test_random_and_mutated_packets(dp, raw):
     prog = dp.obj.program("xdp_lb")
