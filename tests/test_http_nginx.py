@@ -210,3 +210,27 @@ def test_nginx_https_through_libssl(tmp_path):
         # (nginx hands SSL_write head and body in one buffer: the response body size is then
         # unknown, see docs/tracing.md; the wire counts above are exact)
         assert reqs[1].request_body_bytes == 200_000
+
+
+def test_idle_keepalive_request_reported_once(nginx):
+    (nginx.root / "a").write_text("a" * 10)
+    with HttpTracer(TargetSpec(pids=[nginx.pid]), idle_report_s=1.0) as t:
+        c = http.client.HTTPConnection("127.0.0.1", nginx.port)
+        c.request("GET", "/a?first")
+        c.getresponse().read()
+        # the connection stays open and idle: the request is reported anyway, soon
+        t0 = time.monotonic()
+        first = []
+        while not first and time.monotonic() - t0 < 10:
+            first += t.poll(100)
+        assert [(r.path, r.status, "idle" in r.flags) for r in first] == [("/a?first", 200, True)]
+        assert time.monotonic() - t0 < 5
+        c.request("GET", "/a?second")
+        c.getresponse().read()
+        c.close()
+        rest = drain(t, until_n=1)
+        stats = t.stats()
+    # the kernel's own record of the first request (sent when the second began) was dropped
+    assert [r.path for r in rest] == ["/a?second"]
+    assert stats["idle_reported"] == 1 and stats["late_bytes_after_idle_report"] == 0
+    compare(first + rest, wait_log(nginx, 2))

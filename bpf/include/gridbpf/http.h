@@ -18,6 +18,7 @@ enum http_flags {
 	HTTP_F_CLOSED = 4,       /* emitted because the connection closed */
 	HTTP_F_INTERIM = 8,      /* an interim 1xx response (100 Continue) came before the final one */
 	HTTP_F_NO_RESPONSE = 16, /* the connection closed before any response byte */
+	/* 32 is set by userspace: reported from the connection table of an idle connection */
 };
 
 enum http_conn_state {

@@ -6,6 +6,7 @@
     [trace]
     tls = true                     # hook libssl's SSL_read/SSL_write in the targets
     drain_ms = 100                 # how often the ring buffer is drained
+    idle_report_s = 5              # report the last request of an idle keep-alive connection
 
     [metrics]
     listen = "127.0.0.1:9464"      # Prometheus /metrics
@@ -50,6 +51,7 @@ class AgentConfig:
     targets: TargetSpec
     tls: bool = True
     drain_ms: int = 100
+    idle_report_s: float = 5.0
     listen_addr: str = "127.0.0.1"
     listen_port: int = 9464
     max_series: int = 1000
@@ -60,7 +62,7 @@ class AgentConfig:
 
 _SCHEMA = {
     "targets": {"pid": list, "comm": list, "cgroup": list, "unit": list},
-    "trace": {"tls": bool, "drain_ms": int},
+    "trace": {"tls": bool, "drain_ms": int, "idle_report_s": (int, float)},
     "metrics": {"listen": str, "max_series": int, "routes": list},
     "otlp": {"endpoint": str, "interval": (int, float), "spans": bool,
              "max_spans_per_second": int, "service_name": str},
@@ -106,10 +108,13 @@ def parse(doc: dict, where: str = "agent.toml") -> AgentConfig:
         raise err("targets", "give at least one of pid, comm, cgroup, unit")
     tr, m, a = doc.get("trace", {}), doc.get("metrics", {}), doc.get("agent", {})
     cfg = AgentConfig(targets=spec, tls=tr.get("tls", True), drain_ms=tr.get("drain_ms", 100),
+                      idle_report_s=float(tr.get("idle_report_s", 5.0)),
                       max_series=m.get("max_series", 1000), routes=m.get("routes", []),
                       lock=a.get("lock", "/run/gridbpf/agent.lock"))
     if not 10 <= cfg.drain_ms <= 10000:
         raise err("trace.drain_ms", f"must be between 10 and 10000, got {cfg.drain_ms}")
+    if cfg.idle_report_s < 0:
+        raise err("trace.idle_report_s", f"must be 0 (off) or positive, got {cfg.idle_report_s}")
     if cfg.max_series < 1:
         raise err("metrics.max_series", f"must be at least 1, got {cfg.max_series}")
     listen = m.get("listen", "127.0.0.1:9464")

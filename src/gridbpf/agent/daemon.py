@@ -72,7 +72,7 @@ class HttpAgent:
         self.requests = 0
         self._line_cache: dict[bytes, tuple] = {}
         try:
-            self.tracer = HttpTracer(cfg.targets, tls=cfg.tls)
+            self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s)
             self.routes = Routes(cfg.routes)
             self.registry = Registry()
             r = self.registry
@@ -107,7 +107,8 @@ class HttpAgent:
 
     def _kernel_stats(self) -> dict:
         s = self.tracer.stats()
-        return {(k,): v for k, v in s.items() if k in STAT_NAMES or k == "events_lost"}
+        return {(k,): v for k, v in s.items()
+                if k in STAT_NAMES or k in ("events_lost", "idle_reported", "late_bytes_after_idle_report")}
 
     def _group(self, hdrs: list[bytes], statuses: list[int]) -> tuple[list[tuple], np.ndarray]:
         """Label tuples of a batch, grouped: (distinct tuples, index per request). The tuple of

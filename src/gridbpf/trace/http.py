@@ -18,9 +18,11 @@ from ..bpf.elf import library_of
 from .targets import TargetSpec, alive, comm_of
 
 EV_REQUEST, EV_TLS_CONN = 1, 2
-F_TLS, F_PIPELINED, F_CLOSED, F_INTERIM, F_NO_RESPONSE = 1, 2, 4, 8, 16
+F_TLS, F_PIPELINED, F_CLOSED, F_INTERIM, F_NO_RESPONSE, F_IDLE = 1, 2, 4, 8, 16, 32
 FLAG_NAMES = {F_TLS: "tls", F_PIPELINED: "pipelined", F_CLOSED: "closed", F_INTERIM: "interim",
-              F_NO_RESPONSE: "no-response"}
+              F_NO_RESPONSE: "no-response", F_IDLE: "idle"}
+CS_RESP = 2              # enum http_conn_state
+IDLE_REPORT_S = 5.0      # report a finished-looking request of an idle keep-alive connection
 STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connections",
               "stale_connections", "writes_without_request", "targets_full", "requests_completed"]
 SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
@@ -130,7 +132,8 @@ class HttpTracer:
     tls: attach the OpenSSL uprobes to each libssl the targets map.
     floor: load only the cost floor (same hook, pid filter only) -- for benchmarks."""
 
-    def __init__(self, spec: TargetSpec, tls: bool = True, floor: bool = False):
+    def __init__(self, spec: TargetSpec, tls: bool = True, floor: bool = False,
+                 idle_report_s: float = IDLE_REPORT_S):
         if not _can_trace():
             raise PermissionError("tracing needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
         spec.validate()
@@ -149,9 +152,17 @@ class HttpTracer:
         self.requests_seen = 0
         self._clients: dict = {}               # (family, address bytes) -> text
         self._seeded: set[int] = set()          # processes whose earlier connections we took
+        # requests of idle keep-alive connections reported before the kernel sent them:
+        # start_ns -> (pid, fd, resp_bytes); the kernel's record, when it comes, is dropped
+        self.idle_report_s = idle_report_s
+        self._early: dict[int, tuple] = {}
+        self._last_idle_scan = time.monotonic()
+        self.idle_reported = 0
+        self.late_bytes = 0                     # response bytes written after an idle report
         try:
             self.obj.load()
             self.dtype = self.obj.btf.dtype("struct http_event")
+            self._conn_dtype = self.obj.btf.dtype("struct http_conn")
             self.tgids = spec.install(self.obj)
             for name in ("http_floor_sys_exit" if floor else "http_sys_exit",
                          "http_fork", "http_exec", "http_exit"):
@@ -231,6 +242,9 @@ class HttpTracer:
     def _sweep(self, live: set[int]) -> None:
         """Delete connections of processes that are gone (the kernel cannot: fds are per process)."""
         conns = self.obj.map("conns")
+        for start, (pid, _fd, _rb) in list(self._early.items()):
+            if pid not in live and not alive(pid):
+                del self._early[start]
         dead = [k for k in conns.keys() if k.tgid not in live and not alive(k.tgid)]
         for k in dead:
             try:
@@ -244,7 +258,61 @@ class HttpTracer:
         """Drain the ring into a numpy array of struct http_event (all kinds)."""
         if timeout_ms:
             time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
-        return drain_fixed(self.ring, self.dtype)
+        arr = drain_fixed(self.ring, self.dtype)
+        if self._early and len(arr):
+            arr = self._drop_early(arr)
+        if self.idle_report_s and not self.floor and \
+                time.monotonic() - self._last_idle_scan >= min(1.0, self.idle_report_s):
+            self._last_idle_scan = time.monotonic()
+            idle = self._idle_records()
+            if len(idle):
+                arr = np.concatenate([arr, idle]) if len(arr) else idle
+        return arr
+
+    def _idle_records(self) -> np.ndarray:
+        """Requests whose response looks finished on a connection idle for idle_report_s.
+
+        The kernel sends a request when the next one starts or the connection closes, so the
+        last request of a keep-alive connection that stays open would wait for that. We read
+        the connection table (never write it: no race with the kernel) and report those now;
+        the kernel's record for the same request is dropped when it arrives (_drop_early)."""
+        items = self.obj.map("conns").lookup_batch()
+        if not items:
+            return np.empty(0, self.dtype)
+        conn_dt = self._conn_dtype
+        c = np.frombuffer(b"".join(bytes(v) for _k, v in items), conn_dt)
+        horizon = time.monotonic_ns() - int(self.idle_report_s * 1e9)
+        ev = c["ev"]
+        sel = (c["state"] == CS_RESP) & (ev["end_ns"] > 0) & (ev["end_ns"] < horizon)
+        if not sel.any():
+            return np.empty(0, self.dtype)
+        out = ev[sel].copy()
+        fresh = np.array([int(s) not in self._early for s in out["start_ns"].tolist()], bool)
+        out = out[fresh]
+        out["kind"] = EV_REQUEST
+        out["flags"] |= F_IDLE
+        for pid, fd, start, rb in zip(out["pid"].tolist(), out["fd"].tolist(),
+                                      out["start_ns"].tolist(), out["resp_bytes"].tolist()):
+            self._early[start] = (pid, fd, rb)
+        self.idle_reported += len(out)
+        return out
+
+    def _drop_early(self, arr: np.ndarray) -> np.ndarray:
+        """Drop the kernel's records of requests already reported as idle (matched on start
+        time, pid and fd); bytes written after that report are counted in late_bytes."""
+        starts = np.fromiter(self._early, np.uint64, len(self._early))
+        hit = np.isin(arr["start_ns"], starts) & (arr["kind"] == EV_REQUEST)
+        if not hit.any():
+            return arr
+        keep = np.ones(len(arr), bool)
+        for i in np.nonzero(hit)[0].tolist():
+            start = int(arr["start_ns"][i])
+            pid, fd, rb = self._early[start]
+            if pid == int(arr["pid"][i]) and fd == int(arr["fd"][i]):
+                keep[i] = False
+                self.late_bytes += max(int(arr["resp_bytes"][i]) - rb, 0)
+                del self._early[start]
+        return arr[keep]
 
     def requests_only(self, arr: np.ndarray) -> np.ndarray:
         """The request records of a drained batch; TLS-connection records are handled here."""
@@ -327,6 +395,8 @@ class HttpTracer:
         m = self.obj.map("stats")
         out = {name: int(m.sum(i) or 0) for i, name in enumerate(STAT_NAMES)}
         out["events_lost"] = int(self.ring.lost)
+        out["idle_reported"] = self.idle_reported
+        out["late_bytes_after_idle_report"] = self.late_bytes
         out["events_received"] = int(self.ring.received)
         return out
 
