@@ -75,6 +75,8 @@ class OffcpuTracer:
         self.obj = BpfObject.open("offcpu")
         self.links = []
         self.ring = None
+        self.live = bool(live)
+        self._insys: dict[int, int] = {}
         try:
             ro = self.obj.rodata
             ro["min_event_ns"] = int(min_event_s * 1e9)
@@ -84,7 +86,6 @@ class OffcpuTracer:
             ro["want_waker"] = bool(waker)
             ro["want_syscalls"] = bool(syscalls)
             ro["live_map"] = bool(live)
-            self.live = bool(live)
             for name in ("stuck_sys_enter", "stuck_sys_exit"):   # every syscall: only if asked
                 self.obj.program(name).autoload = bool(syscalls)
             # programs that would only return: not attached at all (each costs a call per event)
@@ -131,14 +132,14 @@ class OffcpuTracer:
         """Entries of `blocked` (struct blocked) of target threads off CPU now (end_ns 0), or
         running for a moment inside a followed syscall in which they blocked (end_ns set, and
         in `insys`). Entries of threads that ran again otherwise stay only for reuse."""
-        insys = self.obj.map("insys")
-        return [v for _k, v in self.obj.map("blocked").items()
-                if not v.end_ns or insys.get(v.tid) is not None]
+        self._insys = {int(k): int(v.start_ns) for k, v in self.obj.map("insys").lookup_batch()}
+        return [v for _k, v in self.obj.map("blocked").lookup_batch()
+                if not v.end_ns or v.tid in self._insys]
 
     def syscall_start(self, tid: int) -> int | None:
-        """When the thread entered the syscall it is in (followed syscalls only)."""
-        v = self.obj.map("insys").get(tid)
-        return int(v.start_ns) if v is not None else None
+        """When the thread entered the syscall it is in (followed syscalls only), as of the
+        last blocked_now()."""
+        return self._insys.get(tid)
 
     def poll_events(self, timeout_ms: int = 0):
         """Blocks that ended and lasted at least min_event (numpy array of struct offcpu_event)."""

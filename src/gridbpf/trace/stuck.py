@@ -244,6 +244,7 @@ class StuckMonitor:
             return
         now_mono = time.monotonic_ns()
         m = self.tracer.obj.map("blocked")
+        known = {int(k) for k in m.keys()}
         for tgid in self.tracer.tgids:
             try:
                 tids = [int(t) for t in os.listdir(f"/proc/{tgid}/task")]
@@ -254,7 +255,7 @@ class StuckMonitor:
                 if st not in ("S", "D"):
                     continue
                 last = _exec_start_ns(tgid, tid)
-                if last is None or tid in [int(k) for k in m.keys()]:
+                if last is None or tid in known:
                     continue
                 start = now_mono - max(0, now_rq - last)
                 sc = _proc_syscall(tgid, tid)
