@@ -406,12 +406,15 @@ def test_random_and_mutated_packets(dp, raw):
     ip = pkt.payload
     quoted = ip.payload.payload if isinstance(ip.payload, (ICMP, ICMPv6PacketTooBig)) else None
     if quoted is not None:
-        vip, l4 = quoted.src, quoted.payload
-        port = l4.sport
+        # the quoted reply VIP:port -> client; its ports are the 8 bytes after its IP header
+        # (read from the bytes: scapy gives up on quoted packets cut short by the length fields)
+        off = 14 + (40 if isinstance(ip, IPv6) else 20) + 8 + (40 if isinstance(ip, IPv6) else 20)
+        vip, port = quoted.src, struct.unpack("!H", raw[off:off + 2])[0]
+        proto = {6: "tcp", 17: "udp"}[quoted.nh if isinstance(ip, IPv6) else quoted.proto]
     else:
         vip, l4 = ip.dst, ip.payload
         port = l4.dport
-    proto = "tcp" if isinstance(l4, TCP) else "udp"
+        proto = "tcp" if isinstance(l4, TCP) else "udp"
     mode, macs = _vip_services()[(ipaddress.ip_address(vip).packed, port, proto)]
     out = Ether(res.data)
     assert out.dst in macs and out.src == pkt.dst
