@@ -371,22 +371,24 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 	__u64 pid_tgid, buf = 0, seglen = 0, now, arg0, arg1, arg2;
 	__u32 tgid;
 
-	if (!is_traced_nr(nr))
+	/* failed calls (EAGAIN reads of non-blocking servers) change nothing: no lookup at all */
+	if (!is_traced_nr(nr) || ret < 0)
 		return 0;
 	pid_tgid = bpf_get_current_pid_tgid();
 	tgid = pid_tgid >> 32;
-	if (!bpf_map_lookup_elem(&targets, &tgid))
-		return 0;
-	if (ret < 0)
-		return 0;
 	/* read the arguments once: the pt_regs pointer must not reach shared helper code */
 	arg0 = regs->di;
 	arg1 = regs->si;
 	arg2 = regs->dx;
 	if (nr == NR_accept || nr == NR_accept4) {
-		on_accept(tgid, ret, arg1);
+		if (bpf_map_lookup_elem(&targets, &tgid))
+			on_accept(tgid, ret, arg1);
 		return 0;
 	}
+	/*
+	 * Only targets have connections here, so the connection lookup is also the target
+	 * filter: one hash lookup per call, for targets and everyone else alike.
+	 */
 	key.tgid = tgid;
 	key.fd = arg0;
 	c = bpf_map_lookup_elem(&conns, &key);
