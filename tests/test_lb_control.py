@@ -203,3 +203,46 @@ def test_daemon_life_cycle_runtime_changes_and_metrics(lab):
     assert xdp_prog_id(lab) is None and not os.path.exists(PIN)
     r = gridbpf("lb", "status", "--instance", "lbctl")
     assert r.returncode == 2 and "no balancer instance 'lbctl'" in r.stderr
+
+
+HTTPS_SERVER = r"""
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 200 if self.path == "/ok" else 503
+        self.send_response(code); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("10.2.0.11", int(sys.argv[1])), H)
+if sys.argv[2] == "tls":
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"""
+
+
+def test_health_check_kinds(lab):
+    from gridbpf.lb.config import Health
+    from gridbpf.lb.health import check_once
+    b, ns = lab.hosts["b"], lab.hosts["a"].netns
+    cert, key = os.path.join(lab.workdir, "c.pem"), os.path.join(lab.workdir, "k.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=backend"], check=True, capture_output=True)
+    script = os.path.join(lab.workdir, "srv.py")
+    with open(script, "w") as f:
+        f.write(HTTPS_SERVER)
+    b.popen([sys.executable, script, "8080", "plain"], name="http")
+    b.popen([sys.executable, script, "8443", "tls", cert, key], name="https")
+    a = lab.hosts["a"]
+    a.wait_port("10.2.0.11", 8080)
+    a.wait_port("10.2.0.11", 8443)
+    # checks run from the balancer's namespace (a): the backend's address is reachable only there
+    assert check_once("10.2.0.11", 8080, Health(check="tcp"), ns)[0]
+    assert check_once("10.2.0.11", 8080, Health(check="http", path="/ok"), ns) == (True, "status 200")
+    assert check_once("10.2.0.11", 8080, Health(check="http", path="/bad"), ns) == (False, "status 503")
+    assert check_once("10.2.0.11", 8443, Health(check="https", path="/ok"), ns) == (True, "status 200")
+    assert check_once("10.2.0.11", 8443, Health(check="https", path="/bad"), ns)[0] is False
+    ok, why = check_once("10.2.0.11", 8081, Health(check="tcp"), ns)
+    assert not ok and "refused" in why.lower()
+    ok, why = check_once("10.2.0.99", 80, Health(check="tcp", timeout=0.3), ns)
+    assert not ok
