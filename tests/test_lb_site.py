@@ -15,9 +15,10 @@ import pytest
 
 from gridbpf.lab import Lab
 from gridbpf.lb import maglev
-from gridbpf.lb.site import build_site, start_nginx, stop_nginx
+from gridbpf.lb.site import build_site, start_nginx, start_udp_echo, stop_nginx
 
 WEIGHTS = [1, 1, 2]
+UDP_PORT = 5353
 UPLOAD_SECONDS = float(os.environ.get("LB_UPLOAD_SECONDS", "30"))
 # generous timeout and fall count: a busy 2-core box must not fail a healthy backend
 HEALTH = {"check": "http", "path": "/whoami", "interval": 0.5, "timeout": 1.5, "fall": 3, "rise": 2}
@@ -28,7 +29,9 @@ def site():
     with Lab("lbsite") as lab:
         s = build_site(lab)
         try:
-            s.start(weights=WEIGHTS, health=HEALTH)
+            for b in s.backends:
+                start_udp_echo(b, UDP_PORT)
+            s.start(weights=WEIGHTS, health=HEALTH, udp_port=UDP_PORT)
             yield s
         finally:
             s.close()
@@ -56,7 +59,7 @@ def whoami(conn):
     return body
 
 
-def predicted(site, vip, sports):
+def predicted(site, vip, sports, proto=6):
     """Which backend Maglev (computed here) gives each client port: the datapath must agree."""
     fam = 6 if ":" in vip else 4
     client = "fd00:1::2" if fam == 6 else "10.1.0.2"
@@ -65,7 +68,8 @@ def predicted(site, vip, sports):
     n = len(sports)
     src = np.tile(np.frombuffer(maglev.addr16(client), np.uint8), (n, 1))
     dst = np.tile(np.frombuffer(maglev.addr16(vip), np.uint8), (n, 1))
-    h = maglev.flow_hash(src, dst, np.array(sports), np.full(n, 80), np.full(n, 6))
+    port = 80 if proto == 6 else UDP_PORT
+    h = maglev.flow_hash(src, dst, np.array(sports), np.full(n, port), np.full(n, proto))
     return [site.backends[addrs.index(names[i])].name for i in table[h % maglev.DEFAULT_SIZE]]
 
 
@@ -151,6 +155,33 @@ def test_requests_spread_by_weight_and_counters_match(site):
         assert pkts == sent[name][0]
         assert after[(svc, "bytes")] - before[(svc, "bytes")] == sent[name][1] + 14 * pkts
     assert sent["to_vip4"][0] >= 4 * n4          # SYN, ACK, request, FIN at least
+
+
+def test_udp_datagrams_go_to_their_flows_backend(site):
+    before = totals(site)
+    got = {}
+    for vip, base in ((site.vip4, 23000), (site.vip6, 24000)):
+        fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+        sports = list(range(base, base + 200))
+        for p in sports:
+            with site.client.enter():
+                s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.bind(("fd00:1::2" if ":" in vip else "10.1.0.2", p))
+            s.settimeout(3)
+            answers = set()
+            for i in range(3):                       # three datagrams of one flow
+                s.sendto(b"ping %d" % i, (vip, UDP_PORT))
+                name, _, echo = s.recv(2048).decode().partition(" ")
+                assert echo == f"ping {i}"
+                answers.add(name)
+            s.close()
+            assert len(answers) == 1
+            got[(vip, p)] = answers.pop()
+        assert [got[(vip, p)] for p in sports] == predicted(site, vip, sports, proto=17)
+    after = totals(site)
+    assert after[("udp4", "new_flows")] - before[("udp4", "new_flows")] == 200
+    assert after[("udp4", "packets")] - before[("udp4", "packets")] == 600
+    assert after[("udp6", "packets")] - before[("udp6", "packets")] == 600
 
 
 def test_backend_removal_keeps_other_connections(site):

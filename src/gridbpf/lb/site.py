@@ -77,18 +77,24 @@ class Site:
         return f"10.2.0.{11 + i}" if family == 4 else f"fd00:2::{11 + i:x}"
 
     def config_text(self, node: Host, metrics_port: int, health: dict | None = None,
-                    weights: list[int] | None = None) -> str:
+                    weights: list[int] | None = None, udp_port: int | None = None) -> str:
         """lb.toml of a node: the same services and backends everywhere, only the interface's
-        namespace, the instance name and the metrics port differ."""
+        namespace, the instance name and the metrics port differ. Services webdav4/webdav6
+        (TCP 80), and with UDP_PORT also udp4/udp6 (no health checks: see start_udp_echo)."""
         h = {"check": "http", "interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 2, "path": "/whoami"}
         h.update(health or {})
         hl = "\n".join(f"{k} = {json.dumps(v)}" for k, v in h.items())
         out = [f'[balancer]\ninterface = "eth0"\nnetns = "{node.netns}"\nxdp_mode = "native"\n'
                f'instance = "{self.lab.name}-{node.name}"\nmetrics = "127.0.0.1:{metrics_port}"\n',
                f"[health]\n{hl}\n"]
-        for fam, vip in ((4, self.vip4), (6, self.vip6)):
-            out.append(f'[[service]]\nname = "webdav{fam}"\nvip = "{vip}"\nport = 80\n'
-                       f'protocol = "tcp"\nmode = "{self.mode}"\n')
+        services = [(f"webdav{fam}", vip, 80, "tcp", "") for fam, vip in ((4, self.vip4), (6, self.vip6))]
+        if udp_port:
+            services += [(f"udp{fam}", vip, udp_port, "udp", 'health = { check = "none" }\n')
+                         for fam, vip in ((4, self.vip4), (6, self.vip6))]
+        for name, vip, port, proto, extra in services:
+            fam = 6 if ":" in vip else 4
+            out.append(f'[[service]]\nname = "{name}"\nvip = "{vip}"\nport = {port}\n'
+                       f'protocol = "{proto}"\nmode = "{self.mode}"\n{extra}')
             for i, b in enumerate(self.backends):
                 w = weights[i] if weights else 1
                 out.append(f'[[service.backend]]\naddress = "{self.backend_addr(i, fam)}"\n'
@@ -214,6 +220,39 @@ def start_nginx(host: Host) -> None:
     with open(conf, "w") as f:
         f.write(NGINX_CONF.format(work=work))
     host.popen(["nginx", "-c", conf, "-g", "daemon off;"], name="nginx")
+
+
+UDP_ECHO = r"""
+import socket, sys
+name, port = sys.argv[1].encode(), int(sys.argv[2])
+socks = []
+for fam, vip in ((socket.AF_INET, sys.argv[3]), (socket.AF_INET6, sys.argv[4])):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.bind((vip, port))          # bound to the VIP: replies leave from the VIP (DSR)
+    socks.append(s)
+import selectors
+sel = selectors.DefaultSelector()
+for s in socks:
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        data, peer = key.fileobj.recvfrom(2048)
+        key.fileobj.sendto(name + b" " + data, peer)
+"""
+
+
+def start_udp_echo(host: Host, port: int) -> None:
+    """A UDP server on the VIPs that answers 'HOSTNAME <datagram>' (the UDP services' backend)."""
+    path = os.path.join(host.lab.workdir, "udp_echo.py")
+    with open(path, "w") as f:
+        f.write(UDP_ECHO)
+    p = host.popen([sys.executable, path, host.name, str(port), VIP4, VIP6], name="udpecho")
+    deadline = time.monotonic() + 10
+    while "ready" not in p.output():
+        if not p.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"udp echo on {host.name} did not start: {p.output()[-300:]}")
+        time.sleep(0.05)
 
 
 def stop_nginx(host: Host) -> None:
