@@ -66,6 +66,42 @@ struct waker_mem {
 	__u64 words[WAKER_WORDS];
 };
 
+/* The same for user stacks captured at a block, by stack id: the aggregated stacks of `offcpu`
+ * get their missing frame back from it in userspace (first capture of each id kept). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);                 /* user stack id */
+	__type(value, struct waker_mem);
+} stack_top SEC(".maps");
+
+/* an all-zero value to insert from (too big for the BPF stack next to struct blocked) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct waker_mem);
+} zero_mem SEC(".maps");
+
+static __always_inline void save_stack_top(__u32 id, __u64 sp, __u64 bp)
+{
+	struct waker_mem *m, *zero;
+	__u32 k0 = 0;
+
+	if (bpf_map_lookup_elem(&stack_top, &id) || !sp || bp <= sp)
+		return;
+	zero = bpf_map_lookup_elem(&zero_mem, &k0);
+	if (!zero || bpf_map_update_elem(&stack_top, &id, zero, BPF_NOEXIST))
+		return;
+	m = bpf_map_lookup_elem(&stack_top, &id);
+	if (!m)
+		return;
+	m->sp = sp;
+	m->bp = bp;
+	if (bpf_probe_read_user(m->words, sizeof(m->words), (void *)sp))
+		m->sp = 0;
+}
+
 /* The syscall a target thread is in (want_syscalls). */
 struct insys {
 	__u64 start_ns;
@@ -225,6 +261,8 @@ static __always_inline void record_block(void *ctx, struct task_struct *prev, __
 			b.ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
 			if (b.ustack < 0)
 				gb_count(&stats, OFFCPU_USTACK_ERR);
+			else
+				save_stack_top(b.ustack, b.user_sp, b.user_bp);
 		}
 	}
 	b.waker_kstack = b.waker_ustack = -1;

@@ -83,9 +83,9 @@ def test_offcpu_folded_and_pprof(dozer):
     p.wait(timeout=10)
     assert stats["kernel_stack_errors"] == 0 and stats["offcpu_map_full"] == 0
     text = folded(totals)
-    # (doze itself, the caller of glibc's frameless nanosleep, is the one frame that frame
-    # pointers cannot see in aggregated stacks; docs/stuck.md)
-    dozing = [line for line in text.splitlines() if ";main;work_then_doze;" in line]
+    # doze, the caller of glibc's frameless nanosleep, is the frame that frame pointers miss:
+    # put back from the top of the stack the kernel saved with the first capture
+    dozing = [line for line in text.splitlines() if ";main;work_then_doze;doze;" in line]
     assert len(dozing) == 1, text
     stack, micros = dozing[0].rsplit(" ", 1)
     assert stack.startswith("dozer;") and "do_nanosleep_[k]" in stack
@@ -123,5 +123,5 @@ def test_offcpu_cli(dozer, tmp_path):
     _out, err = cli.communicate(timeout=30)
     p.wait(timeout=10)
     assert cli.returncode == 0, err
-    assert ";main;work_then_doze;" in (tmp_path / "f.txt").read_text()
+    assert ";main;work_then_doze;doze;" in (tmp_path / "f.txt").read_text()
     assert gzip.decompress((tmp_path / "p.pb.gz").read_bytes())

@@ -44,6 +44,7 @@ __attribute__((noinline)) static void nap_in_nanosleep(double s)
 
 static void *napper_main(void *arg)
 {
+	pthread_setname_np(pthread_self(), "napper");   /* named before it blocks */
 	double t0 = now();
 	nap_in_nanosleep(nap_s);
 	took_nap = now() - t0;
@@ -58,6 +59,7 @@ __attribute__((noinline)) static int wait_in_poll(int fd)
 
 static void *poller_main(void *arg)
 {
+	pthread_setname_np(pthread_self(), "poller");
 	double t0 = now();
 	wait_in_poll(client_fd);
 	took_poll = now() - t0;
@@ -92,9 +94,7 @@ int main(int argc, char **argv)
 	if (!fgets(line, sizeof(line), stdin))   /* blocked in read() until the test says go */
 		return 1;
 	pthread_create(&t1, NULL, napper_main, NULL);
-	pthread_setname_np(t1, "napper");
 	pthread_create(&t2, NULL, poller_main, NULL);
-	pthread_setname_np(t2, "poller");
 	struct timespec ts = {(time_t)wake_after_s, (long)((wake_after_s - (time_t)wake_after_s) * 1e9)};
 	nanosleep(&ts, NULL);
 	wake_the_poller();
@@ -139,9 +139,10 @@ def test_stuck_c_program(stuckprog):
         with StuckMonitor([p.pid], threshold_s=0.5) as mon:
             p.stdin.write("go\n")
             p.stdin.flush()
-            end = time.monotonic() + wake + 1.5
-            while time.monotonic() < end:
+            end = time.monotonic() + 60          # it exits after the last wakeup
+            while time.monotonic() < end and p.poll() is None:
                 reports += mon.poll(100)
+            reports += mon.poll(0)
             stats = mon.stats()
         out, _ = p.communicate(timeout=10)
     finally:

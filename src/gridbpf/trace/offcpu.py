@@ -247,9 +247,17 @@ class StackTotal:
 def collect_totals(tracer: OffcpuTracer, sym: Symbolizer | None = None) -> list[StackTotal]:
     sym = sym or Symbolizer()
     out = []
+    tops = tracer.obj.map("stack_top")
     for key, val in tracer.totals():
         kernel = sym.kernel(tracer.stack(key.kstack))
-        user = sym.user(key.tgid, tracer.stack(key.ustack))
+        ips = tracer.stack(key.ustack)
+        top = tops.get(key.ustack) if key.ustack >= 0 else None
+        if top is not None and top.sp:
+            # the frame that frame pointers miss, from the stack top saved at the first capture
+            words = struct.pack(f"<{len(top.words)}Q", *top.words)
+            ips = repair_leaf(key.tgid, ips, int(top.sp), int(top.bp), sym.process(key.tgid),
+                              stack=words)
+        user = sym.user(key.tgid, ips)
         out.append(StackTotal(bytes(val.comm).split(b"\0")[0].decode(errors="replace"), key.tid,
                               kernel, user, int(val.total_ns), int(val.count)))
     out.sort(key=lambda s: -s.total_ns)
