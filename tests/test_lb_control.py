@@ -120,6 +120,13 @@ def test_unknown_interface_attaches_nothing(lab):
     assert not os.path.exists(PIN) and xdp_prog_id(lab) is None
 
 
+def test_unknown_netns_attaches_nothing(lab):
+    text = GOOD.format(ns="gb-lbctl-nope", port=free_port())
+    r = gridbpf("lb", "run", "--config", write(lab, text))
+    assert r.returncode == 2 and "balancer.netns" in r.stderr and "gb-lbctl-nope" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(PIN)
+
+
 def test_check_verb(lab):
     r = gridbpf("lb", "check", "--json", "--config", write(lab, GOOD.format(ns=lab.hosts["a"].netns, port=1)))
     assert r.returncode == 0, r.stderr

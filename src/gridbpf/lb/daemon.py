@@ -99,7 +99,9 @@ class Daemon:
         cfg = _config.load(self.cfg_path)
         try:
             _netns.ifindex(cfg.interface, cfg.netns)
-        except (ValueError, FileNotFoundError) as e:
+        except FileNotFoundError as e:
+            raise _config.ConfigError(f"{self.cfg_path}: balancer.netns: {e}") from None
+        except ValueError as e:
             raise _config.ConfigError(f"{self.cfg_path}: balancer.interface: {e}") from None
         self.cfg = cfg
         self.lock = InstanceLock(cfg.instance)
