@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from .. import netns as _netns
 from . import config as _config
@@ -90,7 +91,8 @@ class InstanceLock:
 class Daemon:
     def __init__(self, cfg_path: str, log=None):
         self.cfg_path = cfg_path
-        self.log = log or (lambda m: print(f"gridbpf lb: {m}", file=sys.stderr, flush=True))
+        self.log = log or (lambda m: print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} gridbpf lb: {m}",
+                                           file=sys.stderr, flush=True))
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.dp = self.link = self.health = self.metrics = self.lock = None
