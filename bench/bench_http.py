@@ -191,6 +191,8 @@ def run() -> dict:
         "traced_equals_requests_plus_inflight": all(
             r["traced"] + r["lost"] >= r["requests"] for m in ("trace", "kernel") for r in rounds[m]),
         "lost_events": sum(r["lost"] for m in ("trace", "kernel") for r in rounds[m]),
+        # every round, so the spread (noisy on a shared 2-core VM) is visible next to the medians
+        "rps_per_round": {m: [round(r["rps"]) for r in rounds[m]] for m in rounds},
         **agent,
     }
     return out

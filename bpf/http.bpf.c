@@ -2,7 +2,8 @@
  * Per-request HTTP/1.x tracing of unmodified servers, from socket syscalls and OpenSSL uprobes.
  *
  * Cost is what matters: one tp_btf program at sys_exit sees every syscall, so it rejects on the
- * syscall number (a register) and then on the target-process map before anything else. The
+ * syscall number and result (registers) and then with one hash lookup: the connection table,
+ * which only holds connections that target processes accepted, is also the target filter. The
  * syscall arguments are still in pt_regs at exit, so no per-thread enter/exit state is kept.
  * Only connections seen at accept are followed (server side); the request is built in the
  * connection's map entry and sent as ONE ring-buffer record when it is complete (the next
@@ -554,14 +555,28 @@ int BPF_PROG(http_exec, struct task_struct *p, pid_t old_pid, struct linux_binpr
 	return 0;
 }
 
+static long drop_conn_of(struct bpf_map *map, struct http_conn_key *key, struct http_conn *c,
+			 __u32 *tgid)
+{
+	if (key->tgid == *tgid)
+		bpf_map_delete_elem(map, key);
+	return 0;
+}
+
 SEC("tp_btf/sched_process_exit")
-int BPF_PROG(http_exit, struct task_struct *p)
+int BPF_PROG(http_exit, struct task_struct *p, bool group_dead)
 {
 	__u32 tgid = p->tgid;
 
-	/* the whole process is gone once its leader exits; userspace sweeps its connections */
-	if (p->pid == tgid)
-		bpf_map_delete_elem(&targets, &tgid);
+	/*
+	 * When the last thread of a target exits, forget it and its connections now (rare, so
+	 * walking the table is fine): a later process reusing the pid never meets them -- the
+	 * connection table is the syscall hook's only filter.
+	 */
+	if (!group_dead || !bpf_map_lookup_elem(&targets, &tgid))
+		return 0;
+	bpf_map_delete_elem(&targets, &tgid);
+	bpf_for_each_map_elem(&conns, drop_conn_of, &tgid, 0);
 	return 0;
 }
 
