@@ -73,3 +73,16 @@ def test_selftest_structs_have_their_c_layout():
     event = obj.btf.struct("event")
     assert ctypes.sizeof(event) == 48 and event.comm.offset == 24 and event.kind.offset == 40
     obj.close()
+
+
+def test_values_built_from_python():
+    from gridbpf.bpf import from_python, to_python
+    obj = BpfObject.open(TESTS / "bpf" / "selftest.bpf.o")
+    event_t = obj.btf.struct("event")
+    e = from_python(event_t, {"tgid": 7, "comm": "nginx", "pad": [1, 2, 3, 4, 5, 6, 7]})
+    assert bytes(e)[24:40] == b"nginx".ljust(16, b"\0")
+    assert to_python(e)["tgid"] == 7 and to_python(e)["comm"] == b"nginx".ljust(16, b"\0")
+    with pytest.raises(ValueError, match="longer than char"):
+        from_python(event_t, {"comm": "x" * 17})
+    assert bytes(from_python(event_t, bytes(e))) == bytes(e)
+    obj.close()

@@ -250,6 +250,13 @@ def from_python(ctype: type, value):
     """Build a ctypes value from an int, bytes, dict, list or ctypes instance of the right size."""
     if isinstance(value, ctype):
         return value
+    if isinstance(value, str) and issubclass(ctype, ctypes.Array) and ctype._type_ is ctypes.c_char:
+        value = value.encode()
+    if isinstance(value, (bytes, bytearray)) and issubclass(ctype, ctypes.Array) \
+            and ctype._type_ is ctypes.c_char:
+        if len(value) > ctype._length_:   # C strings: shorter ones are NUL-padded
+            raise ValueError(f"{bytes(value)!r} is longer than char[{ctype._length_}]")
+        return ctype.from_buffer_copy(bytes(value).ljust(ctype._length_, b"\0"))
     if isinstance(value, (bytes, bytearray, memoryview)):
         if len(value) != ctypes.sizeof(ctype):
             raise ValueError(f"{ctype.__name__} needs {ctypes.sizeof(ctype)} bytes, got {len(value)}")

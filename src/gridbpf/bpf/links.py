@@ -56,7 +56,7 @@ class LibbpfLink(Link):
         L.bpf_link__destroy(self._ptr)
 
     def pin(self, name: str) -> str:
-        path = pin_path(name)
+        path = pin_path(name, create=True)
         L.check(L.bpf_link__pin(self._ptr, path.encode()), f"pinning {self.what} at {path}")
         return path
 
@@ -75,7 +75,7 @@ class FdLink(Link):
         os.close(self.fd)
 
     def pin(self, name: str) -> str:
-        path = pin_path(name)
+        path = pin_path(name, create=True)
         L.check(L.bpf_obj_pin(self.fd, path.encode()), f"pinning {self.what} at {path}")
         return path
 

@@ -220,7 +220,7 @@ class Map:
     # --- pinning -------------------------------------------------------------------------------
 
     def pin(self, name: str) -> str:
-        path = pin_path(name)
+        path = pin_path(name, create=True)
         L.check(L.bpf_map__pin(self._ptr, path.encode()), f"pinning map {self.name} at {path}")
         return path
 

@@ -8,12 +8,14 @@ BPFFS = "/sys/fs/bpf"
 PIN_ROOT = os.path.join(BPFFS, "gridbpf")
 
 
-def pin_path(name: str) -> str:
-    """Absolute path for a pin name like 'lb/conntrack' (absolute paths are kept)."""
+def pin_path(name: str, create: bool = False) -> str:
+    """Absolute path for a pin name like 'lb/conntrack' (absolute paths are kept); with CREATE,
+    its directory is made (for pinning; lookups leave nothing behind)."""
     path = name if name.startswith("/") else os.path.join(PIN_ROOT, name)
     if not os.path.ismount(BPFFS):
         raise RuntimeError(f"{BPFFS} is not a mounted bpffs (run `make setup` or mount -t bpf bpf {BPFFS})")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if create:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
 
