@@ -2,7 +2,6 @@
 body sizes, route templates, target selection, the record layout from BTF, the trace CLI's
 shared `trace` parser."""
 import argparse
-import os
 import subprocess
 import sys
 import time

@@ -6,7 +6,6 @@ temporary directory and is stopped by close().
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
