@@ -267,8 +267,12 @@ def from_python(ctype: type, value):
             ftype = dict((f[0], f[1]) for f in ctype._fields_).get(k)
             if ftype is None:
                 raise KeyError(f"{ctype.__name__} has no field {k!r}")
-            setattr(obj, k, from_python(ftype, v) if not isinstance(v, int) or issubclass(
-                ftype, (ctypes.Structure, ctypes.Union, ctypes.Array)) else v)
+            if isinstance(v, int) and not issubclass(ftype, (ctypes.Structure, ctypes.Union, ctypes.Array)):
+                setattr(obj, k, v)
+            else:   # copy the bytes: ctypes will not assign a char[] object to a char[] field
+                conv = from_python(ftype, v)
+                ctypes.memmove(ctypes.addressof(obj) + getattr(ctype, k).offset,
+                               ctypes.addressof(conv), ctypes.sizeof(ftype))
         return obj
     if isinstance(value, (list, tuple)) and issubclass(ctype, ctypes.Array):
         return ctype(*[from_python(ctype._type_, v) if not isinstance(v, (int, float)) else v
