@@ -207,71 +207,88 @@ static __always_inline void flush_acc(struct blocked *b)
 	b->acc_ns = b->acc_count = 0;
 }
 
+/* Capture the stacks of PREV (current here) into D. */
+static __always_inline void capture_stacks(void *ctx, struct task_struct *prev, struct blocked *d)
+{
+	d->kstack = bpf_get_stackid(ctx, &stacks, 0);
+	if (d->kstack < 0)
+		gb_count(&stats, OFFCPU_KSTACK_ERR);
+	d->ustack = -1;
+	if (user_stacks && !(prev->flags & 0x00200000 /* PF_KTHREAD */)) {
+		d->ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+		if (d->ustack < 0)
+			gb_count(&stats, OFFCPU_USTACK_ERR);
+		else
+			save_stack_top(d->ustack, d->user_sp, d->user_bp);
+	}
+}
+
+/*
+ * The block's own fields (not the thread's identity, stacks or accumulated time). The user
+ * registers saved at kernel entry give the syscall (orig_ax) and its arguments; direct loads from
+ * the BTF pointer are far cheaper than a probe-read helper call each.
+ */
+static __always_inline void fill_block(struct blocked *d, struct pt_regs *regs, __u32 state, __u64 now)
+{
+	d->start_ns = now;
+	d->end_ns = 0;
+	d->waker_ns = 0;
+	d->state = state;
+	d->waker_tid = d->waker_tgid = 0;
+	d->waker_kstack = d->waker_ustack = -1;
+	if (regs) {
+		d->syscall = regs->orig_ax;
+		d->args[0] = regs->di;
+		d->args[1] = regs->si;
+		d->args[2] = regs->dx;
+		d->args[3] = regs->r10;
+		d->args[4] = regs->r8;
+		d->args[5] = regs->r9;
+		d->user_ip = regs->ip;
+		d->user_sp = regs->sp;
+		d->user_bp = regs->bp;
+	} else {
+		d->syscall = -1;
+		d->user_ip = d->user_sp = d->user_bp = 0;
+	}
+}
+
 /* OLD: the thread's entry from its previous block, or NULL */
 static __always_inline void record_block(void *ctx, struct task_struct *prev, __u32 state, __u64 now,
 					 struct blocked *old)
 {
-	struct blocked b = {};
-	struct pt_regs *regs;
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(prev);
 
-	b.start_ns = now;
+	if (old) {
+		/*
+		 * Written in place: much cheaper than a hash update, which allocates and frees an
+		 * element. Walking two stacks is most of the cost of a block; a thread that blocks
+		 * again in the same syscall from the same user ip, sp and bp (a server's event loop, a
+		 * worker waiting for its queue) has the same frames: keep the ids captured last time.
+		 */
+		bool same = old->end_ns && regs && regs->ip && old->user_ip == regs->ip &&
+			    old->user_sp == regs->sp && old->user_bp == regs->bp &&
+			    old->syscall == (__s64)regs->orig_ax && old->kstack >= 0 &&
+			    (old->ustack >= 0 || !user_stacks);
+
+		fill_block(old, regs, state, now);
+		if (!same) {
+			flush_acc(old);   /* other stacks from now on */
+			__builtin_memcpy(old->comm, prev->comm, sizeof(old->comm));
+			capture_stacks(ctx, prev, old);
+		}
+		return;
+	}
+
+	struct blocked b = {};
+
 	b.tgid = prev->tgid;
 	b.tid = prev->pid;
-	b.state = state;
 	__builtin_memcpy(b.comm, prev->comm, sizeof(b.comm));
-	/* The user registers saved at kernel entry: the syscall (orig_ax) and its arguments. */
-	/* (direct loads from the BTF pointer: far cheaper than a probe-read helper call each) */
-	regs = (struct pt_regs *)bpf_task_pt_regs(prev);
-	if (regs) {
-		b.syscall = regs->orig_ax;
-		b.args[0] = regs->di;
-		b.args[1] = regs->si;
-		b.args[2] = regs->dx;
-		b.args[3] = regs->r10;
-		b.args[4] = regs->r8;
-		b.args[5] = regs->r9;
-		b.user_ip = regs->ip;
-		b.user_sp = regs->sp;
-		b.user_bp = regs->bp;
-	} else {
-		b.syscall = -1;
-	}
-	/*
-	 * Walking two stacks is most of the cost of a block. A thread that blocks again in the same
-	 * syscall from the same user ip, sp and bp (a server's event loop, a worker waiting for its
-	 * queue) has the same user frames: reuse the ids captured there last time, found in its
-	 * previous entry (entries stay, with end_ns set, after the thread runs again).
-	 */
-	if (old && old->end_ns && old->user_ip == b.user_ip && old->user_sp == b.user_sp &&
-	    old->user_bp == b.user_bp && old->syscall == b.syscall && b.user_ip &&
-	    old->kstack >= 0 && (old->ustack >= 0 || !user_stacks)) {
-		b.kstack = old->kstack;
-		b.ustack = old->ustack;
-		b.acc_ns = old->acc_ns;
-		b.acc_count = old->acc_count;
-	} else {
-		if (old)
-			flush_acc(old);   /* other stacks from now on */
-		/* prev is current here: the helpers capture its stacks */
-		b.kstack = bpf_get_stackid(ctx, &stacks, 0);
-		if (b.kstack < 0)
-			gb_count(&stats, OFFCPU_KSTACK_ERR);
-		b.ustack = -1;
-		if (user_stacks && !(prev->flags & 0x00200000 /* PF_KTHREAD */)) {
-			b.ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
-			if (b.ustack < 0)
-				gb_count(&stats, OFFCPU_USTACK_ERR);
-			else
-				save_stack_top(b.ustack, b.user_sp, b.user_bp);
-		}
-	}
-	b.waker_kstack = b.waker_ustack = -1;
-	/* Overwriting the entry in place is much cheaper than a hash update, which allocates and
-	 * frees an element. */
-	if (old)
-		__builtin_memcpy(old, &b, sizeof(b));
-	else if (live_map ? bpf_map_update_elem(&blocked, &b.tid, &b, BPF_ANY) != 0 :
-		 !bpf_task_storage_get(&tblocked, prev, &b, BPF_LOCAL_STORAGE_GET_F_CREATE))
+	fill_block(&b, regs, state, now);
+	capture_stacks(ctx, prev, &b);
+	if (live_map ? bpf_map_update_elem(&blocked, &b.tid, &b, BPF_ANY) != 0 :
+	    !bpf_task_storage_get(&tblocked, prev, &b, BPF_LOCAL_STORAGE_GET_F_CREATE))
 		gb_count(&stats, OFFCPU_BLOCKED_FULL);
 }
 
