@@ -187,11 +187,14 @@ class HttpTracer:
         if not self.floor:
             for pid in set(live) - self._seeded:
                 self.seed_connections(pid)
-            self._seeded = set(live)
+        gone = self._seeded - set(live)
+        self._seeded = set(live)
         if self.tls and not self.floor:
             for pid in live:
                 self._hook_ssl(pid)
-        self._sweep(set(live))
+        if gone:
+            # the kernel drops a process's connections when it exits; this catches the rest
+            self._sweep(set(live))
 
     def seed_connections(self, pid: int) -> int:
         """Follow connections PID accepted before we started (from /proc): established TCP
@@ -240,7 +243,8 @@ class HttpTracer:
         self.ssl_libs[lib] = links
 
     def _sweep(self, live: set[int]) -> None:
-        """Delete connections of processes that are gone (the kernel cannot: fds are per process)."""
+        """Delete connections of processes that are gone and were not cleaned up at exit (the
+        kernel drops them when the last thread exits; this covers targets it never saw exit)."""
         conns = self.obj.map("conns")
         for start, (pid, _fd, _rb) in list(self._early.items()):
             if pid not in live and not alive(pid):
@@ -262,7 +266,7 @@ class HttpTracer:
         if self._early and len(arr):
             arr = self._drop_early(arr)
         if self.idle_report_s and not self.floor and \
-                time.monotonic() - self._last_idle_scan >= min(1.0, self.idle_report_s):
+                time.monotonic() - self._last_idle_scan >= max(1.0, self.idle_report_s / 2):
             self._last_idle_scan = time.monotonic()
             idle = self._idle_records()
             if len(idle):
