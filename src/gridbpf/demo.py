@@ -4,44 +4,16 @@ Each part is a function taking the rich console and returning True when everythi
 went as it should; the demo exits non-zero if any part did not."""
 from __future__ import annotations
 
-import collections
 import sys
 import traceback
 
 from rich.console import Console
-from rich.table import Table
 
 from . import doctor
-from .lab import Lab, ecmp
 
 
 def show_doctor(con: Console) -> bool:
     return doctor.run(type("Args", (), {"json": False})()) == 0
-
-
-def show_ecmp_lab(con: Console) -> bool:
-    """client -> ECMP router -> two servers holding one VIP, IPv4 and IPv6."""
-    with Lab("demo") as lab:
-        t = ecmp(lab, servers=2)
-        served = collections.Counter()
-        for family, vip, ports in (("IPv4", t.addrs["vip"], range(41000, 41020)),
-                                   ("IPv6", f"[{t.addrs['vip6']}]", range(42000, 42020))):
-            for sport in ports:
-                out = t["client"].run(["curl", "-s", "--max-time", "5", "--local-port", str(sport),
-                                       f"http://{vip}/whoami"], check=False)
-                served[(family, out.stdout or f"failed ({out.returncode})")] += 1
-        table = Table("family", "answered by", "requests")
-        for (family, who), n in sorted(served.items()):
-            table.add_row(family, who, str(n))
-        con.print(table)
-        failed = sum(n for (_f, who), n in served.items() if who.startswith("failed"))
-    con.print(f"{sum(served.values())} requests, {failed} failed; lab removed")
-    return failed == 0
-
-
-def show_scitags(con: Console) -> bool:
-    from .scitags import demo
-    return demo.run(con)
 
 
 def show_checksums(con: Console) -> bool:
@@ -61,7 +33,7 @@ def show_stuck(con: Console) -> bool:
 
 PARTS = [
     ("gridbpf doctor: what this machine supports", show_doctor),
-    ("lab: client -> ECMP router -> two servers holding one VIP", show_ecmp_lab),
+    ("load balancer: a virtual site, two XDP balancer nodes behind ECMP, three WebDAV backends", show_lb_site),
     ("HTTP tracing: requests of an unmodified nginx, from the kernel", show_http_tracing),
     ("why is it stuck: a backend blocked on a lock, reported live", show_stuck),
     ("checksums: ADLER32 of WebDAV uploads computed in the kernel, stored as StoRM does", show_checksums),
