@@ -45,12 +45,19 @@ def test_no_permission_one_line():
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def started(p):
+    """Wait for the CLI's 'tracing ...' line: attached from then on."""
+    line = p.stderr.readline()
+    assert line.startswith("gridbpf: tracing "), line
+    return line
+
+
 def test_json_lines_and_target_exit_mid_trace():
     n = Nginx()
     try:
         p = subprocess.Popen(CLI + ["--pid", str(n.pid), "--json"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)     # attached
+        assert str(n.pid) in started(p)
         c = http.client.HTTPConnection("127.0.0.1", n.port)
         for path in ("/", "/nothing-here"):
             c.request("GET", path)
@@ -66,7 +73,7 @@ def test_json_lines_and_target_exit_mid_trace():
         [("GET", "/", 200), ("GET", "/nothing-here", 404)]
     assert all(l["pid"] != n.pid and l["client"] == "127.0.0.1" for l in lines)
     errs = err.strip().splitlines()
-    assert errs[0] == f"gridbpf: target pid {n.pid} exited"
+    assert errs[0] == f"gridbpf: target pid {n.pid} exited"     # (after the 'tracing' line)
     summary = json.loads(errs[-1])["summary"]
     assert summary["requests"] == 2 and summary["events_lost"] == 0
     assert http_links() == []
@@ -77,7 +84,7 @@ def test_comm_picks_up_process_started_later():
     p = subprocess.Popen(CLI + ["--comm", comm, "--count", "3"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
+        assert "none yet" in started(p)
         with Nginx(comm=comm) as n:
             (n.root / "x").write_text("x")
             c = http.client.HTTPConnection("127.0.0.1", n.port)
@@ -96,7 +103,7 @@ def test_https_line_marked_tls():
     with PythonHttps() as srv:
         p = subprocess.Popen(CLI + ["--pid", str(srv.pid), "--count", "1"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        started(p)
         subprocess.run(["curl", "-sk", f"{srv.url}/secret/path"], check=True, capture_output=True)
         out, err = p.communicate(timeout=30)
     assert " GET /secret/path HTTP/1.1 200 " in out and out.rstrip().endswith(" tls"), (out, err)
@@ -111,7 +118,7 @@ def test_cgroup_picks_up_process_started_later():
     try:
         p = subprocess.Popen(CLI + ["--cgroup", f"/{name}", "--count", "2", "--json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        started(p)
         from gridbpf.trace.http_lab import free_port, wait_port
         port = free_port()
         # the server joins the cgroup, then execs: the exec hook makes it a target

@@ -66,6 +66,9 @@ def cmd_http(args) -> int:
     except (TargetError, PermissionError) as exc:
         print(f"gridbpf: {exc}", file=sys.stderr)
         return 2
+    # attached: say so (scripts and tests wait for this line before sending traffic)
+    print(f"gridbpf: tracing {spec.describe()} (pids {' '.join(map(str, tracer.targets())) or 'none yet'})",
+          file=sys.stderr, flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     deadline = time.monotonic() + args.duration if args.duration else None
