@@ -138,11 +138,15 @@ def test_wrk_20000_requests_counted(nginx):
         finally:
             p.send_signal(signal.SIGINT)
             p.wait(10)
-        # wrk's exit closed its connections: their last requests were sent at close
-        time.sleep(0.3)
-        seen += len(t.poll_array(0))
-        stats = t.stats()
-    served = len(wait_log(nginx, 20000))
+        # wrk's exit closed its connections: their last requests are sent as nginx closes
+        # them; wait (bounded) until nginx has logged and closed everything
+        deadline = time.monotonic() + 10
+        while True:
+            seen += len(t.poll_array(100))
+            stats = t.stats()
+            served = len(nginx.access_lines())
+            if seen + stats["events_lost"] == served or time.monotonic() > deadline:
+                break
     assert served >= 20000
     assert seen + stats["events_lost"] == served, (seen, stats, served)
     assert stats["requests_completed"] == served
