@@ -9,12 +9,11 @@ programs, stacks and per-stack totals in the kernel). Reported: round trips per 
 Both processes are pinned to one CPU, so every round trip is exactly two context switches there
 (unpinned, the ratio swings between 0.5 and 1.4 from one round to the next on this shared
 2-core machine). Also reported: the kernel's own accounting of the BPF programs' run time
-(kernel.bpf_stats_enabled) per context switch, which the machine's noise does not move.
+(BPF_ENABLE_STATS) per context switch, which the machine's noise does not move.
 """
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import subprocess
 import tempfile
@@ -78,10 +77,9 @@ def _build(d: Path) -> Path:
 
 
 def _prog_stats(prog) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of a loaded program, from its fdinfo."""
-    text = Path(f"/proc/self/fdinfo/{prog.fd}").read_text()
-    get = lambda k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1))
-    return get("run_time_ns"), get("run_cnt")
+    """(run_time_ns, run_cnt) of a loaded program (the kernel's accounting)."""
+    st = prog.stats()
+    return st["run_time_ns"], st["run_cnt"]
 
 
 CPU = str(os.cpu_count() - 1)
@@ -118,12 +116,9 @@ def _one(exe: Path, duration: float, mode: str) -> tuple[float, dict]:
 
 
 def run(rounds: int = 7, duration: float = 2.0) -> dict:
-    old = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
-    subprocess.run(["sysctl", "-qw", "kernel.bpf_stats_enabled=1"], check=True)
-    try:
+    from gridbpf.bpf import run_time_stats
+    with run_time_stats():   # reference-counted: other benchmarks cannot switch it off under us
         return _run(rounds, duration)
-    finally:
-        subprocess.run(["sysctl", "-qw", f"kernel.bpf_stats_enabled={old}"], check=True)
 
 
 def _median(values: list[float]) -> float | None:
