@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from gridbpf.trace.http import HttpTracer
+from gridbpf.trace.http import DRAIN_MS, HttpTracer
 from gridbpf.trace.http_lab import Nginx
 from gridbpf.trace.targets import TargetSpec
 
@@ -87,18 +87,18 @@ def one_round(nginx: Nginx, mode: str) -> dict:
         # the kernel side alone: records are drained (copied out) but not decoded
         def drain():
             while not stop.is_set():
-                drained[0] += len(tracer.poll_array(100))
+                drained[0] += len(tracer.poll_array(DRAIN_MS))
         drainer = threading.Thread(target=drain)
         drainer.start()
     prog = tracer.obj.program("http_floor_sys_exit" if mode == "floor" else "http_sys_exit") \
         if tracer else None
     if mode == "trace":
-        # the agent's consumer: drain every 100 ms, columns straight into the histograms
+        # the agent's consumer: drain every DRAIN_MS, columns straight into the histograms
         consumer = _Consumer(tracer)
 
         def drain():
             while not stop.is_set():
-                drained[0] += consumer.drain(100)
+                drained[0] += consumer.drain(DRAIN_MS)
         drainer = threading.Thread(target=drain)
         drainer.start()
     try:

@@ -5,7 +5,7 @@
 
     [trace]
     tls = true                     # hook libssl's SSL_read/SSL_write in the targets
-    drain_ms = 100                 # how often the ring buffer is drained
+    drain_ms = 50                  # how often the ring buffer is drained
     idle_report_s = 5              # report the last request of an idle keep-alive connection
 
     [metrics]
@@ -50,7 +50,7 @@ class OtlpConfig:
 class AgentConfig:
     targets: TargetSpec
     tls: bool = True
-    drain_ms: int = 100
+    drain_ms: int = 50
     idle_report_s: float = 5.0
     listen_addr: str = "127.0.0.1"
     listen_port: int = 9464
@@ -107,7 +107,7 @@ def parse(doc: dict, where: str = "agent.toml") -> AgentConfig:
     if spec.empty:
         raise err("targets", "give at least one of pid, comm, cgroup, unit")
     tr, m, a = doc.get("trace", {}), doc.get("metrics", {}), doc.get("agent", {})
-    cfg = AgentConfig(targets=spec, tls=tr.get("tls", True), drain_ms=tr.get("drain_ms", 100),
+    cfg = AgentConfig(targets=spec, tls=tr.get("tls", True), drain_ms=tr.get("drain_ms", 50),
                       idle_report_s=float(tr.get("idle_report_s", 5.0)),
                       max_series=m.get("max_series", 1000), routes=m.get("routes", []),
                       lock=a.get("lock", "/run/gridbpf/agent.lock"))

@@ -27,7 +27,7 @@ STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connecti
               "stale_connections", "writes_without_request", "targets_full", "requests_completed"]
 SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
              ("SSL_read_ex", "http_ssl_read_ex"), ("SSL_write_ex", "http_ssl_write_ex")]
-DRAIN_MS = 100     # how often the ring is drained (records are sent without wakeups)
+DRAIN_MS = 50      # how often the ring is drained (records are sent without wakeups)
 
 
 @dataclass
