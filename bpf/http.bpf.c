@@ -192,6 +192,28 @@ static __always_inline void start_request(struct http_conn *c, __u32 tid, __u64 
 	c->state = HTTP_CS_REQ;
 }
 
+/*
+ * Does the capture start like a request line: a method token (upper-case letters, '-', '_',
+ * 3 to 31 of them: BASELINE-CONTROL has 16) and a space? Bytes read after a response that do not are the rest of a
+ * body the server chose not to read before answering (413, 401 before the upload...).
+ */
+static __always_inline int starts_request(const char *h, __u16 len)
+{
+	int i;
+
+	for (i = 0; i < 32; i++) {
+		char ch = h[i];
+
+		if (i >= len)
+			return 0;
+		if (ch == ' ')
+			return i >= 3;
+		if ((ch < 'A' || ch > 'Z') && ch != '-' && ch != '_')
+			return 0;
+	}
+	return 0;
+}
+
 static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, __u64 seglen,
 				    long n, __u64 now)
 {
@@ -199,9 +221,15 @@ static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, _
 		c->ev.req_bytes += n;
 		return;
 	}
-	if (c->state == HTTP_CS_RESP)
+	if (c->state == HTTP_CS_RESP) {
 		emit(c, 0);
+		c->state = HTTP_CS_IDLE;
+	}
 	start_request(c, tid, buf, seglen, n, now);
+	if (!starts_request(c->ev.hdr, c->ev.hdr_len)) {
+		c->state = HTTP_CS_IDLE;
+		gb_count(&stats, HTTP_ST_STRAY_READS);
+	}
 }
 
 /* "HTTP/1.x NNN" -> NNN, or 0. */
@@ -429,7 +457,7 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 	if (first_segment(nr, arg1, arg2, &buf, &seglen))
 		return 0;
 	if (nr == NR_read || nr == NR_readv || nr == NR_recvfrom || nr == NR_recvmsg) {
-		if (c->state == HTTP_CS_IDLE && looks_like_tls(buf)) {
+		if (!c->seen && looks_like_tls(buf)) {
 			c->tls = 1;
 			gb_count(&stats, HTTP_ST_TLS_CONNS);
 			c->ev.kind = HTTP_EV_TLS_CONN;
@@ -442,6 +470,7 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 				call->fd = key.fd;
 			return 0;
 		}
+		c->seen = 1;
 		on_read(c, pid_tgid, buf, seglen, ret, now);
 	} else {
 		on_write(c, buf, seglen, ret, now);

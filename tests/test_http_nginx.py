@@ -238,3 +238,30 @@ def test_idle_keepalive_request_reported_once(nginx):
     assert [r.path for r in rest] == ["/a?second"]
     assert stats["idle_reported"] == 1 and stats["late_bytes_after_idle_report"] == 0
     compare(first + rest, wait_log(nginx, 2))
+
+
+def test_body_discarded_after_early_response_is_no_request():
+    """nginx answers 413 before reading an oversized body, then reads and drops it: those
+    reads start no request (counted as stray reads), and the next request is traced."""
+    with Nginx(max_body="1k") as n:
+        (n.root / "a").write_text("a")
+        with HttpTracer(TargetSpec(pids=[n.pid])) as t:
+            s = socket.create_connection(("127.0.0.1", n.port))
+            s.sendall(b"PUT /too-big HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n")
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 413")
+            try:
+                s.sendall(b"lowercase body bytes, then binary \x00\x01" * 8000)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            s.close()
+            c = http.client.HTTPConnection("127.0.0.1", n.port)
+            c.request("GET", "/a")
+            c.getresponse().read()
+            c.close()
+            reqs = drain(t, until_n=2)
+            reqs += t.poll(300)
+            stats = t.stats()
+        assert [(r.method, r.path, r.status) for r in reqs] == [("PUT", "/too-big", 413),
+                                                                 ("GET", "/a", 200)]
+        assert stats["stray_reads"] >= 1

@@ -37,6 +37,8 @@ enum http_stat {
 	HTTP_ST_WRITE_NO_REQ,    /* bytes written on a connection with no request read */
 	HTTP_ST_TARGETS_FULL,    /* a new target process could not be added */
 	HTTP_ST_REQUESTS,        /* requests completed in the kernel (sent or lost) */
+	HTTP_ST_STRAY_READS,     /* reads after a response that start no request (a body the
+				    server discards after answering early, e.g. 413 or 401) */
 	HTTP_ST_MAX,
 };
 
@@ -78,7 +80,8 @@ struct http_conn {
 	struct http_event ev;    /* the request being built; sent as is */
 	__u8 state;              /* enum http_conn_state */
 	__u8 tls;                /* socket carries TLS records: only the SSL uprobes are believed */
-	__u8 _pad[6];
+	__u8 seen;               /* bytes were read: the TLS check is done on the first read only */
+	__u8 _pad[5];
 };
 
 /* An SSL_read/SSL_write call in flight on a thread. */

@@ -24,7 +24,8 @@ FLAG_NAMES = {F_TLS: "tls", F_PIPELINED: "pipelined", F_CLOSED: "closed", F_INTE
 CS_RESP = 2              # enum http_conn_state
 IDLE_REPORT_S = 5.0      # report a finished-looking request of an idle keep-alive connection
 STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connections",
-              "stale_connections", "writes_without_request", "targets_full", "requests_completed"]
+              "stale_connections", "writes_without_request", "targets_full", "requests_completed",
+              "stray_reads"]
 SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
              ("SSL_read_ex", "http_ssl_read_ex"), ("SSL_write_ex", "http_ssl_write_ex")]
 DRAIN_MS = 50      # how often the ring is drained (records are sent without wakeups)

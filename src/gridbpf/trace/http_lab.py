@@ -80,7 +80,7 @@ class Nginx(Server):
     """nginx with WebDAV (PUT DELETE MKCOL COPY MOVE + PROPFIND OPTIONS) under ./root."""
 
     def __init__(self, workers: int = 1, access_log: bool = True, sendfile: bool = True,
-                 comm: str | None = None, tls: bool = False):
+                 comm: str | None = None, tls: bool = False, max_body: str = "0"):
         super().__init__("nginx")
         self.tls = tls
         ssl_conf = ""
@@ -120,7 +120,7 @@ class Nginx(Server):
                     listen 127.0.0.1:{self.port}{" ssl" if tls else ""};
                     {ssl_conf}
                     root {self.root};
-                    client_max_body_size 0;
+                    client_max_body_size {max_body};
                     location / {{
                         dav_methods PUT DELETE MKCOL COPY MOVE;
                         dav_ext_methods PROPFIND OPTIONS;
