@@ -201,3 +201,47 @@ def test_agent_bad_config_one_line(tmp_path, body, needle):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_agent_hosts_other_collectors(tmp_path):
+    """[agent] collectors: the tcp collector of the "why is it stuck" tracers served on the
+    same /metrics as the request metrics."""
+    with Nginx() as n:
+        (n.root / "x").write_text("x")
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(f'[targets]\npid = [{n.pid}]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                       f'[agent]\nlock = "{tmp_path}/agent.lock"\ncollectors = ["tcp"]\n')
+        p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config",
+                              str(cfg), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            status = json.loads(line)
+            c = http.client.HTTPConnection("127.0.0.1", n.port)
+            for _ in range(5):
+                c.request("GET", "/x")
+                c.getresponse().read()
+            c.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                fams = scrape(status["metrics"])
+                got = sample(fams, "http_server_request_duration_seconds",
+                             "http_server_request_duration_seconds_count", http_request_method="GET")
+                if got == 5 and "gridbpf_tcp_connections_closed" in fams:
+                    break
+                time.sleep(0.2)
+            assert got == 5
+            assert any(s.value >= 1 for s in fams["gridbpf_tcp_connections_closed"].samples)
+        finally:
+            p.terminate()
+            out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+
+
+def test_agent_collectors_unknown_name_one_line(tmp_path):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[targets]\ncomm = ["x"]\n[agent]\ncollectors = ["gpu"]\n')
+    r = subprocess.run([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "agent.collectors: unknown collector 'gpu'" in r.stderr

@@ -38,6 +38,6 @@ def cmd_run(args) -> int:
 
     try:
         return run(cfg, args.duration, ready=ready)
-    except (AlreadyRunning, TargetError, PermissionError, OSError) as exc:
+    except (AlreadyRunning, TargetError, PermissionError, OSError, ValueError) as exc:
         print(f"gridbpf: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@
 
     [agent]
     lock = "/run/gridbpf/agent.lock"   # a second agent with the same lock refuses to start
+    collectors = ["tcp", "io"]         # also: stuck, offcpu, mem (on the pids traced at start)
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class AgentConfig:
     routes: list[str] = field(default_factory=list)
     otlp: OtlpConfig | None = None
     lock: str = "/run/gridbpf/agent.lock"
+    collectors: list[str] = field(default_factory=list)
 
 
 _SCHEMA = {
@@ -66,8 +68,12 @@ _SCHEMA = {
     "metrics": {"listen": str, "max_series": int, "routes": list},
     "otlp": {"endpoint": str, "interval": (int, float), "spans": bool,
              "max_spans_per_second": int, "service_name": str},
-    "agent": {"lock": str},
+    "agent": {"lock": str, "collectors": list},
 }
+
+# [agent] collectors: the "why is it stuck" tracers (gridbpf.trace.stuck_collectors), run on the
+# pids the agent traces when it starts
+COLLECTORS = ("stuck", "offcpu", "io", "tcp", "mem")
 
 
 def load(path: str | Path) -> AgentConfig:
@@ -111,6 +117,10 @@ def parse(doc: dict, where: str = "agent.toml") -> AgentConfig:
                       idle_report_s=float(tr.get("idle_report_s", 5.0)),
                       max_series=m.get("max_series", 1000), routes=m.get("routes", []),
                       lock=a.get("lock", "/run/gridbpf/agent.lock"))
+    cfg.collectors = a.get("collectors", [])
+    for c in cfg.collectors:
+        if c not in COLLECTORS:
+            raise err("agent.collectors", f"unknown collector {c!r} (known: {', '.join(COLLECTORS)})")
     if not 10 <= cfg.drain_ms <= 10000:
         raise err("trace.drain_ms", f"must be between 10 and 10000, got {cfg.drain_ms}")
     if cfg.idle_report_s < 0:

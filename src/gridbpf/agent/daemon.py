@@ -68,6 +68,7 @@ class HttpAgent:
         self.cfg = cfg
         self.lock = Lock(cfg.lock)
         self.tracer = self.server = self.otlp = None
+        self.collectors = []
         self._stop = threading.Event()
         self.requests = 0
         self._line_cache: dict[bytes, tuple] = {}
@@ -94,7 +95,11 @@ class HttpAgent:
                       lambda: {(): self.otlp.spans_dropped if self.otlp else 0})
             r.counter("gridbpf.http.tls.unreadable", "Target processes serving TLS that cannot "
                       "be read (e.g. JVM JSSE).", "1", lambda: {(): len(self.tracer.tls_opaque)})
+            self.collectors = self._collectors(cfg.collectors)
             self.server = MetricsServer(r, cfg.listen_port, cfg.listen_addr)
+            for c in self.collectors:
+                if hasattr(c, "prometheus_collector"):
+                    self.server.prom.register(c.prometheus_collector())
             if cfg.otlp is not None:
                 from ..export.otlp import OtlpExporter
                 o = cfg.otlp
@@ -104,6 +109,26 @@ class HttpAgent:
         except BaseException:
             self.close()
             raise
+
+    def _collectors(self, names: list[str]) -> list:
+        """The other tracing capabilities' agent collectors, on the pids traced now."""
+        if not names:
+            return []
+        from ..trace import stuck_collectors as sc
+        pids = self.tracer.targets()
+        if not pids:
+            raise ValueError("[agent] collectors need target processes running when the agent starts")
+        make = {"stuck": sc.StuckCollector, "offcpu": sc.OffcpuCollector, "io": sc.IoCollector,
+                "tcp": sc.TcpCollector, "mem": sc.MemCollector}
+        out = []
+        try:
+            for name in names:
+                out.append(make[name](self.registry, pids))
+        except BaseException:
+            for c in out:
+                c.close()
+            raise
+        return out
 
     def _kernel_stats(self) -> dict:
         s = self.tracer.stats()
@@ -193,6 +218,8 @@ class HttpAgent:
         last_refresh = time.monotonic()
         while not self._stop.is_set():
             self.drain(drain)
+            for c in self.collectors:
+                c.poll(0)              # their batches, without waiting: the drain already did
             if time.monotonic() - last_refresh >= 1.0:
                 self.tracer.refresh()      # new targets, libssl of new processes, dead ones
                 last_refresh = time.monotonic()
@@ -205,7 +232,7 @@ class HttpAgent:
         self._stop.set()
 
     def close(self) -> None:
-        for part in (self.otlp, self.server, self.tracer):
+        for part in (*getattr(self, "collectors", []), self.otlp, self.server, self.tracer):
             if part is not None:
                 try:
                     part.close()
