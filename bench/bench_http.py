@@ -2,6 +2,8 @@
 interleaved rounds, with:
   off    no BPF at all
   floor  the same hook (sys_exit) with programs that only filter by syscall and pid
+  sockfloor  socket-layer tracepoints (sock_recv_length/sock_send_length) filtering by pid:
+         the floor of a possible socket-layer design (no syscall slow path for every task)
   kernel the tracer with its records drained (copied out) but not decoded: the kernel's cost
   trace  the tracer, drained and aggregated into histograms on a timer as the agent does
 and one round with the whole agent (Prometheus + histograms) for its memory.
@@ -40,8 +42,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS     # utime + stime
 
 
+class SockFloor:
+    """The socket-layer floor: sock_recv_length/sock_send_length programs that only filter by
+    pid (and read the syscall registers), to compare with the sys_exit floor."""
+
+    def __init__(self, pid: int):
+        from gridbpf.bpf import BpfObject
+        self.obj = BpfObject.open("http")
+        for name, p in self.obj.programs.items():
+            p.autoload = name.startswith("http_sockfloor") or name in ("http_fork", "http_exit")
+        self.obj.load()
+        TargetSpec(pids=[pid]).install(self.obj)
+        self.links = [self.obj.program(n).attach_trace() for n in
+                      ("http_sockfloor_recv", "http_sockfloor_send", "http_fork", "http_exit")]
+
+    def stats(self) -> tuple[int, int]:
+        a = prog_stats(self.obj.program("http_sockfloor_recv"))
+        b = prog_stats(self.obj.program("http_sockfloor_send"))
+        return a[0] + b[0], a[1] + b[1]
+
+    def close(self) -> None:
+        for l in self.links:
+            l.detach()
+        self.obj.close()
+
+
 def prog_stats(prog) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a loaded program, from its fdinfo."""
+    if isinstance(prog, SockFloor):
+        return prog.stats()
     text = Path(f"/proc/self/fdinfo/{prog.fd}").read_text()
     get = lambda k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1))
     return get("run_time_ns"), get("run_cnt")
@@ -81,7 +110,10 @@ class _Consumer:
 def one_round(nginx: Nginx, mode: str) -> dict:
     worker = nginx.worker_pids()[0]
     tracer, drained, stop, drainer = None, [0], threading.Event(), None
-    if mode != "off":
+    sock = None
+    if mode == "sockfloor":
+        sock = SockFloor(nginx.pid)
+    elif mode != "off":
         tracer = HttpTracer(TargetSpec(pids=[nginx.pid]), tls=False, floor=(mode == "floor"))
     if mode == "kernel":
         # the kernel side alone: records are drained (copied out) but not decoded
@@ -91,7 +123,7 @@ def one_round(nginx: Nginx, mode: str) -> dict:
         drainer = threading.Thread(target=drain)
         drainer.start()
     prog = tracer.obj.program("http_floor_sys_exit" if mode == "floor" else "http_sys_exit") \
-        if tracer else None
+        if tracer else sock
     if mode == "trace":
         # the agent's consumer: drain every DRAIN_MS, columns straight into the histograms
         consumer = _Consumer(tracer)
@@ -117,6 +149,8 @@ def one_round(nginx: Nginx, mode: str) -> dict:
         stop.set()
         if tracer:
             tracer.close()
+        if sock:
+            sock.close()
     r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
          "bpf_ns_per_req": (b1[0] - b0[0]) / n if prog else 0.0,
          "bpf_runs_per_req": (b1[1] - b0[1]) / n if prog else 0.0}
@@ -169,7 +203,7 @@ def run() -> dict:
         with Nginx(workers=1, access_log=False) as nginx:
             (nginx.root / "index.html").write_bytes(b"<html>hello grid</html>\n" * 20)
             wrk(f"{nginx.url}/index.html")      # warm up
-            modes = ["off", "floor", "kernel", "trace"]
+            modes = ["off", "floor", "sockfloor", "kernel", "trace"]
             rounds = {m: [] for m in modes}
             for i in range(ROUNDS):
                 # rotate the order so drift over time does not favour one mode
@@ -183,6 +217,7 @@ def run() -> dict:
     ratios = [t["rps"] / o["rps"] for t, o in zip(rounds["trace"], rounds["off"])]
     fratios = [f["rps"] / o["rps"] for f, o in zip(rounds["floor"], rounds["off"])]
     kratios = [k["rps"] / o["rps"] for k, o in zip(rounds["kernel"], rounds["off"])]
+    sratios = [k["rps"] / o["rps"] for k, o in zip(rounds["sockfloor"], rounds["off"])]
     out = {
         "rounds": ROUNDS, "seconds_per_round": SECONDS, "connections": CONNS,
         "rps_off": round(med("off", "rps")), "rps_floor": round(med("floor", "rps")),
@@ -190,6 +225,10 @@ def run() -> dict:
         "throughput_ratio_trace_vs_off": round(statistics.median(ratios), 3),
         "throughput_ratio_floor_vs_off": round(statistics.median(fratios), 3),
         "throughput_ratio_kernel_only_vs_off": round(statistics.median(kratios), 3),
+        # the socket-layer floor (sock_*_length tracepoints): what a tracer moved there would pay
+        "throughput_ratio_sockfloor_vs_off": round(statistics.median(sratios), 3),
+        "bpf_ns_per_req_sockfloor": round(med("sockfloor", "bpf_ns_per_req")),
+        "nginx_cpu_us_per_req_sockfloor": round(med("sockfloor", "cpu_us_per_req"), 2),
         "rps_kernel_only": round(med("kernel", "rps")),
         "nginx_cpu_us_per_req_off": round(med("off", "cpu_us_per_req"), 2),
         "nginx_cpu_us_per_req_floor": round(med("floor", "cpu_us_per_req"), 2),

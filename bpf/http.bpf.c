@@ -624,3 +624,28 @@ int BPF_PROG(http_floor_sys_exit, struct pt_regs *regs, long ret)
 		return 0;
 	return 0;
 }
+
+/*
+ * A second floor, for the benchmark only (autoload off unless asked): the socket-layer
+ * tracepoints sock_send_length/sock_recv_length (Linux 6.3+) fire in sock_sendmsg/recvmsg
+ * only, so they do not put every task's syscalls on the slow path as any syscall tracepoint
+ * does. They filter by pid and read the syscall's registers (bpf_task_pt_regs), which is what
+ * a tracer built on them would need. Measured against the sys_exit floor to decide whether
+ * the tracer should move there.
+ */
+static __always_inline int sock_floor(void)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct pt_regs *regs;
+
+	if (!bpf_map_lookup_elem(&targets, &tgid))
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	return regs->orig_ax == NR_read ? 1 : 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(http_sockfloor_recv, struct sock *sk, int ret, int flags) { return sock_floor(); }
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(http_sockfloor_send, struct sock *sk, int ret, int flags) { return sock_floor(); }

@@ -143,6 +143,8 @@ class HttpTracer:
         for name, prog in self.obj.programs.items():
             # the floor keeps the fork/exec/exit hooks too, so it filters the same processes
             keep = name != ("http_sys_exit" if floor else "http_floor_sys_exit")
+            if name.startswith("http_sockfloor"):
+                keep = False          # bench_http loads these itself (a second floor)
             if (floor or not tls) and name.startswith("http_ssl"):
                 keep = False
             prog.autoload = keep
