@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno as _errno
+import mmap
 import os
 import threading
 from ctypes import (CFUNCTYPE, POINTER, Structure, c_bool, c_char_p, c_int, c_size_t, c_uint32,
@@ -126,7 +127,7 @@ _vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
 
 _PRINT_FN = CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
 _log = threading.local()
-LOG_LINES = 4000
+LOG_LINES = 200_000
 
 
 def _messages() -> collections.deque:
@@ -135,14 +136,21 @@ def _messages() -> collections.deque:
     return _log.lines
 
 
+# libbpf prints a whole verifier log (up to 16 MiB) in one call, and a va_list can be formatted
+# only once: format into one large buffer of untouched anonymous memory (costs nothing until
+# written), so the log's tail, where the verdict is, is never cut off.
+_PRINT_BUF_SIZE = 17 << 20
+_print_mem = mmap.mmap(-1, _PRINT_BUF_SIZE)
+_print_buf = (ctypes.c_char * _PRINT_BUF_SIZE).from_buffer(_print_mem)
+
+
 @_PRINT_FN
 def _print(level, fmt, args):
-    buf = ctypes.create_string_buffer(8192)
-    _vsnprintf(buf, len(buf), fmt, args)
-    text = buf.value.decode(errors="replace")
+    n = _vsnprintf(_print_buf, _PRINT_BUF_SIZE, fmt, args)
+    text = ctypes.string_at(_print_buf, max(0, min(n, _PRINT_BUF_SIZE - 1))).decode(errors="replace")
     _messages().extend(line for line in text.splitlines() if line.strip())
     if os.environ.get("GRIDBPF_LIBBPF_DEBUG"):
-        os.write(2, buf.value)
+        os.write(2, text.encode())
     return 0
 
 
