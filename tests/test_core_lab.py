@@ -94,6 +94,7 @@ def test_ecmp_lab_passes_tcp_and_leaves_nothing_behind():
 
 
 def test_teardown_after_exception():
+    before = root_links()
     with pytest.raises(RuntimeError, match="test body failed"):
         with Lab("cfail") as lab:
             h = lab.host("a")
@@ -106,8 +107,14 @@ def test_teardown_after_exception():
             assert talker.output().strip() == "hello from to-b@if2"   # kept, and run inside the netns
             talker.stop()
             assert "hello from" in talker.output()                     # still readable once stopped
+            obj = BpfObject.open(TESTS / "bpf" / "selftest.bpf.o").load()
+            obj.map("flows").pin(f"{lab.pin_prefix}/flows")
+            obj.close()
+            assert list_pins("lab/cfail")
             raise RuntimeError("test body failed")
     assert not [n for n in namespaces() if n.startswith("gb-cfail-")]
+    assert not list_pins("lab/cfail")
+    assert root_links() == before
     assert not alive(pids)
 
 
