@@ -37,6 +37,14 @@ char LICENSE[] SEC("license") = "GPL";
 #define NR_recvmsg 47
 #define NR_accept4 288
 
+/*
+ * Set by userspace before load for automatic SciTags tagging: also send a record when a
+ * request line is read (woken at once, so the flow is tagged while the response flows) and
+ * when a connection closes, and learn the server's own address at accept. Off: plain tracing
+ * pays nothing for it.
+ */
+const volatile __u8 emit_request_start = 0;
+
 /* 4 MB: ~11900 records; its pages count (twice) in the reader's RSS */
 GB_RINGBUF(events, 4 << 20);
 
@@ -229,6 +237,13 @@ static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, _
 	if (!starts_request(c->ev.hdr, c->ev.hdr_len)) {
 		c->state = HTTP_CS_IDLE;
 		gb_count(&stats, HTTP_ST_STRAY_READS);
+		return;
+	}
+	if (emit_request_start) {
+		/* the request line is in the capture: say so now, waking the reader */
+		c->ev.kind = HTTP_EV_REQUEST_START;
+		gb_ringbuf_output(events, &c->ev, sizeof(c->ev), 0);
+		c->ev.kind = HTTP_EV_REQUEST;
 	}
 }
 
@@ -306,7 +321,7 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 	c->ev.end_ns = now;
 }
 
-static __always_inline void peer_from_fd(struct http_conn *c, long fd);
+static __always_inline void peer_from_fd(struct http_conn *c, long fd, int peer);
 
 static __always_inline void on_accept(__u32 tgid, long fd, __u64 sockaddr)
 {
@@ -342,13 +357,20 @@ static __always_inline void on_accept(__u32 tgid, long fd, __u64 sockaddr)
 			__builtin_memcpy(c->ev.caddr, &sa.flowinfo_or_v4, 4);
 		else
 			__builtin_memcpy(c->ev.caddr, sa.v6, 16);
+		if (emit_request_start)
+			peer_from_fd(c, fd, 0);
 		return;
 	}
-	peer_from_fd(c, fd);
+	peer_from_fd(c, fd, 1);
+	if (emit_request_start)
+		peer_from_fd(c, fd, 0);
 }
 
-/* accept(fd, NULL, NULL): the peer from the new socket itself (task -> fd table -> sock). */
-static __always_inline void peer_from_fd(struct http_conn *c, long fd)
+/*
+ * From the new socket itself (task -> fd table -> sock): the peer when accept(fd, NULL, NULL)
+ * gave no address (PEER), or our own address and port (!PEER, for tagging).
+ */
+static __always_inline void peer_from_fd(struct http_conn *c, long fd, int peer)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
@@ -365,6 +387,14 @@ static __always_inline void peer_from_fd(struct http_conn *c, long fd)
 		return;
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	c->ev.family = family;
+	if (!peer) {
+		c->ev.sport = BPF_CORE_READ(sk, __sk_common.skc_num);    /* host order already */
+		if (family == AF_INET)
+			bpf_core_read(c->ev.saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		else if (family == AF_INET6)
+			bpf_core_read(c->ev.saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		return;
+	}
 	c->ev.cport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	if (family == AF_INET)
 		bpf_core_read(c->ev.caddr, 4, &sk->__sk_common.skc_daddr);
@@ -378,6 +408,11 @@ static __always_inline void on_close(struct http_conn_key *key, struct http_conn
 		emit(c, HTTP_F_CLOSED);
 	else if (c->state == HTTP_CS_REQ)
 		emit(c, HTTP_F_CLOSED | HTTP_F_NO_RESPONSE);
+	if (emit_request_start) {
+		c->ev.kind = HTTP_EV_CONN_CLOSE;
+		c->ev.start_ns = bpf_ktime_get_ns();     /* the entry goes away: reuse it */
+		gb_ringbuf_output(events, &c->ev, sizeof(c->ev), BPF_RB_NO_WAKEUP);
+	}
 	bpf_map_delete_elem(&conns, key);
 }
 

@@ -10,6 +10,9 @@
 enum http_event_kind {
 	HTTP_EV_REQUEST = 1,     /* one request and its response */
 	HTTP_EV_TLS_CONN = 2,    /* a connection whose bytes on the socket are TLS records */
+	/* only with the rodata flag emit_request_start (automatic SciTags tagging): */
+	HTTP_EV_REQUEST_START = 3, /* a request line was read: method, path and both endpoints */
+	HTTP_EV_CONN_CLOSE = 4,  /* a traced connection closed */
 };
 
 enum http_flags {
@@ -67,7 +70,9 @@ struct http_event {
 	 */
 	__u32 resp_head_len;
 	__u32 interim_bytes;     /* bytes of interim 1xx responses (100 Continue) */
-	__u32 _pad;
+	__u16 sport;             /* server (local) port, host order: only with emit_request_start */
+	__u16 _pad;
+	__u8 saddr[16];          /* server (local) address, as caddr: only with emit_request_start */
 	char hdr[HTTP_HDR_CAP];  /* the request's first bytes */
 };
 

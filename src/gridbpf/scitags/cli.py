@@ -63,24 +63,13 @@ def _run(args) -> int:
     daemon.start()
     try:
         if tagger is not None:
-            _wire_tracing(daemon, tagger, logger)
+            daemon.start_tracing(tagger)
         logger.info("running (registry: %s)", daemon.registry.source)
         daemon.run()
     finally:
         daemon.close()
         logger.info("stopped, everything detached")
     return 0
-
-
-def _wire_tracing(daemon, tagger, logger) -> None:
-    """Feed traced requests to the tagger, if the tracing capability offers a request feed."""
-    try:
-        from ..trace import feed   # noqa: F401  (not there yet: see docs/scitags.md)
-    except ImportError:
-        logger.warning("auto_tag rules given but gridbpf.trace offers no request feed yet: "
-                       "automatic tagging is off (pipe and API work)")
-        return
-    feed.subscribe(on_request=tagger.on_request, on_close=tagger.on_close)
 
 
 class _JsonFormatter(logging.Formatter):

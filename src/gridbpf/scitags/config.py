@@ -27,6 +27,12 @@
     experiment = "atlas"
     activity = "default"
 
+    [trace]                   # the service whose requests auto_tag follows (gridbpf.trace)
+    pids = []                 # any of pids / comms / cgroups (cgroup v2 paths)
+    comms = ["nginx"]
+    cgroups = []
+    tls = true                # also read HTTPS through the libssl uprobes
+
     [daemon]
     lock = "/run/gridbpf/scitags.lock"
 """
@@ -65,6 +71,10 @@ class Config:
     hostname: str = ""
     registry_path: str = ""
     auto_tag: list[AutoTagRule] = field(default_factory=list)
+    trace_pids: list[int] = field(default_factory=list)
+    trace_comms: list[str] = field(default_factory=list)
+    trace_cgroups: list[str] = field(default_factory=list)
+    trace_tls: bool = True
     lock_path: str = "/run/gridbpf/scitags.lock"
 
 
@@ -75,6 +85,7 @@ SECTIONS = {
     "firefly": {"enabled", "to_destination", "collectors", "interval", "application", "hostname"},
     "registry": {"path"},
     "auto_tag": {"prefix", "experiment", "activity"},
+    "trace": {"pids", "comms", "cgroups", "tls"},
     "daemon": {"lock"},
 }
 
@@ -151,6 +162,14 @@ def parse(data: dict) -> Config:
             raise ConfigError(f"{where}.experiment: missing")
         cfg.auto_tag.append(AutoTagRule(prefix, _get(r, where, "experiment", (str, int), ""),
                                         _get(r, where, "activity", (str, int), "default")))
+    t = data.get("trace", {})
+    for key, kind in (("pids", int), ("comms", str), ("cgroups", str)):
+        values = _get(t, "trace", key, list, [])
+        for i, v in enumerate(values):
+            if not isinstance(v, kind) or isinstance(v, bool) or v in ("", 0):
+                raise ConfigError(f"trace.{key}[{i}]: expected a {kind.__name__}, got {v!r}")
+        setattr(cfg, f"trace_{key}", values)
+    cfg.trace_tls = _get(t, "trace", "tls", bool, True)
     cfg.lock_path = _get(data.get("daemon", {}), "daemon", "lock", str, cfg.lock_path)
     return cfg
 

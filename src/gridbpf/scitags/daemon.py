@@ -93,6 +93,8 @@ class Daemon:
         self.invalid_fireflies = 0
         self._threads: list[threading.Thread] = []
         self._http = None
+        self.tracer = None
+        self.traced_conns: dict[tuple[int, int], set[FiveTuple]] = {}   # (pid, fd) -> flows
         self._lock_fd = None
         self._made_pipe = False
 
@@ -333,6 +335,43 @@ class Daemon:
             self.close()
             raise
 
+    # --- automatic tagging of a traced service ---------------------------------------------------
+
+    def start_tracing(self, tagger) -> None:
+        """Trace the [trace] target's HTTP requests in-process and feed them to TAGGER: a
+        request line read tags the connection (in its data direction) at once, while the
+        response is still to be written; the connection's close ends its flows."""
+        from ..trace.http import HttpTracer
+        from ..trace.targets import TargetSpec
+        spec = TargetSpec(pids=list(self.cfg.trace_pids), comms=list(self.cfg.trace_comms),
+                          cgroups=list(self.cfg.trace_cgroups))
+        if spec.empty:
+            raise DaemonError("auto_tag rules need a [trace] target: pids, comms or cgroups")
+        self.tracer = HttpTracer(spec, tls=self.cfg.trace_tls, request_start=True)
+        self._spawn(lambda: self._trace_loop(tagger), "trace")
+        log.info("auto tagging requests of %s by path prefix (%s)", spec.describe(),
+                 ", ".join(r.prefix for r in tagger.rules))
+
+    def _trace_loop(self, tagger) -> None:
+        from ..trace.http import ConnClose, RequestStart
+        from .autotag import data_direction
+        for ev in self.tracer.follow(self.stop_event):
+            try:
+                if isinstance(ev, RequestStart):
+                    if ev.server == "?":
+                        raise InputError(f"{ev.method} {ev.path}: the server address of pid {ev.pid} "
+                                         f"fd {ev.fd} is unknown")
+                    ft = data_direction(ev.method, "tcp", ev.server, ev.server_port, ev.client,
+                                        ev.client_port)
+                    if tagger.on_request(ft, ev.path) is not None:
+                        self.traced_conns.setdefault((ev.pid, ev.fd), set()).add(ft)
+                elif isinstance(ev, ConnClose):
+                    for ft in self.traced_conns.pop((ev.pid, ev.fd), ()):
+                        tagger.on_close(ft)
+            except (InputError, RegistryError, ValueError) as exc:
+                self.input_errors["trace"] += 1
+                log.error("trace: %s", exc)
+
     def _spawn(self, fn, name: str) -> None:
         t = threading.Thread(target=fn, name=f"scitags-{name}", daemon=True)
         t.start()
@@ -367,6 +406,9 @@ class Daemon:
         for t in self._threads:
             t.join(timeout=2)
         self._threads.clear()
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
         if self.marker is not None or self.active:
             self.reap(force=True)           # inputs are closed: finish what was ending
         if self._made_pipe:

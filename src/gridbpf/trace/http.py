@@ -17,7 +17,7 @@ from ..bpf import BpfError, BpfObject, RingBuffer
 from ..bpf.elf import library_of
 from .targets import TargetSpec, alive, comm_of
 
-EV_REQUEST, EV_TLS_CONN = 1, 2
+EV_REQUEST, EV_TLS_CONN, EV_REQUEST_START, EV_CONN_CLOSE = 1, 2, 3, 4
 F_TLS, F_PIPELINED, F_CLOSED, F_INTERIM, F_NO_RESPONSE, F_IDLE = 1, 2, 4, 8, 16, 32
 FLAG_NAMES = {F_TLS: "tls", F_PIPELINED: "pipelined", F_CLOSED: "closed", F_INTERIM: "interim",
               F_NO_RESPONSE: "no-response", F_IDLE: "idle"}
@@ -64,6 +64,32 @@ class Request:
                 f"dur={self.duration * 1000:.3f}ms ttfb={ttfb}" + (" tls" if self.tls else "")
                 + (f" [{','.join(f for f in self.flags if f != 'tls')}]"
                    if set(self.flags) - {"tls", "closed"} else ""))
+
+
+@dataclass
+class RequestStart:
+    """A request line was read on a connection (only with HttpTracer(request_start=True))."""
+    time: float
+    pid: int
+    fd: int
+    method: str
+    path: str
+    client: str
+    client_port: int
+    server: str          # our own address on the connection ("?" if unknown)
+    server_port: int
+
+
+@dataclass
+class ConnClose:
+    """A traced connection closed (only with request_start=True)."""
+    time: float
+    pid: int
+    fd: int
+    client: str
+    client_port: int
+    server: str
+    server_port: int
 
 
 def _client(caddr: np.ndarray, family: int) -> str:
@@ -131,10 +157,13 @@ class HttpTracer:
     """Trace HTTP/1.x requests of the processes selected by SPEC.
 
     tls: attach the OpenSSL uprobes to each libssl the targets map.
+    request_start: also report each request when its request line is read, and each
+    connection close, with both endpoints (RequestStart / ConnClose from events() and follow()):
+    what automatic SciTags tagging subscribes to. Off, the kernel does none of that work.
     floor: load only the cost floor (same hook, pid filter only) -- for benchmarks."""
 
     def __init__(self, spec: TargetSpec, tls: bool = True, floor: bool = False,
-                 idle_report_s: float = IDLE_REPORT_S):
+                 idle_report_s: float = IDLE_REPORT_S, request_start: bool = False):
         if not _can_trace():
             raise PermissionError("tracing needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
         spec.validate()
@@ -162,6 +191,9 @@ class HttpTracer:
         self._last_idle_scan = time.monotonic()
         self.idle_reported = 0
         self.late_bytes = 0                     # response bytes written after an idle report
+        self.request_start = request_start and not floor
+        if self.request_start:
+            self.obj.rodata["emit_request_start"] = 1
         try:
             self.obj.load()
             self.dtype = self.obj.btf.dtype("struct http_event")
@@ -217,7 +249,8 @@ class HttpTracer:
             if key_in(conns, key):
                 continue
             conns[key] = {"ev": {"pid": pid, "fd": fd, "family": t["family"], "cport": t["rport"],
-                                 "caddr": list(t["raddr"].ljust(16, b"\0"))}}
+                                 "caddr": list(t["raddr"].ljust(16, b"\0")),
+                                 "sport": t["lport"], "saddr": list(t["laddr"].ljust(16, b"\0"))}}
             n += 1
         return n
 
@@ -374,6 +407,42 @@ class HttpTracer:
     def poll(self, timeout_ms: int = DRAIN_MS) -> list[Request]:
         return self.decode(self.poll_array(timeout_ms))
 
+    def events(self, arr: np.ndarray) -> list:
+        """RequestStart and ConnClose records of a drained batch, in the kernel's order."""
+        kind = arr["kind"]
+        sel = arr[(kind == EV_REQUEST_START) | (kind == EV_CONN_CLOSE)]
+        out = []
+        for r in sel:
+            family = int(r["family"])
+            client, server = _client(r["caddr"], family), _client(r["saddr"], family)
+            if not server_known(r["saddr"], int(r["sport"])):
+                server = "?"
+            t = int(r["start_ns"]) / 1e9 + self._wall_offset
+            if int(r["kind"]) == EV_CONN_CLOSE:
+                out.append(ConnClose(t, int(r["pid"]), int(r["fd"]), client, int(r["cport"]),
+                                     server, int(r["sport"])))
+                continue
+            hdr = bytes(r["hdr"][:int(r["hdr_len"])])
+            method, path, _v = parse_request_line(hdr)
+            out.append(RequestStart(t, int(r["pid"]), int(r["fd"]), method, path, client,
+                                    int(r["cport"]), server, int(r["sport"])))
+        return out
+
+    def follow(self, stop, refresh_s: float = 2.0, timeout_ms: int = DRAIN_MS):
+        """Iterate over RequestStart, ConnClose and (finished) Request objects until the
+        threading.Event STOP is set. Request starts wake us at once; finished requests come
+        with the next drain. Targets are refreshed every REFRESH_S seconds."""
+        last = time.monotonic()
+        while not stop.is_set():
+            self.ring.wait(timeout_ms)
+            arr = self.poll_array(0)
+            if len(arr):
+                yield from self.events(arr)
+                yield from self.decode(arr)
+            if time.monotonic() - last >= refresh_s:
+                self.refresh()
+                last = time.monotonic()
+
     def _tls_conn(self, pid: int) -> None:
         """A connection carries TLS records: readable only if that process's libssl is hooked."""
         if pid in self.tls_opaque:
@@ -529,9 +598,15 @@ def _tcp_table(pid: int) -> dict[int, dict]:
             # /proc prints each 32-bit word of the address in host (little-endian) order
             raw = bytes.fromhex(raddr)
             raddr_b = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = bytes.fromhex(laddr)
+            laddr_b = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
             out[int(f[9])] = {"state": int(f[3], 16), "family": family, "lport": int(lport, 16),
-                              "raddr": raddr_b, "rport": int(rport, 16)}
+                              "raddr": raddr_b, "rport": int(rport, 16), "laddr": laddr_b}
     return out
+
+
+def server_known(saddr, sport: int) -> bool:
+    return sport != 0 or any(bytes(saddr))
 
 
 def _can_trace() -> bool:
