@@ -23,3 +23,16 @@ def test_bad_input_is_one_clear_line():
     assert r.stderr.strip() == "gridbpf: error: unknown topology 'nosuchtopology' (known: web, ecmp)"
     r = gridbpf("lab", "up", "web", "--name", "bad-name", check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "bad-name" in r.stderr
+
+
+def test_demo_parts_are_wired():
+    """`make demo` runs every part in turn; the parts themselves run in each capability's
+    tests. Here: the demo module imports, and every capability demo it calls exists."""
+    import importlib
+    from gridbpf import demo
+    assert [f.__name__ for _, f in demo.PARTS] == ["show_doctor", "show_lb_site", "show_http_tracing",
+                                                   "show_stuck", "show_checksums", "show_scitags"]
+    for module, function in [("gridbpf.lb.demo", "run"), ("gridbpf.trace.http_demo", "run"),
+                             ("gridbpf.trace.stuck_demo", "run"), ("gridbpf.checksum.demo", "uploads"),
+                             ("gridbpf.scitags.demo", "run")]:
+        assert callable(getattr(importlib.import_module(module), function)), module

@@ -21,6 +21,16 @@ def show_checksums(con: Console) -> bool:
     return uploads(con) == 0
 
 
+def show_lb_site(con: Console) -> bool:
+    from .lb import demo
+    return demo.run(con)
+
+
+def show_scitags(con: Console) -> bool:
+    from .scitags import demo
+    return demo.run(con)
+
+
 def show_http_tracing(con: Console) -> bool:
     from .trace import http_demo
     return http_demo.run(con)
