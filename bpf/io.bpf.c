@@ -208,6 +208,34 @@ static __always_inline __u32 log2_slot(__u64 v)
 	return r < IO_SLOTS ? r : IO_SLOTS - 1;
 }
 
+/* One record for userspace: a file opened (with its path) or a slow operation (path from the
+ * open record or /proc, not copied again). */
+static __always_inline void emit_event(__u32 kind, const struct io_inflight *in, __u64 pid_tgid,
+				       __u64 lat, long ret)
+{
+	struct gbio_event *e = gb_ringbuf_reserve(io_events, sizeof(*e));
+
+	if (!e)
+		return;
+	e->kind = kind;
+	e->op = in->op;
+	e->tgid = pid_tgid >> 32;
+	e->tid = (__u32)pid_tgid;
+	e->dev = in->dev;
+	e->ino = in->ino;
+	e->start_ns = in->start_ns;
+	e->latency_ns = lat;
+	e->ret = ret;
+	e->fd = in->fd;
+	e->pad = 0;
+	__builtin_memcpy(e->name, in->name, sizeof(e->name));
+	if (kind == IO_EV_OPEN)
+		__builtin_memcpy(e->path, in->path, sizeof(e->path));
+	else
+		e->path[0] = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
 SEC("tp_btf/sys_exit")
 int BPF_PROG(io_sys_exit, struct pt_regs *regs, long ret)
 {
@@ -225,23 +253,7 @@ int BPF_PROG(io_sys_exit, struct pt_regs *regs, long ret)
 		if (ret < 0 || !describe(in, fd_file((int)ret)) || !wanted(in->mode))
 			goto out;
 		in->fd = (int)ret;
-		struct gbio_event *e = gb_ringbuf_reserve(io_events, sizeof(*e));
-		if (e) {
-			e->kind = IO_EV_OPEN;
-			e->op = in->op;
-			e->tgid = pid_tgid >> 32;
-			e->tid = tid;
-			e->dev = in->dev;
-			e->ino = in->ino;
-			e->start_ns = in->start_ns;
-			e->latency_ns = lat;
-			e->ret = ret;
-			e->fd = in->fd;
-			e->pad = 0;
-			__builtin_memcpy(e->name, in->name, sizeof(e->name));
-			__builtin_memcpy(e->path, in->path, sizeof(e->path));
-			bpf_ringbuf_submit(e, 0);
-		}
+		emit_event(IO_EV_OPEN, in, pid_tgid, lat, ret);
 	}
 	key.tgid = pid_tgid >> 32;
 	key.op = in->op;
@@ -270,23 +282,7 @@ int BPF_PROG(io_sys_exit, struct pt_regs *regs, long ret)
 	__sync_fetch_and_add(&v->slots[log2_slot(lat)], 1);
 slow:
 	if (lat >= slow_ns && in->op != IO_OPENAT) {
-		struct gbio_event *e = gb_ringbuf_reserve(io_events, sizeof(*e));
-		if (e) {
-			e->kind = IO_EV_SLOW;
-			e->op = in->op;
-			e->tgid = pid_tgid >> 32;
-			e->tid = tid;
-			e->dev = in->dev;
-			e->ino = in->ino;
-			e->start_ns = in->start_ns;
-			e->latency_ns = lat;
-			e->ret = ret;
-			e->fd = in->fd;
-			e->pad = 0;
-			__builtin_memcpy(e->name, in->name, sizeof(e->name));
-			e->path[0] = 0;
-			bpf_ringbuf_submit(e, 0);
-		}
+		emit_event(IO_EV_SLOW, in, pid_tgid, lat, ret);
 	}
 out:
 	bpf_map_delete_elem(&inflight, &tid);

@@ -154,45 +154,37 @@ int BPF_PROG(tcp_recv_len, struct sock *sk, int ret, int flags)
 	return 0;
 }
 
-SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(tcp_retransmit, const struct sock *sk, const struct sk_buff *skb, int err)
+/* One more of a per-peer event counter (the field at OFFSET of the peer's value). */
+static __always_inline void count_peer(const struct sock *sk, __u32 offset)
 {
 	__u32 tgid = sk ? owner(sk, false) : 0;
 	struct peer_val *v;
 
 	if (!tgid)
-		return 0;
+		return;
 	v = peer(sk, tgid);
 	if (v)
-		__sync_fetch_and_add(&v->retransmits, 1);
+		__sync_fetch_and_add((__u64 *)((char *)v + offset), 1);
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(tcp_retransmit, const struct sock *sk, const struct sk_buff *skb, int err)
+{
+	count_peer(sk, offsetof(struct peer_val, retransmits));
 	return 0;
 }
 
 SEC("tp_btf/tcp_send_reset")
 int BPF_PROG(tcp_send_rst, const struct sock *sk, const struct sk_buff *skb, int reason)
 {
-	__u32 tgid = sk ? owner(sk, false) : 0;
-	struct peer_val *v;
-
-	if (!tgid)
-		return 0;
-	v = peer(sk, tgid);
-	if (v)
-		__sync_fetch_and_add(&v->resets_sent, 1);
+	count_peer(sk, offsetof(struct peer_val, resets_sent));
 	return 0;
 }
 
 SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(tcp_recv_rst, struct sock *sk)
 {
-	__u32 tgid = sk ? owner(sk, false) : 0;
-	struct peer_val *v;
-
-	if (!tgid)
-		return 0;
-	v = peer(sk, tgid);
-	if (v)
-		__sync_fetch_and_add(&v->resets_received, 1);
+	count_peer(sk, offsetof(struct peer_val, resets_received));
 	return 0;
 }
 

@@ -65,20 +65,6 @@ class RingBuffer:
                 records.append((start, length))
         return records, cons
 
-    def _uniform(self, itemsize: int):
-        """Fast path when every pending record is ITEMSIZE bytes (the usual case): check all
-        headers at once with numpy and slice the records out; None when that does not hold."""
-        cons, prod = self._positions()
-        stride = (itemsize + HEADER + 7) & ~7
-        pending = prod - cons
-        if pending <= 0 or pending % stride:
-            return None
-        start = cons & self._mask
-        area = np.frombuffer(self._data, dtype=np.uint8, count=pending, offset=start).reshape(-1, stride)
-        if not (area[:, :4].copy().view("<u4")[:, 0] == itemsize).all():   # busy, discarded or other sizes
-            return None
-        return area[:, HEADER:HEADER + itemsize], prod
-
     def _commit(self, cons: int) -> None:
         struct.pack_into("<Q", self._consumer, 0, cons)
 
@@ -94,34 +80,51 @@ class RingBuffer:
         return out
 
     def poll_array(self, dtype, timeout_ms: int = 0) -> np.ndarray:
-        """Drain fixed-size records into a numpy structured array (one copy, no per-record decode)."""
+        """Drain fixed-size records into a numpy structured array: the leading run of records of
+        DTYPE's size is one strided view and one copy (no per-record work, no index arrays);
+        anything irregular after it is walked record by record."""
         dtype = np.dtype(dtype)
-        fast = self._uniform(dtype.itemsize)
-        if fast is None and timeout_ms:
+        regular = self._regular(dtype)
+        if regular is None and timeout_ms:
             self.wait(timeout_ms)
-            fast = self._uniform(dtype.itemsize)
-        if fast is not None:
-            rows, cons = fast
-            out = rows.view(dtype).reshape(len(rows)).copy()
+            regular = self._regular(dtype)
+        parts = []
+        if regular is not None:
+            rows, cons = regular
+            parts.append(rows.copy())
             self._commit(cons)
-            self.received += len(out)
-            return out
-        records, cons = self._walk()
-        if not records and timeout_ms:
-            self.wait(timeout_ms)
-            records, cons = self._walk()
-        if not records:
-            return np.empty(0, dtype)
-        starts = np.fromiter((s for s, n in records if n >= dtype.itemsize), dtype=np.int64)
-        if len(starts) != len(records):
-            bad = next(n for _s, n in records if n < dtype.itemsize)
-            raise ValueError(f"ring buffer record of {bad} bytes is shorter than {dtype.itemsize}")
-        raw = np.frombuffer(self._data, dtype=np.uint8)
-        rows = raw[starts[:, None] + np.arange(dtype.itemsize)]
-        out = rows.view(dtype).reshape(len(starts)).copy()
+        records, cons = self._walk()      # what the fast path left: other sizes, discarded
+        if records:
+            if any(n < dtype.itemsize for _s, n in records):
+                bad = next(n for _s, n in records if n < dtype.itemsize)
+                raise ValueError(f"ring buffer record of {bad} bytes is shorter than {dtype.itemsize}")
+            raw = np.frombuffer(self._data, dtype=np.uint8)
+            starts = np.fromiter((s for s, _n in records), dtype=np.int64)
+            parts.append(raw[starts[:, None] + np.arange(dtype.itemsize)].view(dtype).reshape(len(starts)))
         self._commit(cons)
+        out = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.empty(0, dtype))
         self.received += len(out)
         return out
+
+    def _regular(self, dtype):
+        """(strided view of the leading records whose length is DTYPE's size, consumer position
+        after them), or None. Each record is an 8-byte header plus its length rounded up to 8,
+        and the data area is mapped twice, so such a run is a regular array in memory; the
+        first header that differs (busy, discarded, another size) ends it."""
+        cons, prod = self._positions()
+        stride = (dtype.itemsize + HEADER + 7) & ~7
+        n = (prod - cons) // stride
+        if n == 0:
+            return None
+        raw = np.frombuffer(self._data, dtype=np.uint8)
+        start = cons & self._mask
+        headers = np.ndarray((n,), np.uint32, raw, start, (stride,))
+        irregular = np.flatnonzero(headers != dtype.itemsize)
+        if len(irregular):
+            n = int(irregular[0])
+        if n == 0:
+            return None
+        return np.ndarray((n,), dtype, raw, start + HEADER, (stride,)), cons + n * stride
 
     def close(self) -> None:
         if self._epoll is not None:

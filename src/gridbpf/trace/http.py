@@ -298,7 +298,7 @@ class HttpTracer:
         """Drain the ring into a numpy array of struct http_event (all kinds)."""
         if timeout_ms:
             time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
-        arr = drain_fixed(self.ring, self.dtype)
+        arr = self.ring.poll_array(self.dtype)
         if self._early and len(arr):
             arr = self._drop_early(arr)
         if self.idle_report_s and not self.floor and \
@@ -526,38 +526,6 @@ def head_lengths(heads: np.ndarray, lens: np.ndarray) -> np.ndarray:
         best = np.where(hit, np.minimum(best, pos * 4 + k), best)
     end = best + 4
     return np.where((best < width) & (end <= lens), end, -1)
-
-
-def drain_fixed(ring: RingBuffer, dtype: np.dtype) -> np.ndarray:
-    """Drain a ring whose records all have DTYPE's size, as one strided copy.
-
-    Every record is 8 header bytes + the record rounded up to 8, and the data area is mapped
-    twice back to back, so the committed records form a regular strided array: one view, one
-    copy, no index arrays (RingBuffer.poll_array builds an index of n x itemsize, which costs
-    tens of MB at our record size). Falls back to poll_array for anything irregular.
-    Uses the ring's mapping directly: a fast path the binding could offer (see the report)."""
-    cons, prod = ring._positions()
-    if cons == prod:
-        return np.empty(0, dtype)
-    size = dtype.itemsize
-    stride = 8 + (size + 7) // 8 * 8
-    n = (prod - cons) // stride
-    if n == 0:
-        return np.empty(0, dtype)
-    raw = np.frombuffer(ring._data, dtype=np.uint8)
-    start = cons & ring._mask
-    hdr = np.ndarray((n,), np.uint32, raw, start, (stride,))
-    bad = np.nonzero(hdr != size)[0]       # busy (being written), discarded, or another size
-    if len(bad):
-        if bad[0] == 0:
-            if hdr[0] & (1 << 31):
-                return np.empty(0, dtype)       # the oldest record is still being written
-            return ring.poll_array(dtype)       # irregular: the generic reader handles it
-        n = int(bad[0])                          # the regular records before it
-    out = np.ndarray((n,), dtype, raw, start + 8, (stride,)).copy()
-    ring._commit(cons + n * stride)
-    ring.received += n
-    return out
 
 
 TCP_ESTABLISHED, TCP_LISTEN = 1, 10

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..bpf import BpfObject, RingBuffer
 from .offcpu import target_pids
+from .session import BpfSession
 
 OPS = ["read", "write", "pread64", "pwrite64", "fsync", "fdatasync", "openat", "close"]
 EV_SLOW, EV_OPEN = 1, 2
@@ -57,7 +58,7 @@ def percentile(slots: list[int], q: float) -> float:
     return (2 ** len(slots)) / 1e9
 
 
-class IoTracer:
+class IoTracer(BpfSession):
     def __init__(self, targets, slow_s: float = 0.010, regular_only: bool = True, top: int = 20):
         self.tgids = target_pids(targets)
         self.obj = BpfObject.open("io")
@@ -161,21 +162,6 @@ class IoTracer:
         out = {name: int(m.sum(i) or 0) for i, name in enumerate(STAT_NAMES)}
         out["events_lost"] = int(self.ring.lost) if self.ring else 0
         return out
-
-    def close(self) -> None:
-        for link in self.links:
-            link.detach()
-        self.links = []
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        self.obj.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def format_table(files: list[dict], slow: list[SlowOp]) -> str:

@@ -8,6 +8,7 @@ import time
 
 from ..bpf import BpfObject
 from .offcpu import target_pids
+from .session import BpfSession
 from .symbols import read_maps
 
 STAT_NAMES = ["procs_full"]
@@ -64,7 +65,7 @@ def read_status(pid: int) -> dict[str, int]:
     return out
 
 
-class MemTracer:
+class MemTracer(BpfSession):
     def __init__(self, targets, gc: bool = True):
         self.tgids = target_pids(targets)
         self.obj = BpfObject.open("mem")
@@ -144,18 +145,6 @@ class MemTracer:
     def stats(self) -> dict:
         m = self.obj.map("mem_stats")
         return {name: int(m.sum(i) or 0) for i, name in enumerate(STAT_NAMES)}
-
-    def close(self) -> None:
-        for link in self.links:
-            link.detach()
-        self.links = []
-        self.obj.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def format_row(r: dict) -> str:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ..bpf import BpfObject, RingBuffer
+from .session import BpfSession
 from .symbols import Frame, Symbolizer
 from .targets import TargetError, TargetSpec
 
@@ -63,7 +64,7 @@ class StackValue:
     comm: bytes
 
 
-class OffcpuTracer:
+class OffcpuTracer(BpfSession):
     """Loads offcpu.bpf.o for some processes. Use as a context manager (detaches on exit)."""
 
     def __init__(self, pids, min_event_s: float = 1.0, min_block_s: float = 0.0,
@@ -170,21 +171,6 @@ class OffcpuTracer:
     def add_target(self, tgid: int) -> None:
         self.obj.map("targets")[tgid] = 1
         self.tgids.add(tgid)
-
-    def close(self) -> None:
-        for link in self.links:
-            link.detach()
-        self.links = []
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        self.obj.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --- user stacks: the frame that frame pointers miss ---------------------------------------------

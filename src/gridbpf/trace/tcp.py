@@ -8,6 +8,7 @@ import socket
 
 from ..bpf import BpfObject
 from .offcpu import target_pids
+from .session import BpfSession
 
 STATES = ["", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
           "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV"]
@@ -20,7 +21,7 @@ def peer_name(family: int, raddr: bytes, port: int) -> str:
     return f"[{socket.inet_ntop(socket.AF_INET6, bytes(raddr))}]:{port}"
 
 
-class TcpTracer:
+class TcpTracer(BpfSession):
     def __init__(self, targets):
         self.tgids = target_pids(targets)
         self.obj = BpfObject.open("tcp")
@@ -61,18 +62,6 @@ class TcpTracer:
     def stats(self) -> dict:
         m = self.obj.map("tcp_stats")
         return {name: int(m.sum(i) or 0) for i, name in enumerate(STAT_NAMES)}
-
-    def close(self) -> None:
-        for link in self.links:
-            link.detach()
-        self.links = []
-        self.obj.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def format_table(peers: list[dict]) -> str:
