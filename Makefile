@@ -13,9 +13,9 @@ TEST_OBJS := $(TEST_SRCS:.bpf.c=.bpf.o)
 HEADERS  := $(wildcard bpf/include/gridbpf/*.h) $(VMLINUX)
 CFLAGS_BPF := -target bpf -O2 -g -Wall -Werror -Wno-unused-function -D__TARGET_ARCH_$(ARCH) -Ibpf/include
 
-.PHONY: all setup bpf test demo bench clean
+.PHONY: all setup bpf java test demo bench clean
 
-all: bpf
+all: bpf java
 
 setup:
 	@tools/setup.sh
@@ -32,17 +32,36 @@ tests/bpf/%.bpf.o: tests/bpf/%.bpf.c $(HEADERS)
 
 bpf: $(BPF_OBJS) $(TEST_OBJS)
 
+# The JVM TLS agent (java/), one jar. The bridge classes are compiled into java.base's
+# sun.security.ssl package (the agent defines them there at run time) and stored in the jar
+# under gridbpf-bridge/. The agent compiles against the JDK's internal ASM, which javac refuses
+# together with --release, hence -source/-target 17 there.
+JAVADIR := src/gridbpf/_java
+JAVA_BRIDGE_SRCS := $(shell find java/bridge -name '*.java' 2>/dev/null)
+JAVA_AGENT_SRCS := $(shell find java/agent -name '*.java' 2>/dev/null)
+JAVA_JAR := $(JAVADIR)/gridbpf-jvm-agent.jar
+
+$(JAVA_JAR): $(JAVA_BRIDGE_SRCS) $(JAVA_AGENT_SRCS) java/agent/MANIFEST.MF
+	@rm -rf build/java && mkdir -p build/java/agent/gridbpf-bridge $(JAVADIR)
+	javac -nowarn --release 17 --patch-module java.base=java/bridge -d build/java/bridge $(JAVA_BRIDGE_SRCS)
+	cp build/java/bridge/sun/security/ssl/*.class build/java/agent/gridbpf-bridge/
+	javac -nowarn -source 17 -target 17 --add-exports java.base/jdk.internal.org.objectweb.asm=ALL-UNNAMED \
+	  -d build/java/agent $(JAVA_AGENT_SRCS)
+	jar --create --file $@ --manifest java/agent/MANIFEST.MF -C build/java/agent .
+
+java: $(JAVA_JAR)
+
 test: setup
-	@$(MAKE) --no-print-directory bpf
+	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m pytest -q tests
 
 demo: setup
-	@$(MAKE) --no-print-directory bpf
+	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m gridbpf.demo
 
 bench: setup
-	@$(MAKE) --no-print-directory bpf
+	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m bench
 
 clean:
-	rm -rf $(OBJDIR) $(TEST_OBJS) $(VMLINUX)
+	rm -rf $(OBJDIR) $(TEST_OBJS) $(VMLINUX) $(JAVADIR) build/java
