@@ -117,10 +117,11 @@ def _chown(path: Path, jvm: JvmProcess) -> None:
     os.chown(path, jvm.uid, jvm.gid)
 
 
-def install_jars(jvm: JvmProcess, jar_dir: Path = JAR_DIR) -> Path:
+def install_jars(jvm: JvmProcess, jar_dir: Path | None = None) -> Path:
     """Copies the agent jar into the JVM's /tmp/.gridbpf-jvm-<NSPID>/ (its uid, 0700); returns that dir.
     An existing jar with the same content is left alone (the JVM may have it open); a changed one
     is replaced by rename, never overwritten in place."""
+    jar_dir = jar_dir or JAR_DIR
     d = jvm.host_path(jvm.agent_dir)
     if d.is_symlink() or (d.exists() and not d.is_dir()):
         raise JvmAttachError(f"pid {jvm.pid}: {jvm.agent_dir} exists and is not a directory")
@@ -335,7 +336,7 @@ def loaded_agent_info(jvm: JvmProcess) -> dict | None:
 
 
 def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = ATTACH_TIMEOUT,
-           jar_dir: Path = JAR_DIR, reload: bool = False) -> JvmAgent:
+           jar_dir: Path | None = None, reload: bool = False) -> JvmAgent:
     """Loads the agent into JVM pid, or re-uses the one loaded there, and takes a lease.
     A JVM whose agent.json shows an installed agent (same JVM start time) is not attached again:
     only the lease file is added (on JDK 21+ every dynamic load prints a warning to the service's
