@@ -108,7 +108,7 @@ def report() -> dict:
 
 
 def run(args) -> int:
-    from .cli import print_json
+    from .output import print_json
     if os.geteuid() != 0:
         raise PermissionError("gridbpf doctor must run as root (it loads BPF programs)")
     r = report()
