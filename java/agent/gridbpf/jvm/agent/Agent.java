@@ -190,6 +190,7 @@ public final class Agent {
         StringBuilder j = new StringBuilder(512);
         j.append("{\"version\": 1");
         j.append(", \"pid\": ").append(ProcessHandle.current().pid());
+        j.append(", \"starttime\": ").append(procStartTime());
         j.append(", \"bridge_fd\": ").append(bridgeFd);
         j.append(", \"java_version\": ").append(quote(System.getProperty("java.version", "")));
         j.append(", \"vm\": ").append(quote(System.getProperty("java.vm.name", "")));
@@ -213,6 +214,17 @@ public final class Agent {
         File tmp = new File(dir, ".agent.json.tmp");
         Files.write(tmp.toPath(), j.toString().getBytes(StandardCharsets.UTF_8));
         Files.move(tmp.toPath(), target.toPath(), StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE);
+    }
+
+    /** Field 22 of /proc/self/stat: lets a tracer tell this JVM from an earlier one with the same pid. */
+    static long procStartTime() {
+        try {
+            String stat = new String(Files.readAllBytes(new File("/proc/self/stat").toPath()), StandardCharsets.US_ASCII);
+            String[] f = stat.substring(stat.lastIndexOf(')') + 2).trim().split(" ");
+            return Long.parseLong(f[19]);
+        } catch (Throwable t) {
+            return -1;
+        }
     }
 
     static Map<String, String> parseArgs(String args) {

@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from gridbpf.trace.http_lab import Server, wait_port
+from gridbpf.trace.http.lab import Server, wait_port
 
 TOMCAT_HOME = Path("/usr/share/tomcat10")
 JAVA17_HOME = "/usr/lib/jvm/java-17-openjdk-amd64"
