@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx-mod-http-dav-ext
               wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev
               haproxy nftables    # lb benchmark baselines
-              openssl util-linux) # trace tests: certificates for HTTPS servers, setpriv
+              openssl util-linux  # trace tests: certificates for HTTPS servers, setpriv
+              tomcat10 jetty9 davix)  # Java TLS agent tests: JVM HTTPS servers, WebDAV client
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -22,6 +23,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts nginx on install; our lab runs its own instances.
   systemctl disable --now nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || true
+  for svc in tomcat10 jetty9; do   # likewise: the Java tests start private instances
+    systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
+  done
 fi
 
 PY=${PYTHON:-python3}
