@@ -312,6 +312,29 @@ def test_blocking_sslsocket_client(jdk17, tmp_path):
     assert totals(server_side) == (sent[0]["len"], got)
 
 
+def test_jetty9_put_get_against_access_log(tmp_path):
+    server = jvm_servers.Jetty()
+    try:
+        a = Attached(server)
+        body = tmp_path / "up.bin"
+        body.write_bytes(os.urandom(500_000))
+        n = len(server.access_lines())
+        for method, args, upload in (("PUT", (), body), ("GET", (), None), ("DELETE", ("-X", "DELETE"), None)):
+            a.sink.mark()
+            c = curl(server.url + "/up.bin", *args, body=upload)
+            recs = a.sink.since()
+            assert len({r["conn"] for r in recs}) == 1 and totals(recs) == (c["sent"], c["received"]), method
+            assert recs[0]["dir"] == DIR_RECV and recs[0]["data"].startswith(f"{method} /up.bin HTTP/1.1\r\n".encode())
+            log = server.wait_access_lines(n + 1)[n]
+            n += 1
+            assert (log["method"], log["status"]) == (method, c["status"])
+            assert body_bytes_sent(recs) == log["response_bytes"], method
+        assert server.output_lines() == a.logs_before
+        a.agent.release()
+    finally:
+        server.close()
+
+
 def test_attach_disabled_gives_one_line_reason():
     server = jvm_servers.JdkHttps(java_opts=("-XX:+DisableAttachMechanism",))
     try:

@@ -289,7 +289,8 @@ JETTY_CLASSPATH_JARS = ("jetty9-server.jar", "jetty9-http.jar", "jetty9-io.jar",
 
 class Jetty(JvmServer):
     """Jetty 9 from Debian, embedded: HTTPS connector (JSSE), PUT/GET/DELETE handler, and
-    CustomRequestLog "%m %U %s %O %{us}T" (response bytes on the wire incl. headers, microseconds)."""
+    CustomRequestLog "%m %U %s %O %{us}T" (%O: response content bytes; the duration is
+    Jetty's millisecond clock printed in microseconds)."""
 
     def __init__(self, java_opts: tuple[str, ...] = ()):
         super().__init__("jetty")
