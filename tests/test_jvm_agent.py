@@ -133,7 +133,7 @@ def tomcat():
 def test_jdk17_put_get_exact_bytes(jdk17, tmp_path):
     body = tmp_path / "up.bin"
     body.write_bytes(os.urandom(300_000))         # several TLS records per request
-    for args in ((), ):
+    for args in ((), ("--tls-max", "1.2")):       # TLS 1.3 and 1.2
         jdk17.sink.mark()
         put = curl(jdk17.server.url + "/up.bin", *args, body=body)
         get = curl(jdk17.server.url + "/up.bin")
@@ -190,6 +190,26 @@ def test_tomcat_webdav_verbs_against_access_log(tomcat, tmp_path):
         assert body_bytes_sent(recs) == log["response_bytes"], method
         assert all(r["flags"] == 0 for r in recs)
     assert tomcat.server.output_lines() == tomcat.logs_before
+
+
+def test_tomcat_davix_client(tomcat, tmp_path):
+    """davix (the grid's WebDAV client): each request's records against Tomcat's access log."""
+    body = tmp_path / "dx.bin"
+    body.write_bytes(os.urandom(1_500_000))
+    url = tomcat.server.url + "/dx.bin"
+    n = len(tomcat.server.access_lines())
+    tomcat.sink.mark()
+    subprocess.run(["davix-put", "-k", str(body), url], check=True, capture_output=True, timeout=60)
+    subprocess.run(["davix-get", "-k", url, str(tmp_path / "back.bin")], check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "back.bin").read_bytes() == body.read_bytes()
+    logs = tomcat.server.wait_access_lines(n + 2)[n:]
+    recs = tomcat.sink.since()
+    heads = [r for r in recs if r["dir"] == DIR_RECV and r["data"][:1].isalpha() and b" HTTP/1.1\r\n" in r["data"]]
+    assert [h["data"].split(b" ", 2)[:2] for h in heads] == [[l["method"].encode(), l["path"].encode()] for l in logs]
+    assert [l["method"] for l in logs] == ["PUT", "GET"]
+    # davix keeps one connection: request bodies + heads in, heads + bodies out
+    assert sum(r["len"] for r in recs if r["dir"] == DIR_RECV) > 1_500_000
+    assert body_bytes_sent(recs) == sum(l["response_bytes"] for l in logs) == 1_500_000
 
 
 def test_tomcat_responses_identical(tomcat):
