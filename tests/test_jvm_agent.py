@@ -7,6 +7,7 @@ and received (and against Tomcat's own access log), first bytes, direction and f
 per server kind, shared by the module (JVM start-ups are slow).
 """
 import os
+import signal
 import struct
 import subprocess
 import textwrap
@@ -362,8 +363,47 @@ def test_attach_disabled_gives_one_line_reason():
         with pytest.raises(jvm_agent.JvmAttachError) as e:
             jvm_agent.attach(server.pid, "test")
         assert str(e.value) == f"pid {server.pid}: JVM attach disabled (-XX:+DisableAttachMechanism)"
+        assert not Path(f"/tmp/.gridbpf-jvm-{server.pid}").exists()   # nothing left behind
         assert curl(server.url + "/nothing")["status"] == 404
         assert server.output_lines() == before          # no SIGQUIT thread dump
+    finally:
+        server.close()
+
+
+def test_jvm_of_another_user(tmp_path):
+    """A JVM running as nobody: trigger file, agent directory and the attach connection as its uid."""
+    server = jvm_servers.JdkHttps(user=65534)
+    try:
+        a = Attached(server)
+        st = a.agent.dir.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o700)
+        (server.root / "f").write_bytes(b"x" * 1000)
+        os.chown(server.root / "f", 65534, 65534)
+        a.sink.mark()
+        c = curl(server.url + "/f")
+        assert c["status"] == 200 and totals(a.sink.since()) == (c["sent"], c["received"])
+        assert server.output_lines() == a.logs_before
+        a.agent.release()
+    finally:
+        server.close()
+
+
+def test_jvm_in_a_pid_namespace():
+    """The JVM is pid 2 in its own pid namespace: the handshake uses NSpid, files via /proc/PID/root."""
+    ns = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", '"$0" "$@"; exit 0')
+    server = jvm_servers.JdkHttps(prefix=ns)
+    try:
+        pid = server.jvm_pid
+        sink = server.dir / "records.bin"
+        agent = jvm_agent.attach(pid, "test", sink=str(sink))
+        assert agent.nspid != pid and agent.info["pid"] == agent.nspid
+        (server.root / "f").write_bytes(b"y" * 5000)
+        c = curl(server.url + "/f")
+        assert totals(parse_records(sink.read_bytes())) == (c["sent"], c["received"])
+        agent.release()
+        os.kill(pid, signal.SIGTERM)      # the namespace's init (sh) ignores SIGTERM; the JVM exits
+        server.proc.wait(15)
+        assert not agent.dir.exists()     # the agent's shutdown hook removed its directory
     finally:
         server.close()
 

@@ -351,6 +351,8 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
         agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing)
         agent.renew()
         return agent
+    if not jvm.host_path(f"/tmp/.java_pid{jvm.nspid}").is_socket():
+        check_attachable(jvm)     # before leaving any file in the JVM's /tmp
     d = install_jars(jvm, jar_dir)
     agent = JvmAgent(jvm, lease_id, d)
     agent.renew()                 # the lease exists before the load: active from the first call

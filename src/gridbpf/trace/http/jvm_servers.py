@@ -8,6 +8,7 @@ parse, and is stopped by close().
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import textwrap
 import time
@@ -57,6 +58,21 @@ class JvmServer(Server):
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def jvm_pid(self) -> int:
+        """The JVM's pid here: our child, or its first java descendant when run under a prefix."""
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop(0)
+            try:
+                if os.readlink(f"/proc/{pid}/exe").endswith("/java"):
+                    return pid
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    todo += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+            except OSError:
+                continue
+        raise RuntimeError(f"no java process under pid {self.proc.pid}")
 
     def output_lines(self) -> dict[str, list[str]]:
         """What the JVM printed so far, and its log files other than the access log."""
@@ -218,7 +234,10 @@ public class GbJdkHttps {
 class JdkHttps(JvmServer):
     """com.sun.net.httpserver.HttpsServer (JSSE SSLEngine) on JDK 17 (Debian) or another java."""
 
-    def __init__(self, java: str = "java", java_opts: tuple[str, ...] = ()):
+    def __init__(self, java: str = "java", java_opts: tuple[str, ...] = (), user: int | None = None,
+                 prefix: tuple[str, ...] = ()):
+        """user: run the JVM as this uid (and gid), as services do, with setpriv.
+        prefix: a command the JVM runs under (e.g. unshare for a pid namespace)."""
         super().__init__("jdkhttps")
         self.root = self.dir / "root"
         self.root.mkdir()
@@ -228,7 +247,12 @@ class JdkHttps(JvmServer):
         subprocess.run(["javac", "--release", "17", "-d", str(self.dir / "classes"), str(self.dir / "GbJdkHttps.java")],
                        check=True, capture_output=True)
         self.access_log = self.dir / "access.log"
-        self._spawn([java, "-Xmx128m", *java_opts, "-cp", str(self.dir / "classes"), "GbJdkHttps",
+        prefix = list(prefix)
+        if user is not None:
+            for p in [self.dir, *self.dir.rglob("*")]:
+                os.chown(p, user, user)
+            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+        self._spawn([*prefix, java, "-Xmx128m", *java_opts, "-cp", str(self.dir / "classes"), "GbJdkHttps",
                      str(self.port), str(ks), str(self.root), str(self.access_log)])
 
 

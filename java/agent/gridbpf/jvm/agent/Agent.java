@@ -160,6 +160,25 @@ public final class Agent {
         t.setDaemon(true);
         t.start();
         leaseThread = t;
+        try {
+            Runtime.getRuntime().addShutdownHook(new Thread(Agent::removeDir, "gridbpf-jvm-cleanup"));
+        } catch (Throwable ignored) {
+            // already shutting down: nothing to clean then
+        }
+    }
+
+    /** At JVM exit: the agent's directory goes (jar, agent.json, leases), nothing stale is left in /tmp. */
+    private static void removeDir() {
+        try {
+            String d;
+            synchronized (Agent.class) { d = dir; }
+            File[] files = d == null ? null : new File(d).listFiles();
+            if (files == null) return;
+            for (File f : files) f.delete();
+            new File(d).delete();
+        } catch (Throwable ignored) {
+            // best effort
+        }
     }
 
     private static void leaseLoop() {
