@@ -18,7 +18,7 @@ import time
 
 from bench.bench_http import cpu_seconds
 from gridbpf.trace.http import jvm_agent
-from gridbpf.trace.http.jvm_servers import Tomcat
+from gridbpf.trace.http.jvm_servers import Tomcat, keystore
 
 ROUNDS = int(os.environ.get("BENCH_JVM_ROUNDS", 5))
 SECONDS = float(os.environ.get("BENCH_JVM_SECONDS", 4))
@@ -102,4 +102,130 @@ def run() -> dict:
         "records_written": records,
         "note": "ratios to 'none' are divided by the control JVM's drift between the two phases; "
                 "2-core machine shared with other sessions: noisy",
+        "engine_loop": run_engine_loop(),
+    }
+
+
+ENGINE_LOOP = """\
+import java.io.*;
+import java.nio.ByteBuffer;
+import java.security.KeyStore;
+import java.security.cert.X509Certificate;
+import javax.net.ssl.*;
+
+/** Two SSLEngines talking in memory: per iteration a 200-byte request and a 300-byte response,
+ *  i.e. 4 hooked calls (2 wrap, 2 unwrap). Prints the iterations of each second. */
+public class GbEngineLoop {
+    public static void main(String[] a) throws Exception {
+        KeyStore ks = KeyStore.getInstance("PKCS12");
+        ks.load(new FileInputStream(a[0]), "secret".toCharArray());
+        KeyManagerFactory kmf = KeyManagerFactory.getInstance("SunX509");
+        kmf.init(ks, "secret".toCharArray());
+        SSLContext sctx = SSLContext.getInstance("TLS");
+        sctx.init(kmf.getKeyManagers(), null, null);
+        TrustManager[] all = { new X509TrustManager() {
+            public void checkClientTrusted(X509Certificate[] c, String t) {}
+            public void checkServerTrusted(X509Certificate[] c, String t) {}
+            public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; } } };
+        SSLContext cctx = SSLContext.getInstance("TLS");
+        cctx.init(null, all, null);
+        SSLEngine c = cctx.createSSLEngine("127.0.0.1", 443), s = sctx.createSSLEngine();
+        c.setUseClientMode(true); s.setUseClientMode(false);
+        int net = 1 << 17;
+        ByteBuffer c2s = ByteBuffer.allocate(net), s2c = ByteBuffer.allocate(net);
+        ByteBuffer capp = ByteBuffer.allocate(net), sapp = ByteBuffer.allocate(net);
+        ByteBuffer req = ByteBuffer.wrap(new byte[200]), resp = ByteBuffer.wrap(new byte[300]);
+        ByteBuffer empty = ByteBuffer.allocate(0);
+        c.beginHandshake(); s.beginHandshake();
+        for (int i = 0; i < 1000 && (c.getHandshakeStatus() != SSLEngineResult.HandshakeStatus.NOT_HANDSHAKING
+                || s.getHandshakeStatus() != SSLEngineResult.HandshakeStatus.NOT_HANDSHAKING); i++) {
+            step(c, empty, c2s, s2c, capp); step(s, empty, s2c, c2s, sapp);
+        }
+        long second = System.nanoTime() + 1_000_000_000L, n = 0;
+        PrintStream out = System.out;
+        while (true) {
+            // compact, never clear: a record left over (TLS 1.3 session ticket) is read next time
+            req.clear(); c.wrap(req, c2s); c2s.flip(); sapp.clear(); s.unwrap(c2s, sapp); c2s.compact();
+            resp.clear(); s.wrap(resp, s2c); s2c.flip(); capp.clear(); c.unwrap(s2c, capp); s2c.compact();
+            n++;
+            if ((n & 255) == 0 && System.nanoTime() >= second) {
+                out.println(n); out.flush(); n = 0; second += 1_000_000_000L;
+            }
+        }
+    }
+
+    static void step(SSLEngine e, ByteBuffer app, ByteBuffer out, ByteBuffer in, ByteBuffer appIn) throws Exception {
+        Runnable task;
+        while ((task = e.getDelegatedTask()) != null) task.run();
+        switch (e.getHandshakeStatus()) {
+            case NEED_WRAP: e.wrap(app, out); break;
+            case NEED_UNWRAP: case NEED_UNWRAP_AGAIN:
+                in.flip(); e.unwrap(in, appIn); in.compact(); break;
+            default: break;
+        }
+        while ((task = e.getDelegatedTask()) != null) task.run();
+    }
+}
+"""
+
+
+def run_engine_loop(seconds_per_phase: int = 4, phases: int = 6) -> dict:
+    """Per hooked call cost, without sockets: two in-memory SSLEngines, iterations per second
+    before the agent (none), then alternating inactive/active phases of the same JVM."""
+    import tempfile
+    import threading
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp(prefix="gb-engloop-"))
+    ks = keystore(d / "ks.p12")
+    (d / "GbEngineLoop.java").write_text(ENGINE_LOOP)
+    subprocess.run(["javac", "--release", "17", "-d", str(d), str(d / "GbEngineLoop.java")], check=True)
+    proc = subprocess.Popen(["java", "-Xmx128m", "-cp", str(d), "GbEngineLoop", str(ks)],
+                            stdout=subprocess.PIPE, text=True, cwd=d)
+    samples: list[tuple[str, int]] = []
+    mode = ["warmup"]
+
+    def reader():
+        for line in proc.stdout:
+            samples.append((mode[0], int(line)))
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        time.sleep(6)
+        mode[0] = "none"
+        time.sleep(seconds_per_phase * phases / 2)
+        mode[0] = "attach"
+        agent = jvm_agent.attach(proc.pid, "bench", sink=None)
+        for i in range(phases):
+            if i % 2 == 0:
+                agent.release()
+                _wait_active(agent, False)
+                mode[0] = "inactive"
+            else:
+                agent.renew()
+                agent.keep_alive()
+                _wait_active(agent, True)
+                mode[0] = "active"
+            time.sleep(seconds_per_phase)
+            mode[0] = "switch"
+            time.sleep(1.1)         # the sample spanning the switch is dropped
+        agent.release()
+    finally:
+        proc.kill()
+        proc.wait()
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+    # drop the first sample of each phase (it may span the switch)
+    per_mode: dict[str, list[int]] = {}
+    prev = None
+    for m, n in samples:
+        if m == prev:
+            per_mode.setdefault(m, []).append(n)
+        prev = m
+    med = {m: statistics.median(v) for m, v in per_mode.items() if m in ("none", "inactive", "active")}
+    ns = {m: 1e9 / v / 4 for m, v in med.items()}       # 4 hooked calls per iteration
+    return {
+        "iterations_per_s": {m: round(v) for m, v in med.items()},
+        "ns_per_tls_call": {m: round(v) for m, v in ns.items()},
+        "added_ns_per_tls_call_active_vs_inactive": round(ns["active"] - ns["inactive"]),
+        "added_ns_per_tls_call_inactive_vs_none": round(ns["inactive"] - ns["none"]),
+        "samples": {m: len(v) for m, v in per_mode.items()},
     }
