@@ -7,6 +7,7 @@ and received (and against Tomcat's own access log), first bytes, direction and f
 per server kind, shared by the module (JVM start-ups are slow).
 """
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -306,13 +307,15 @@ def test_blocking_sslsocket_client(jdk17, tmp_path):
                              str(jdk17.server.port), str(go), str(done)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not jvm_agent.is_hotspot(proc.pid) or not Path(f"/proc/{proc.pid}/root/tmp/hsperfdata_root/{proc.pid}").exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
-        time.sleep(0.5)       # past the JVM's start-up, where SIGQUIT is already the attach trigger
         sink = tmp_path / "client.bin"
-        agent = jvm_agent.attach(proc.pid, "client", sink=str(sink))
+        deadline = time.monotonic() + 30
+        while True:         # a JVM still starting is refused (no SIGQUIT sent): retry
+            try:
+                agent = jvm_agent.attach(proc.pid, "client", sink=str(sink))
+                break
+            except jvm_agent.JvmAttachError as e:
+                assert time.monotonic() < deadline and proc.poll() is None, str(e)
+                time.sleep(0.1)
         jdk17.sink.mark()
         go.touch()
         out, err = proc.communicate(timeout=30)
@@ -409,6 +412,30 @@ def test_jvm_in_a_pid_namespace():
         assert not agent.dir.exists()     # the agent's shutdown hook removed its directory
     finally:
         server.close()
+
+
+def test_xrs_jvm_never_gets_a_signal():
+    """-Xrs: HotSpot leaves SIGQUIT alone (a signal would kill the JVM) and opens its attach socket
+    at start-up instead. Attached through that socket; with the socket gone (a /tmp cleaner),
+    refused before any signal."""
+    server = jvm_servers.JdkHttps(java_opts=("-Xrs",))
+    try:
+        sock = Path(f"/tmp/.java_pid{server.pid}")
+        deadline = time.monotonic() + 30
+        while not sock.is_socket():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        agent = jvm_agent.attach(server.pid, "test")
+        assert agent.installed
+        agent.release()
+        sock.unlink()
+        with pytest.raises(jvm_agent.JvmAttachError, match=r"-Xrs"):
+            jvm_agent.attach(server.pid, "test", reload=True)
+        assert server.proc.poll() is None and curl(server.url + "/nothing")["status"] == 404
+    finally:
+        server.close()
+        # -Xrs JVMs run no shutdown hook on SIGTERM: the agent could not remove its directory
+        shutil.rmtree(f"/tmp/.gridbpf-jvm-{server.pid}", ignore_errors=True)
 
 
 def test_not_a_jvm():

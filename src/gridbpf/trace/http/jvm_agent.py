@@ -83,7 +83,16 @@ def _jvm_options(jvm: JvmProcess) -> str:
     """Everything that can carry JVM options: command line, option variables, hsperfdata vmArgs."""
     parts = []
     try:
-        parts.append(Path(f"/proc/{jvm.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        args = Path(f"/proc/{jvm.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        parts.append(" ".join(args))
+        for arg in args:            # the launcher's @argfiles, relative to the JVM's start directory
+            if arg.startswith("@") and len(arg) > 1:
+                f = Path(arg[1:])
+                f = jvm.host_path(str(f)) if f.is_absolute() else Path(f"/proc/{jvm.pid}/cwd") / f
+                try:
+                    parts.append(f.read_text(errors="replace")[:1 << 20])
+                except OSError:
+                    pass
     except OSError:
         pass
     try:
@@ -104,13 +113,31 @@ def _jvm_options(jvm: JvmProcess) -> str:
     return "\n".join(parts)
 
 
+def _has_signal_dispatcher(pid: int) -> bool:
+    """HotSpot handles SIGQUIT in its "Signal Dispatcher" thread, started during VM init and
+    never with -Xrs: without it a SIGQUIT could kill the JVM."""
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                if Path(f"/proc/{pid}/task/{task}/comm").read_text().startswith("Signal Dispatch"):
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return False
+
+
 def check_attachable(jvm: JvmProcess) -> None:
-    """Refuses, before any signal, a JVM that would not answer SIGQUIT with its attach listener."""
+    """Refuses, before any signal, a JVM that would not answer SIGQUIT with its attach listener
+    (it would print a thread dump into the service's log instead, or die)."""
     opts = _jvm_options(jvm)
     if "-XX:+DisableAttachMechanism" in opts:
         raise JvmAttachError(f"pid {jvm.pid}: JVM attach disabled (-XX:+DisableAttachMechanism)")
-    if "-Xrs" in opts.split() or "\0-Xrs" in opts or " -Xrs" in opts:
+    if "-Xrs" in opts.split():
         raise JvmAttachError(f"pid {jvm.pid}: JVM runs with -Xrs (SIGQUIT would not start its attach listener)")
+    if not _has_signal_dispatcher(jvm.pid):
+        raise JvmAttachError(f"pid {jvm.pid}: JVM has no Signal Dispatcher thread (still starting, or -Xrs): not attached")
 
 
 def _chown(path: Path, jvm: JvmProcess) -> None:
