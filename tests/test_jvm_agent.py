@@ -447,7 +447,17 @@ def test_not_a_jvm():
 def test_jdk21_put_get(tmp_path):
     server = jvm_servers.JdkHttps(java=jvm_servers.jdk21_java())
     try:
+        (server.root / "small").write_bytes(b"s" * 600)
+        assert curl(server.url + "/small")["status"] == 200
+        # attached under load: wrk's requests all succeed, before, during and after the rewrite
+        load = subprocess.Popen(["wrk", "-t1", "-c4", "-d4s", "--timeout", "10s", server.url + "/small"],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
         a = Attached(server)
+        out = load.communicate(timeout=30)[0]
+        assert load.returncode == 0 and "Non-2xx" not in out and "Socket errors" not in out, out
+        assert int(out.split(" requests in")[0].split()[-1]) > 0
+        assert a.agent.read_info()["records"] > 0
         assert a.agent.info["java_version"].startswith("21.")
         body = tmp_path / "up.bin"
         body.write_bytes(os.urandom(100_000))
