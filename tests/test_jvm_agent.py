@@ -6,6 +6,7 @@ record bytes are checked here without BPF: exact plaintext byte counts against w
 and received (and against Tomcat's own access log), first bytes, direction and flags. One JVM
 per server kind, shared by the module (JVM start-ups are slow).
 """
+import json
 import os
 import shutil
 import signal
@@ -414,10 +415,11 @@ def test_jvm_in_a_pid_namespace():
         server.close()
 
 
-def test_xrs_jvm_never_gets_a_signal():
-    """-Xrs: HotSpot leaves SIGQUIT alone (a signal would kill the JVM) and opens its attach socket
-    at start-up instead. Attached through that socket; with the socket gone (a /tmp cleaner),
-    refused before any signal."""
+def test_failed_install_and_xrs_jvm():
+    """An install failing after the JDK classes were retransformed puts them back and says why;
+    the agent is never active without a complete install (no record even with a lease). -Xrs: HotSpot leaves SIGQUIT alone (a signal would kill the JVM)
+    and opens its attach socket at start-up: attached through it; with the socket gone (a /tmp
+    cleaner), refused before any signal."""
     server = jvm_servers.JdkHttps(java_opts=("-Xrs",))
     try:
         sock = Path(f"/tmp/.java_pid{server.pid}")
@@ -425,12 +427,24 @@ def test_xrs_jvm_never_gets_a_signal():
         while not sock.is_socket():
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        agent = jvm_agent.attach(server.pid, "test")
-        assert agent.installed
-        agent.release()
+        (server.root / "f").write_bytes(b"z" * 100)
+        assert curl(server.url + "/f")["status"] == 200     # TLS classes loaded: they get retransformed
+        before = server.output_lines()
+        sink = server.dir / "records.bin"
+        with pytest.raises(jvm_agent.JvmAttachError, match="hooks not installed: .*test failure injected at retransform"):
+            jvm_agent.attach(server.pid, "test", sink=str(sink), test_fail="retransform")
+        lease = Path(f"/tmp/.gridbpf-jvm-{server.pid}/lease-held")
+        lease.touch()
+        time.sleep(1.5)
+        c = curl(server.url + "/f")
+        assert c["status"] == 200 and c["body"] == b"z" * 100
+        assert not sink.exists() or sink.stat().st_size == 0
+        info = json.loads(Path(f"/tmp/.gridbpf-jvm-{server.pid}/agent.json").read_text())
+        assert info["hooks"] == [] and not info["installed"] and "retransform" in info["failure"]
+        assert server.output_lines() == before
         sock.unlink()
         with pytest.raises(jvm_agent.JvmAttachError, match=r"-Xrs"):
-            jvm_agent.attach(server.pid, "test", reload=True)
+            jvm_agent.attach(server.pid, "test")
         assert server.proc.poll() is None and curl(server.url + "/nothing")["status"] == 404
     finally:
         server.close()

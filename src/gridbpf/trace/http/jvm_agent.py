@@ -363,13 +363,14 @@ def loaded_agent_info(jvm: JvmProcess) -> dict | None:
 
 
 def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = ATTACH_TIMEOUT,
-           jar_dir: Path | None = None, reload: bool = False) -> JvmAgent:
+           jar_dir: Path | None = None, reload: bool = False, test_fail: str | None = None) -> JvmAgent:
     """Loads the agent into JVM pid, or re-uses the one loaded there, and takes a lease.
     A JVM whose agent.json shows an installed agent (same JVM start time) is not attached again:
     only the lease file is added (on JDK 21+ every dynamic load prints a warning to the service's
     stderr). reload=True attaches anyway (the agent then only rewrites agent.json).
     sink: tests only, a path inside the JVM's namespace where records are appended instead of
-    /dev/null (honoured by the first load only). Raises JvmAttachError with a one-line reason."""
+    /dev/null (honoured by the first load only); test_fail: tests only, the install stage the
+    agent fails at (bridge, dryrun, retransform). Raises JvmAttachError with a one-line reason."""
     if not lease_id or "/" in lease_id or "," in lease_id:
         raise ValueError(f"bad lease id {lease_id!r}")
     jvm = jvm_process(pid)
@@ -385,7 +386,7 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
     agent.renew()                 # the lease exists before the load: active from the first call
     info = d / "agent.json"
     before = info.stat().st_mtime_ns if info.exists() else 0
-    options = f"dir={jvm.agent_dir}" + (f",sink={sink}" if sink else "")
+    options = f"dir={jvm.agent_dir}" + (f",sink={sink}" if sink else "") + (f",test_fail={test_fail}" if test_fail else "")
     if sink and "," in sink:
         raise JvmAttachError(f"pid {pid}: sink path must not contain ',' ({sink})")
     try:

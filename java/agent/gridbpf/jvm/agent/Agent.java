@@ -19,7 +19,8 @@ import java.util.Set;
 /**
  * Loaded through the HotSpot attach mechanism ("load instrument false jar=args"): never a JVM flag.
  * Args (comma separated): dir=/tmp/.gridbpf-jvm-NSPID (holds the agent jar, agent.json and the
- * tracers' lease files), sink=/path (tests only: append records to this file, not /dev/null).
+ * tracers' lease files); tests only: sink=/path (append records to this file, not /dev/null),
+ * test_fail=bridge|dryrun|retransform (fail the install there: nothing must stay transformed).
  *
  * Order: the bridge classes defined inside java.base (package sun.security.ssl) and initialised,
  * every JDK class rewritten in a dry run; only when all of that worked the transformer is
@@ -36,6 +37,8 @@ public final class Agent {
     private static int bridgeFd = -1;
     private static String sinkPath = "/dev/null";
     private static Thread leaseThread;
+    /** Tests only: a stage (bridge, dryrun, retransform) where install fails on purpose. */
+    private static String testFail = "";
 
     private Agent() {}
 
@@ -53,6 +56,7 @@ public final class Agent {
                     failure = "bridge already defined by an earlier agent load: hooks left as they are";
                 } else {
                     if (opts.containsKey("sink")) sinkPath = opts.get("sink");
+                    testFail = opts.getOrDefault("test_fail", "");
                     try {
                         install(inst);
                     } catch (Throwable t) {
@@ -83,6 +87,7 @@ public final class Agent {
 
         // 2. the bridge defined, linked and initialised, its entry points checked
         Control.defineBridge();
+        injectFailure("bridge");
 
         // 3. the record sink and its fd number (what the BPF side watches)
         sinkPath = Control.openSink(sinkPath);
@@ -98,6 +103,7 @@ public final class Agent {
             }
             Hooks.rewrite(name, bytes);
         }
+        injectFailure("dryrun");
 
         // 5. install: new loads are rewritten by the transformer, loaded classes retransformed
         Transformer transformer = new Transformer(targets);
@@ -112,6 +118,7 @@ public final class Agent {
             inst.removeTransformer(transformer);   // JVMTI installs none of the classes on failure
             throw t;
         }
+        if (testFail.equals("retransform")) transformer.failure = "test failure injected at retransform";
         if (transformer.failure != null) {
             inst.removeTransformer(transformer);
             if (!loaded.isEmpty()) inst.retransformClasses(loaded.toArray(new Class<?>[0]));
@@ -122,6 +129,10 @@ public final class Agent {
         }
         skipped.putAll(Hooks.notImplemented());
         Control.markInstalled();
+    }
+
+    private static void injectFailure(String stage) {
+        if (testFail.equals(stage)) throw new IllegalStateException("test failure injected at " + stage);
     }
 
     private static int fdOf(FileDescriptor fd) {
