@@ -34,6 +34,10 @@ class JvmAttachError(RuntimeError):
     """The agent could not be loaded; str() is a one-line reason naming the pid."""
 
 
+class JvmNotReady(JvmAttachError):
+    """The JVM is still starting (its signal handling is not up yet): try again later."""
+
+
 @dataclass(frozen=True)
 class JvmProcess:
     pid: int          # as seen from here
@@ -137,7 +141,7 @@ def check_attachable(jvm: JvmProcess) -> None:
     if "-Xrs" in opts.split():
         raise JvmAttachError(f"pid {jvm.pid}: JVM runs with -Xrs (SIGQUIT would not start its attach listener)")
     if not _has_signal_dispatcher(jvm.pid):
-        raise JvmAttachError(f"pid {jvm.pid}: JVM has no Signal Dispatcher thread (still starting, or -Xrs): not attached")
+        raise JvmNotReady(f"pid {jvm.pid}: JVM still starting (no Signal Dispatcher thread yet): not attached")
 
 
 def _chown(path: Path, jvm: JvmProcess) -> None:

@@ -304,6 +304,8 @@ class HttpTracer:
                 from . import jvm_agent
                 try:
                     agent = jvm_agent.attach(pid, self._lease)
+                except jvm_agent.JvmNotReady:
+                    continue            # a JVM still starting: next refresh
                 except jvm_agent.JvmAttachError as exc:
                     self.jvm_skipped[pid] = str(exc)
                     self.warnings.append(f"{exc}: its TLS requests are not traced")
