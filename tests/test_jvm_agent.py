@@ -363,6 +363,134 @@ def test_jetty9_put_get_against_access_log(tmp_path):
         server.close()
 
 
+ENGINE_CHECK = """\
+import java.io.*;
+import java.nio.ByteBuffer;
+import java.nio.file.*;
+import java.security.KeyStore;
+import java.security.cert.X509Certificate;
+import javax.net.ssl.*;
+
+/** In-memory SSLEngine pair. After the file "go": the client wraps a gathering array of three
+ *  buffers (one starting mid-way) through a small destination, so each wrap consumes part of
+ *  them; the server unwraps each record into a scattering array of three buffers. Every call's
+ *  consumed/produced count and its first 256 plaintext bytes go to the file "expect". */
+public class GbEngineCheck {
+    public static void main(String[] a) throws Exception {
+        KeyStore ks = KeyStore.getInstance("PKCS12");
+        ks.load(new FileInputStream(a[0]), "secret".toCharArray());
+        KeyManagerFactory kmf = KeyManagerFactory.getInstance("SunX509");
+        kmf.init(ks, "secret".toCharArray());
+        SSLContext sctx = SSLContext.getInstance("TLS");
+        sctx.init(kmf.getKeyManagers(), null, null);
+        TrustManager[] all = { new X509TrustManager() {
+            public void checkClientTrusted(X509Certificate[] c, String t) {}
+            public void checkServerTrusted(X509Certificate[] c, String t) {}
+            public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; } } };
+        SSLContext cctx = SSLContext.getInstance("TLS");
+        cctx.init(null, all, null);
+        SSLEngine c = cctx.createSSLEngine("127.0.0.1", 4433), s = sctx.createSSLEngine();
+        c.setUseClientMode(true);
+        s.setUseClientMode(false);
+        if (a.length > 3) { c.setEnabledProtocols(new String[] {a[3]}); }
+        int net = 1 << 16;
+        ByteBuffer c2s = ByteBuffer.allocate(net), s2c = ByteBuffer.allocate(net);
+        ByteBuffer sink = ByteBuffer.allocate(net), empty = ByteBuffer.allocate(0);
+        c.beginHandshake();
+        s.beginHandshake();
+        for (int i = 0; i < 200; i++) {
+            step(c, empty, c2s, s2c, sink);
+            step(s, empty, s2c, c2s, sink);
+        }
+        // a post-handshake record (TLS 1.3 session ticket) waiting in s2c: let the client read it
+        s2c.flip(); while (s2c.hasRemaining()) { sink.clear(); c.unwrap(s2c, sink); } s2c.clear();
+        Path go = Paths.get(a[1]);
+        while (!Files.exists(go)) Thread.sleep(20);
+        byte[] bytes = new byte[40000];
+        for (int i = 0; i < bytes.length; i++) bytes[i] = (byte) (i * 7 + 3);
+        ByteBuffer[] srcs = { ByteBuffer.wrap(bytes, 0, 100).position(10), ByteBuffer.wrap(bytes, 100, 5000),
+                              ByteBuffer.allocateDirect(20000).put(bytes, 5100, 20000).flip() };
+        ByteBuffer[] dsts = { ByteBuffer.allocate(50), ByteBuffer.allocateDirect(300), ByteBuffer.allocate(net) };
+        StringBuilder out = new StringBuilder();
+        int at = 10;      // index in bytes[] of the next plaintext byte
+        while (srcs[2].hasRemaining()) {
+            ByteBuffer netOut = ByteBuffer.allocate(c.getSession().getPacketBufferSize());
+            SSLEngineResult r = c.wrap(srcs, 0, 3, netOut);
+            out.append("send ").append(r.bytesConsumed()).append(' ').append(hex(bytes, at, r.bytesConsumed())).append('\\n');
+            at += r.bytesConsumed();
+            netOut.flip();
+            for (ByteBuffer d : dsts) d.clear();
+            int mark = at - r.bytesConsumed();
+            SSLEngineResult u = s.unwrap(netOut, dsts, 0, 3);
+            out.append("recv ").append(u.bytesProduced()).append(' ').append(hex(bytes, mark, u.bytesProduced())).append('\\n');
+        }
+        Files.write(Paths.get(a[2]), out.toString().getBytes());
+    }
+
+    static String hex(byte[] b, int from, int n) {
+        StringBuilder h = new StringBuilder();
+        for (int i = from; i < from + Math.min(n, 256); i++) h.append(String.format("%02x", b[i] & 0xff));
+        return h.toString();
+    }
+
+    static void step(SSLEngine e, ByteBuffer app, ByteBuffer out, ByteBuffer in, ByteBuffer appIn) throws Exception {
+        Runnable task;
+        while ((task = e.getDelegatedTask()) != null) task.run();
+        switch (e.getHandshakeStatus()) {
+            case NEED_WRAP: e.wrap(app, out); break;
+            case NEED_UNWRAP: case NEED_UNWRAP_AGAIN:
+                in.flip(); appIn.clear(); e.unwrap(in, appIn); in.compact(); break;
+            default: break;
+        }
+        while ((task = e.getDelegatedTask()) != null) task.run();
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("protocol", ["TLSv1.3", "TLSv1.2"])
+def test_engine_partial_wraps_across_buffers(tmp_path, protocol):
+    """Gathering wraps that consume part of three buffers (heap, mid-way, direct) per call, and
+    unwraps that scatter into three: each record holds exactly bytesConsumed()/bytesProduced()
+    and the first 256 plaintext bytes across the buffer boundaries."""
+    src = tmp_path / "GbEngineCheck.java"
+    src.write_text(ENGINE_CHECK)
+    subprocess.run(["javac", "--release", "17", "-d", str(tmp_path), str(src)], check=True)
+    ks = jvm_servers.keystore(tmp_path / "ks.p12")
+    go, expect, sink = tmp_path / "go", tmp_path / "expect", tmp_path / "records.bin"
+    proc = subprocess.Popen(["java", "-Xmx64m", "-cp", str(tmp_path), "GbEngineCheck", str(ks), str(go),
+                             str(expect), protocol], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                agent = jvm_agent.attach(proc.pid, "check", sink=str(sink))
+                break
+            except jvm_agent.JvmAttachError as e:
+                assert time.monotonic() < deadline and proc.poll() is None, str(e)
+                time.sleep(0.1)
+        go.touch()
+        out, err = proc.communicate(timeout=60)
+        agent.release()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and out == b"" and err == b"", err
+    calls = [line.split(" ") for line in expect.read_text().splitlines()]
+    calls = [(d, int(n), h) for d, n, h in [(c + [""])[:3] for c in calls] if int(n) > 0]
+    recs = parse_records(sink.read_bytes())
+    assert len(calls) >= 3 and len(recs) == len(calls)
+    client, server = recs[0]["conn"], recs[1]["conn"]
+    assert client != server
+    for rec, (direction, n, data) in zip(recs, calls):
+        assert rec["len"] == n and rec["copied"] == min(n, 256) and rec["data"].hex() == data
+        if direction == "send":
+            assert (rec["dir"], rec["flags"], rec["conn"], rec["port"]) == (DIR_SEND, FLAG_CLIENT, client, 4433)
+        else:
+            assert (rec["dir"], rec["flags"], rec["conn"], rec["port"]) == (DIR_RECV, 0, server, 0)
+    assert sum(n for d, n, _ in calls if d == "send") == 100 - 10 + 5000 + 20000
+
+
 def test_attach_disabled_gives_one_line_reason():
     server = jvm_servers.JdkHttps(java_opts=("-XX:+DisableAttachMechanism",))
     try:
