@@ -43,16 +43,27 @@ def _status_text(st: dict) -> str:
             lines.append(f"    {b['address']:<24} w={b['weight']:<4} {state:<16} {b['packets']} packets, "
                          f"{b['bytes']} bytes, {b['new_flows']} flows")
     lines.append("  " + ", ".join(f"{k}={v}" for k, v in st["reasons"].items() if v))
+    bgp = st.get("bgp")
+    if bgp:
+        lines.append(f"  bgp: announcing {', '.join(bgp['announced']) or 'nothing'}")
+        for vip, v in bgp["vips"].items():
+            if not v["announced"]:
+                lines.append(f"    {vip}: not announced ({v['why_not'] or 'eligible, within announce_delay'})")
+        for s in bgp["sessions"]:
+            lines.append(f"    peer {s['peer']} AS{s['remote_as']}: {s['state']}, BFD {s['bfd']}"
+                         + (f" since {s['since']}" if s["since"] else ""))
     return "\n".join(lines)
 
 
 def _status(args) -> int:
     from .datapath import Datapath
+    from .bgp import status as bgp_status
     dp = Datapath.open_pinned(args.instance)
     try:
         st = dp.status()
     finally:
         dp.close()
+    st["bgp"] = bgp_status(st["instance"])
     _print(st, args.json, _status_text(st))
     return 0
 

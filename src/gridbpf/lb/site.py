@@ -3,9 +3,11 @@
     client -- router ==ECMP==> switch (bridge) -- lb1, lb2   (balancer nodes, XDP on eth0)
                                                -- srv1..N  (nginx WebDAV, VIP on loopback)
 
-The router spreads flows to the VIP over the balancer nodes (L4 multipath hash); each node runs
-`gridbpf lb run` with the same lb.toml (but its own interface), so any node picks the same
-backend for a flow; backends answer the client directly (DSR) through the router.
+The router spreads flows to the VIP over the balancer nodes, hashing packet headers like a
+hardware router; it runs BIRD and learns the VIP routes only from the nodes (each node's
+`gridbpf lb run` announces them by BGP with BFD), unless the site is built with bgp=False
+(static ECMP routes). Each node runs the same lb.toml (but its own interface), so any node
+picks the same backend for a flow; backends answer the client directly (DSR) through the router.
 
 Lab facts this relies on (design.md): native XDP_TX on a veth reaches its peer only if the peer
 runs an XDP program (xdp_pass on the switch ports of the balancers), and native XDP does not
@@ -23,8 +25,10 @@ from dataclasses import dataclass, field
 
 from ..bpf import BpfObject
 from ..lab import Host, Lab
+from ..lab.topologies import BirdRouter, bird_router, hash_like_hardware
 
 VIP4, VIP6 = "10.99.0.1", "fd00:99::1"
+ROUTER_AS, NODE_AS = 65000, 65001
 NGINX_CONF = """
 worker_processes 1;
 user root;
@@ -72,21 +76,38 @@ class Site:
     _links: list = field(default_factory=list)
     vip4: str = VIP4
     vip6: str = VIP6
+    bird: BirdRouter | None = None        # the router's BIRD (bgp sites)
+
+    def node_addr(self, node: Host, family: int = 4) -> str:
+        i = self.nodes.index(node)
+        return f"10.2.0.{2 + i}" if family == 4 else f"fd00:2::{2 + i:x}"
 
     def backend_addr(self, i: int, family: int = 4) -> str:
         return f"10.2.0.{11 + i}" if family == 4 else f"fd00:2::{11 + i:x}"
 
     def config_text(self, node: Host, metrics_port: int, health: dict | None = None,
-                    weights: list[int] | None = None, udp_port: int | None = None) -> str:
+                    weights: list[int] | None = None, udp_port: int | None = None,
+                    bgp: dict | None = None, table_size: int | None = None) -> str:
         """lb.toml of a node: the same services and backends everywhere, only the interface's
         namespace, the instance name and the metrics port differ. Services webdav4/webdav6
-        (TCP 80), and with UDP_PORT also udp4/udp6 (no health checks: see start_udp_echo)."""
+        (TCP 80), and with UDP_PORT also udp4/udp6 (no health checks: see start_udp_echo).
+        On bgp sites a [bgp] table (keys in BGP override the lab's defaults: announce_delay
+        1 s, BFD every 100 ms) with the router as IPv4 and IPv6 peer. TABLE_SIZE: Maglev slots
+        (nodes that disagree on it send a moved flow to another backend)."""
         h = {"check": "http", "interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 2, "path": "/whoami"}
         h.update(health or {})
         hl = "\n".join(f"{k} = {json.dumps(v)}" for k, v in h.items())
         out = [f'[balancer]\ninterface = "eth0"\nnetns = "{node.netns}"\nxdp_mode = "native"\n'
-               f'instance = "{self.lab.name}-{node.name}"\nmetrics = "127.0.0.1:{metrics_port}"\n',
+               f'instance = "{self.lab.name}-{node.name}"\nmetrics = "127.0.0.1:{metrics_port}"\n'
+               + (f"table_size = {table_size}\n" if table_size else ""),
                f"[health]\n{hl}\n"]
+        if self.bird:
+            b = {"local_as": NODE_AS, "router_id": self.node_addr(node), "announce_delay": 1.0,
+                 "bfd_interval": 0.1}
+            b.update(bgp or {})
+            out.append("[bgp]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in b.items()))
+            for peer in ("10.2.0.1", "fd00:2::1"):
+                out.append(f'[[bgp.peer]]\naddress = "{peer}"\nremote_as = {ROUTER_AS}\n')
         services = [(f"webdav{fam}", vip, 80, "tcp", "") for fam, vip in ((4, self.vip4), (6, self.vip6))]
         if udp_port:
             services += [(f"udp{fam}", vip, udp_port, "udp", 'health = { check = "none" }\n')
@@ -101,13 +122,14 @@ class Site:
                            f'mac = "{b.mac("eth0")}"\nweight = {w}\n')
         return "\n".join(out)
 
-    def write_configs(self, base_port: int = 0, **kw) -> None:
+    def write_configs(self, base_port: int = 0, table_sizes: list[int] | None = None, **kw) -> None:
+        """TABLE_SIZES: per node (in order), to make nodes disagree."""
         for n, node in enumerate(self.nodes):
             port = self.metrics_ports.get(node.name) or (base_port + n if base_port else _free_port())
             self.metrics_ports[node.name] = port
             path = os.path.join(self.lab.workdir, f"lb-{node.name}.toml")
             with open(path, "w") as f:
-                f.write(self.config_text(node, port, **kw))
+                f.write(self.config_text(node, port, table_size=table_sizes[n] if table_sizes else None, **kw))
             self.configs[node.name] = path
 
     def start(self, **config) -> "Site":
@@ -115,7 +137,16 @@ class Site:
         self.write_configs(**config)
         for n in self.nodes:
             self.start_balancer(n)
+        self.wait_routes(self.nodes)
         return self
+
+    def wait_routes(self, nodes: list[Host], timeout: float = 30) -> float:
+        """On a bgp site: wait until the router forwards both VIPs to exactly NODES."""
+        t = time.monotonic()
+        if self.bird:
+            for fam, vip in ((4, self.vip4), (6, self.vip6)):
+                t = self.bird.wait_next_hops(vip, [self.node_addr(n, fam) for n in nodes], timeout)
+        return t
 
     def start_balancer(self, node: Host, timeout: float = 20) -> subprocess.Popen:
         """`gridbpf lb run` for NODE, in the root namespace (pins live in the host's bpffs);
@@ -262,9 +293,11 @@ def stop_nginx(host: Host) -> None:
 
 
 def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2",
-               nginx: bool = True) -> Site:
+               nginx: bool = True, bgp: bool = True) -> Site:
     """Build the site's namespaces, links, routes and nginx backends. Balancers are not
-    started: site.start() (or write_configs() then start_balancer(node) per node). The demo:
+    started: site.start() (or write_configs() then start_balancer(node) per node, then
+    wait_routes). With BGP the router runs BIRD and has no VIP route until nodes announce it;
+    without, static ECMP routes to every node. The demo:
 
         with Lab("demo") as lab:
             site = build_site(lab).start()
@@ -277,8 +310,7 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
     lab.attach_to_bridge(switch, "br0", router, ["10.2.0.1/24", "fd00:2::1/64"], host_if="eth1")
     client.route("default via 10.1.0.1")
     client.route("default via fd00:1::1")
-    for fam in ("ipv4", "ipv6"):
-        router.sysctl(f"net.{fam}.fib_multipath_hash_policy", 1)   # L4 hash: flows spread over nodes
+    hash_like_hardware(router)
     site = Site(lab, client, router, switch, [], [], mode)
     for i in range(nodes):
         n = lab.host(f"lb{i + 1}")
@@ -298,10 +330,14 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
         s.route("default via 10.2.0.1")
         s.route("default via fd00:2::1")
         site.backends.append(s)
-    hops4 = " ".join(f"nexthop via 10.2.0.{2 + i} dev eth1" for i in range(nodes))
-    hops6 = " ".join(f"nexthop via fd00:2::{2 + i:x} dev eth1" for i in range(nodes))
-    router.ip("-4", "route", "add", f"{VIP4}/32", *hops4.split())
-    router.ip("-6", "route", "add", f"{VIP6}/128", *hops6.split())
+    if bgp:
+        site.bird = bird_router(router, "10.2.0.1", ROUTER_AS,
+                                [(site.node_addr(n, fam), NODE_AS) for n in site.nodes for fam in (4, 6)])
+    else:
+        hops4 = " ".join(f"nexthop via 10.2.0.{2 + i} dev eth1" for i in range(nodes))
+        hops6 = " ".join(f"nexthop via fd00:2::{2 + i:x} dev eth1" for i in range(nodes))
+        router.ip("-4", "route", "add", f"{VIP4}/32", *hops4.split())
+        router.ip("-6", "route", "add", f"{VIP6}/128", *hops6.split())
     # native XDP on veth: senders' partial checksums are not completed by XDP
     for h, ifname in [(client, "eth0"), (router, "eth0"), (router, "eth1")] + [(s, "eth0") for s in site.backends]:
         h.run(["ethtool", "-K", ifname, "tx", "off"])
