@@ -122,7 +122,10 @@ class Bird:
         cmd = [exe, "-f", "-c", self.conf, "-s", self.ctl, "-P", self.pidfile]
         if self.cfg.netns:
             cmd = ["ip", "netns", "exec", self.cfg.netns, *cmd]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()))
+        # its own process group: a signal meant for the daemon's group (Ctrl-C, killpg) must
+        # not stop BIRD before the daemon has withdrawn the routes through it
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent(os.getpid()))
         deadline = time.monotonic() + timeout
         while self.birdc("show", "status", check=False).returncode != 0:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -220,7 +223,9 @@ class Announcer(threading.Thread):
         super().__init__(name="lb-bgp", daemon=True)
         self.cfg, self.bird, self.eligible, self.log, self.tick = cfg, bird, eligible, log, tick
         self.delay = cfg.bgp.announce_delay
-        self.since: dict[str, float] = {}
+        self.since: dict[str, float] = {}          # vip -> monotonic time it became eligible
+        self.since_wall: dict[str, float] = {}     # the same in wall time (state.json)
+        self._written = None
         self.why: dict[str, str] = {}
         self._wake = threading.Event()
         self._halt = threading.Event()
@@ -255,11 +260,14 @@ class Announcer(threading.Thread):
             for vip, w in why.items():
                 if w:
                     self.since.pop(vip, None)
-                else:
-                    self.since.setdefault(vip, now)
+                elif vip not in self.since:
+                    self.since[vip], self.since_wall[vip] = now, time.time()
             for vip in list(self.since):
                 if vip not in why:
                     del self.since[vip]
+            for vip in list(self.since_wall):
+                if vip not in self.since:
+                    del self.since_wall[vip]
             self.why = why
             want = {v for v, t in self.since.items() if now - t >= self.delay}
             self._apply(want)
@@ -279,13 +287,17 @@ class Announcer(threading.Thread):
     def write_state(self) -> None:
         st = {"announced": sorted(self.bird.announced, key=_addr_key),
               "vips": {v: {"announced": v in self.bird.announced, "eligible": not w, "why_not": w,
+                           "eligible_since": self.since_wall.get(v),
                            "changed_at": self.changed_at.get(v)}
                        for v, w in sorted(self.why.items())},
               "announce_delay": self.delay, "min_healthy": self.cfg.bgp.min_healthy}
+        if st == self._written:
+            return
         tmp = self.state_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(st, f)
         os.replace(tmp, self.state_path)
+        self._written = st
 
     def withdraw_all(self, why: str = "stopping") -> None:
         """Withdraw everything and decide nothing more (shutdown)."""

@@ -29,6 +29,13 @@ from ..lab.topologies import BirdRouter, bird_router, hash_like_hardware
 
 VIP4, VIP6 = "10.99.0.1", "fd00:99::1"
 ROUTER_AS, NODE_AS = 65000, 65001
+FAILURES = ("kill", "blackhole", "sigterm")
+BLACKHOLE = """
+table netdev blackhole_%(name)s {
+  chain in { type filter hook ingress device "%(port)s" priority 0; policy drop; }
+  chain out { type filter hook egress device "%(port)s" priority 0; policy drop; }
+}
+"""
 NGINX_CONF = """
 worker_processes 1;
 user root;
@@ -177,6 +184,42 @@ class Site:
                 p.wait(5)
         return p.returncode
 
+    def fail_node(self, node: Host, kind: str) -> float:
+        """Make NODE fail; returns when (time.monotonic()). Kinds (FAILURES):
+        kill:      kill -9 of its `lb run` (only that process: BIRD must go by itself) and
+                   its link down;
+        blackhole: its switch port drops every frame both ways; the daemon and BIRD run on,
+                   so only BFD can tell;
+        sigterm:   a graceful stop (withdraw, wait, detach)."""
+        p = self.daemons[node.name]
+        port = f"p-{node.name}"[:15]
+        t = time.monotonic()
+        if kind == "kill":
+            node.ip("link", "set", "eth0", "down")      # first: no FIN reaches the router
+            os.kill(p.pid, signal.SIGKILL)
+        elif kind == "blackhole":
+            # on the switch port, not in the node: the node's XDP program sees frames before any
+            # hook there could drop them (and its XDP_TX frames skip the node's egress hooks)
+            self.switch.run(["nft", "-f", "-"], input=BLACKHOLE % {"port": port, "name": node.name})
+        elif kind == "sigterm":
+            os.kill(p.pid, signal.SIGTERM)
+        else:
+            raise ValueError(f"unknown failure {kind!r} (one of {', '.join(FAILURES)})")
+        return t
+
+    def heal_node(self, node: Host, kind: str) -> None:
+        """Undo fail_node: the node is back on the network with its balancer stopped."""
+        if kind == "kill":
+            p = self.daemons.pop(node.name)
+            p.wait(10)
+            node.ip("link", "set", "eth0", "up")
+            node.run("ip route replace default via 10.2.0.1 && ip -6 route replace default via fd00:2::1")
+        elif kind == "blackhole":
+            self.switch.run(["nft", "delete", "table", "netdev", f"blackhole_{node.name}"])
+            self.stop_balancer(node)
+        else:
+            self.stop_balancer(node)
+
     def daemon_log(self, node: Host) -> str:
         with open(os.path.join(self.lab.workdir, f"lb-{node.name}.log"), "rb") as f:
             return f.read().decode(errors="replace")
@@ -315,8 +358,14 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
     for i in range(nodes):
         n = lab.host(f"lb{i + 1}")
         lab.attach_to_bridge(switch, "br0", n, [f"10.2.0.{2 + i}/24", f"fd00:2::{2 + i:x}/64"])
+        # A NIC drops frames for other MACs before XDP runs; a veth does not. Without this, a
+        # dead node's port going down makes the bridge flood its frames to the other nodes,
+        # whose XDP program forwards them: a failure that heals with no route change.
+        switch.run(["bridge", "link", "set", "dev", f"p-{n.name}"[:15], "flood", "off"])
         n.route("default via 10.2.0.1")
         n.route("default via fd00:2::1")
+        for conf in ("all", "eth0"):    # IPv6 addresses survive a link down (failure tests)
+            n.sysctl(f"net.ipv6.conf.{conf}.keep_addr_on_down", 1)
         site.nodes.append(n)
     for i in range(backends):
         s = lab.host(f"srv{i + 1}")
@@ -361,3 +410,138 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
         for s in site.backends:
             s.wait_port("127.0.0.1", 80)
     return site
+
+
+class Uploads:
+    """N concurrent long PUTs from the client to the VIPs (every third one over IPv6), each
+    CHUNKS chunks of 64 KiB sent at a steady pace over SECONDS, one TCP connection each. For
+    every upload: the HTTP status or the error, and the longest stall: the longest time its
+    acknowledged byte count (TCP_INFO tcpi_bytes_acked, sampled every 10 ms) did not move
+    while data was outstanding. check_files() then compares what the backends stored."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, site: Site, n: int = 24, seconds: float = 6.0, chunks: int = 60, tag: str = "up"):
+        import threading
+        self.site, self.n, self.seconds, self.chunks, self.tag = site, n, seconds, chunks, tag
+        self.results: dict[int, dict] = {}
+        self._socks: dict[int, object] = {}
+        self._mu = threading.Lock()
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._upload, args=(k,), daemon=True) for k in range(n)]
+        self._monitor = threading.Thread(target=self._watch, daemon=True)
+        self.connected = threading.Semaphore(0)
+
+    def body_chunk(self, k: int, i: int) -> bytes:
+        import hashlib
+        return hashlib.sha256(b"%s-%d-%d" % (self.tag.encode(), k, i)).digest() * (self.CHUNK // 32)
+
+    def path(self, k: int) -> str:
+        return f"/{self.tag}-{k}.dat"
+
+    def start(self) -> "Uploads":
+        for t in self._threads:
+            t.start()
+        self._monitor.start()
+        return self
+
+    def wait_connected(self, timeout: float = 20) -> None:
+        for _ in range(self.n):
+            if not self.connected.acquire(timeout=timeout):
+                raise TimeoutError("uploads did not all connect")
+
+    def _upload(self, k: int) -> None:
+        import http.client
+        import socket
+        vip = self.site.vip6 if k % 3 == 2 else self.site.vip4
+        res = {"vip": vip, "status": None, "error": None, "stall": 0.0, "size": self.CHUNK * self.chunks}
+        self.results[k] = res
+        try:
+            with self.site.client.enter():
+                s = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect((vip, 80))
+            res["sport"] = s.getsockname()[1]
+            c = http.client.HTTPConnection(vip, 80, timeout=30)
+            c.sock = s
+            with self._mu:
+                self._socks[k] = s
+            self.connected.release()
+            c.putrequest("PUT", self.path(k))
+            c.putheader("Content-Length", str(res["size"]))
+            c.endheaders()
+            t0 = time.monotonic()
+            for i in range(self.chunks):
+                c.send(self.body_chunk(k, i))
+                pause = t0 + (i + 1) * self.seconds / self.chunks - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+            r = c.getresponse()
+            r.read()
+            res["status"] = r.status
+            c.close()
+        except Exception as e:
+            res["error"] = repr(e)[:120]
+            self.connected.release()
+        finally:
+            with self._mu:
+                self._socks.pop(k, None)
+
+    def _watch(self) -> None:
+        import socket
+        import struct
+        last: dict[int, tuple[int, float]] = {}
+        while any(t.is_alive() for t in self._threads):
+            now = time.monotonic()
+            with self._mu:
+                socks = dict(self._socks)
+            for k, s in socks.items():
+                try:
+                    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
+                except OSError:
+                    continue
+                acked = struct.unpack_from("Q", info, 120)[0]      # tcpi_bytes_acked
+                unacked = struct.unpack_from("I", info, 24)[0]     # tcpi_unacked (segments)
+                self.results[k]["retrans"] = struct.unpack_from("I", info, 100)[0]   # tcpi_total_retrans
+                prev = last.get(k)
+                if prev is None or acked != prev[0] or not unacked:
+                    last[k] = (acked, now)
+                else:
+                    self.results[k]["stall"] = max(self.results[k]["stall"], now - prev[1])
+            time.sleep(0.01)
+
+    def wait(self, timeout: float = 120) -> dict[int, dict]:
+        for t in self._threads:
+            t.join(timeout)
+        self._monitor.join(5)
+        return self.results
+
+    def failed(self) -> list[tuple[int, dict]]:
+        return [(k, r) for k, r in sorted(self.results.items()) if r["error"] or r["status"] not in (201, 204)]
+
+    def check_files(self) -> list[str]:
+        """Uploads that did not arrive whole on exactly one backend (size and SHA-256)."""
+        import hashlib
+        bad = []
+        for k, r in sorted(self.results.items()):
+            if r["status"] not in (201, 204):
+                continue
+            want = hashlib.sha256()
+            for i in range(self.chunks):
+                want.update(self.body_chunk(k, i))
+            found = []
+            for b in self.site.backends:
+                p = os.path.join(self.site.lab.workdir, f"nginx-{b.name}", "www", self.path(k).lstrip("/"))
+                if os.path.exists(p):
+                    with open(p, "rb") as f:
+                        found.append(hashlib.sha256(f.read()).hexdigest())
+            if found != [want.hexdigest()]:
+                bad.append(f"{self.path(k)}: {len(found)} copies, whole: {want.hexdigest() in found}")
+        return bad
+
+    def remove_files(self) -> None:
+        for k in range(self.n):
+            for b in self.site.backends:
+                p = os.path.join(self.site.lab.workdir, f"nginx-{b.name}", "www", self.path(k).lstrip("/"))
+                if os.path.exists(p):
+                    os.unlink(p)
