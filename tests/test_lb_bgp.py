@@ -5,6 +5,7 @@ uploads, each with its negative control (nodes whose Maglev tables disagree); wi
 every backend is down; what `lb status` and /metrics say; lb.toml's [bgp] validation."""
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -50,6 +51,20 @@ def node_flows(site, node) -> int:
     return sum(s["new_flows"] for s in site.status(node)["services"])
 
 
+def wait_dead(pid: int, timeout: float) -> float:
+    """When PID was seen dead (gone or a zombie); fails after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return time.monotonic()
+        except FileNotFoundError:
+            return time.monotonic()
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} still alive after {timeout} s")
+
+
 def fail_during_uploads(site, kind: str) -> dict:
     """24 long uploads through both nodes; lb2 fails KIND 1.5 s in. Returns what happened."""
     lb1, lb2 = site.nodes
@@ -62,15 +77,9 @@ def fail_during_uploads(site, kind: str) -> dict:
         time.sleep(1.5)
         via_lb2 = node_flows(site, lb2) - before
         t = site.fail_node(lb2, kind)
+        bird_gone = wait_dead(bird_pid, 2) - t if kind == "kill" else None
         fib = [site.bird.wait_next_hops(vip, [site.node_addr(lb1, fam)], timeout=10) - t
                for fam, vip in ((4, site.vip4), (6, site.vip6))]
-        bird_gone = None
-        if kind == "kill":
-            deadline = time.monotonic() + 2
-            while os.path.exists(f"/proc/{bird_pid}") and time.monotonic() < deadline:
-                time.sleep(0.01)
-            bird_gone = time.monotonic() - t
-            assert not os.path.exists(f"/proc/{bird_pid}"), "BIRD outlived its daemon"
         router_view = site.bird.birdc("show", "protocols")
         up.wait()
         return {"via_lb2": via_lb2, "fib_s": fib, "bird_gone_s": bird_gone, "failed": up.failed(),
@@ -92,13 +101,17 @@ def test_node_failure_heals_by_bgp(site, nodes, kind):
           f"(IPv6); longest stall {r['stall']:.2f} s; {r['via_lb2']} uploads via lb2; "
           f"BIRD gone after {r['bird_gone_s']}")
     assert r["via_lb2"] >= 3                       # the failure hit uploads
+    if kind == "kill":
+        assert r["bird_gone_s"] < 0.5                  # BIRD died with its daemon
     assert max(r["fib_s"]) < 1.0, r["fib_s"]
     assert not r["failed"], r["failed"][:3]
     assert not r["bad_files"], r["bad_files"][:3]
-    # the router's BIRD: lb2's sessions are down (it reports them), lb1's stay up
+    # the router's BIRD: lb2's sessions are down (it reports them; on SIGTERM they stay up
+    # while the node waits after its withdrawal), lb1's stay up
     lines = {ln.split()[0]: ln for ln in r["router_view"].splitlines() if ln.startswith("n")}
     assert "Established" in lines["n0_4"] and "Established" in lines["n1_6"]
-    assert "Established" not in lines["n2_4"] and "Established" not in lines["n3_6"]
+    if kind != "sigterm":
+        assert "Established" not in lines["n2_4"] and "Established" not in lines["n3_6"]
     for n in site.nodes:
         site.stop_balancer(n)
 
@@ -107,6 +120,23 @@ def test_node_failure_heals_by_bgp(site, nodes, kind):
     print(f"{kind}, tables disagree: {len(r['failed'])} of 24 uploads failed")
     assert max(r["fib_s"]) < 1.0, r["fib_s"]
     assert r["failed"], "nodes with different tables should have broken moved connections"
+
+
+def test_kill_9_takes_bird_and_the_routes(site, nodes):
+    """The link stays up: BIRD dies with the daemon (parent-death signal), its sessions close
+    and the router drops the node at once, without waiting for BFD."""
+    nodes(table_sizes=AGREE)
+    lb1, lb2 = site.nodes
+    with open(os.path.join(run_dir(site.instance(lb2)), "bird.pid")) as f:
+        bird_pid = int(f.read())
+    daemon = site.daemons.pop(lb2.name)
+    t = time.monotonic()
+    os.kill(daemon.pid, signal.SIGKILL)
+    gone = wait_dead(bird_pid, 2) - t
+    fib = site.bird.wait_next_hops(site.vip4, [site.node_addr(lb1)], timeout=5) - t
+    daemon.wait(5)
+    print(f"BIRD dead {gone * 1000:.0f} ms after the daemon's kill -9; router FIB {fib * 1000:.0f} ms")
+    assert gone < 0.5 and fib < 1.0
 
 
 def bgp_state(site, node) -> dict:
