@@ -16,7 +16,8 @@ from conftest import gridbpf_cli
 from gridbpf.lab import Lab
 from gridbpf.lb import config as lbconfig
 from gridbpf.lb.bgp import bird_config, run_dir
-from gridbpf.lb.site import FAILURES, Uploads, build_site, start_nginx, stop_nginx
+from gridbpf.lb.site import (FAILURES, build_site, fail_during_uploads, start_nginx, stop_nginx,
+                             wait_dead)
 
 # generous timeout and fall count: a busy 2-core box must not fail a healthy backend
 HEALTH = {"check": "http", "path": "/whoami", "interval": 0.5, "timeout": 1.5, "fall": 3, "rise": 2}
@@ -45,50 +46,6 @@ def nodes(site):
     yield start
     for n in site.nodes:
         site.stop_balancer(n)
-
-
-def node_flows(site, node) -> int:
-    return sum(s["new_flows"] for s in site.status(node)["services"])
-
-
-def wait_dead(pid: int, timeout: float) -> float:
-    """When PID was seen dead (gone or a zombie); fails after TIMEOUT."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return time.monotonic()
-        except FileNotFoundError:
-            return time.monotonic()
-        time.sleep(0.005)
-    raise AssertionError(f"pid {pid} still alive after {timeout} s")
-
-
-def fail_during_uploads(site, kind: str) -> dict:
-    """24 long uploads through both nodes; lb2 fails KIND 1.5 s in. Returns what happened."""
-    lb1, lb2 = site.nodes
-    before = node_flows(site, lb2)
-    with open(os.path.join(run_dir(site.instance(lb2)), "bird.pid")) as f:
-        bird_pid = int(f.read())
-    up = Uploads(site, n=24, seconds=6.0, chunks=60, tag=kind).start()
-    try:
-        up.wait_connected()
-        time.sleep(1.5)
-        via_lb2 = node_flows(site, lb2) - before
-        t = site.fail_node(lb2, kind)
-        bird_gone = wait_dead(bird_pid, 2) - t if kind == "kill" else None
-        fib = [site.bird.wait_next_hops(vip, [site.node_addr(lb1, fam)], timeout=10) - t
-               for fam, vip in ((4, site.vip4), (6, site.vip6))]
-        router_view = site.bird.birdc("show", "protocols")
-        up.wait()
-        return {"via_lb2": via_lb2, "fib_s": fib, "bird_gone_s": bird_gone, "failed": up.failed(),
-                "bad_files": up.check_files(), "stall": max(r["stall"] for r in up.results.values()),
-                "router_view": router_view}
-    finally:
-        up.wait()
-        up.remove_files()
-        site.heal_node(lb2, kind)
 
 
 @pytest.mark.parametrize("kind", FAILURES)

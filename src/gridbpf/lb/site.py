@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from ..bpf import BpfObject
 from ..lab import Host, Lab
 from ..lab.topologies import BirdRouter, bird_router, hash_like_hardware
+from .bgp import run_dir
 
 VIP4, VIP6 = "10.99.0.1", "fd00:99::1"
 ROUTER_AS, NODE_AS = 65000, 65001
@@ -94,7 +95,7 @@ class Site:
 
     def config_text(self, node: Host, metrics_port: int, health: dict | None = None,
                     weights: list[int] | None = None, udp_port: int | None = None,
-                    bgp: dict | None = None, table_size: int | None = None) -> str:
+                    bgp: dict | None = None, table_size: int | None = None, bfd: bool = True) -> str:
         """lb.toml of a node: the same services and backends everywhere, only the interface's
         namespace, the instance name and the metrics port differ. Services webdav4/webdav6
         (TCP 80), and with UDP_PORT also udp4/udp6 (no health checks: see start_udp_echo).
@@ -114,7 +115,8 @@ class Site:
             b.update(bgp or {})
             out.append("[bgp]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in b.items()))
             for peer in ("10.2.0.1", "fd00:2::1"):
-                out.append(f'[[bgp.peer]]\naddress = "{peer}"\nremote_as = {ROUTER_AS}\n')
+                out.append(f'[[bgp.peer]]\naddress = "{peer}"\nremote_as = {ROUTER_AS}\n'
+                           + ("" if bfd else "bfd = false\n"))
         services = [(f"webdav{fam}", vip, 80, "tcp", "") for fam, vip in ((4, self.vip4), (6, self.vip6))]
         if udp_port:
             services += [(f"udp{fam}", vip, udp_port, "udp", 'health = { check = "none" }\n')
@@ -545,3 +547,50 @@ class Uploads:
                 p = os.path.join(self.site.lab.workdir, f"nginx-{b.name}", "www", self.path(k).lstrip("/"))
                 if os.path.exists(p):
                     os.unlink(p)
+
+
+def node_flows(site: Site, node: Host) -> int:
+    return sum(s["new_flows"] for s in site.status(node)["services"])
+
+
+def wait_dead(pid: int, timeout: float) -> float:
+    """When PID was seen dead (gone or a zombie); fails after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return time.monotonic()
+        except FileNotFoundError:
+            return time.monotonic()
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} still alive after {timeout} s")
+
+
+def fail_during_uploads(site: Site, kind: str, uploads: int = 24, seconds: float = 6.0) -> dict:
+    """UPLOADS long uploads (SECONDS each) through both nodes; lb2 fails KIND 1.5 s in.
+    Returns how many flows went through lb2, when the router's FIB dropped it (per family,
+    seconds after the failure), when BIRD died (kill), the failed uploads, the files that did
+    not arrive whole, the longest stall of any upload and the router's `show protocols`."""
+    lb1, lb2 = site.nodes
+    before = node_flows(site, lb2)
+    with open(os.path.join(run_dir(site.instance(lb2)), "bird.pid")) as f:
+        bird_pid = int(f.read())
+    up = Uploads(site, n=uploads, seconds=seconds, chunks=round(seconds * 10), tag=kind).start()
+    try:
+        up.wait_connected()
+        time.sleep(1.5)
+        via_lb2 = node_flows(site, lb2) - before
+        t = site.fail_node(lb2, kind)
+        bird_gone = wait_dead(bird_pid, 2) - t if kind == "kill" else None
+        fib = [site.bird.wait_next_hops(vip, [site.node_addr(lb1, fam)], timeout=10) - t
+               for fam, vip in ((4, site.vip4), (6, site.vip6))]
+        router_view = site.bird.birdc("show", "protocols")
+        up.wait()
+        return {"via_lb2": via_lb2, "fib_s": fib, "bird_gone_s": bird_gone, "failed": up.failed(),
+                "bad_files": up.check_files(), "stall": max(r["stall"] for r in up.results.values()),
+                "router_view": router_view}
+    finally:
+        up.wait()
+        up.remove_files()
+        site.heal_node(lb2, kind)
