@@ -324,8 +324,30 @@ def status(instance: str, cfg: Config | None = None) -> dict | None:
             conf = f.read()
     except (OSError, ValueError):
         return None
+    st["bird_running"] = _bird_running(d)
+    if not st["bird_running"]:      # e.g. after a kill -9 of the daemon: BIRD went with it
+        st["announced"] = []
+        for v in st["vips"].values():
+            v["announced"] = False
     st["sessions"] = sessions(os.path.join(d, "bird.ctl"), cfg) if cfg else _sessions_from_conf(d, conf)
     return st
+
+
+def _bird_running(d: str) -> bool:
+    try:
+        with open(os.path.join(d, "bird.pid")) as f:
+            return alive(int(f.read().strip()))
+    except (OSError, ValueError):
+        return False
+
+
+def alive(pid: int) -> bool:
+    """PID exists and is no zombie (a dead child not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _sessions_from_conf(d: str, conf: str) -> list[dict]:

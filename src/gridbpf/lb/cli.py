@@ -28,8 +28,14 @@ def _check(args) -> int:
     cfg = load(args.config)
     info = {"ok": True, "instance": cfg.instance, "interface": cfg.interface, "netns": cfg.netns,
             "services": [{"name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
-                          "mode": s.mode, "backends": len(s.backends)} for s in cfg.services]}
-    _print(info, args.json, f"{args.config}: OK, {len(cfg.services)} services")
+                          "mode": s.mode, "backends": len(s.backends)} for s in cfg.services],
+            "bgp": None if cfg.bgp is None else {
+                "local_as": cfg.bgp.local_as, "announce_delay": cfg.bgp.announce_delay,
+                "min_healthy": cfg.bgp.min_healthy,
+                "peers": [{"address": p.address, "remote_as": p.remote_as, "bfd": p.bfd,
+                           "hold_time": p.hold_time, "port": p.port} for p in cfg.bgp.peers]}}
+    peers = f", BGP to {len(cfg.bgp.peers)} peers" if cfg.bgp else ""
+    _print(info, args.json, f"{args.config}: OK, {len(cfg.services)} services{peers}")
     return 0
 
 
@@ -45,7 +51,8 @@ def _status_text(st: dict) -> str:
     lines.append("  " + ", ".join(f"{k}={v}" for k, v in st["reasons"].items() if v))
     bgp = st.get("bgp")
     if bgp:
-        lines.append(f"  bgp: announcing {', '.join(bgp['announced']) or 'nothing'}")
+        lines.append(f"  bgp: announcing {', '.join(bgp['announced']) or 'nothing'}"
+                     + ("" if bgp["bird_running"] else " (BIRD is not running)"))
         for vip, v in bgp["vips"].items():
             if not v["announced"]:
                 lines.append(f"    {vip}: not announced ({v['why_not'] or 'eligible, within announce_delay'})")

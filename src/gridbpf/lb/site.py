@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..bpf import BpfObject
 from ..lab import Host, Lab
 from ..lab.topologies import BirdRouter, bird_router, hash_like_hardware
-from .bgp import run_dir
+from .bgp import alive, run_dir
 
 VIP4, VIP6 = "10.99.0.1", "fd00:99::1"
 ROUTER_AS, NODE_AS = 65000, 65001
@@ -557,11 +557,7 @@ def wait_dead(pid: int, timeout: float) -> float:
     """When PID was seen dead (gone or a zombie); fails after TIMEOUT."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return time.monotonic()
-        except FileNotFoundError:
+        if not alive(pid):
             return time.monotonic()
         time.sleep(0.005)
     raise AssertionError(f"pid {pid} still alive after {timeout} s")
