@@ -96,6 +96,22 @@ def test_kill_9_takes_bird_and_the_routes(site, nodes):
     assert gone < 0.5 and fib < 1.0
 
 
+def test_detached_program_is_withdrawn(site, nodes):
+    """Someone detaches lb2's XDP link (bpftool): its VIPs are withdrawn at once."""
+    nodes(table_sizes=AGREE)
+    lb1, lb2 = site.nodes
+    prog = json.loads(lb2.ip("-j", "link", "show", "dev", "eth0").stdout)[0]["xdp"]["prog"]["id"]
+    link = next(x["id"] for x in json.loads(subprocess.run(["bpftool", "-j", "link", "show"], check=True,
+                                                              capture_output=True, text=True).stdout)
+                if x.get("prog_id") == prog)
+    t = time.monotonic()
+    subprocess.run(["bpftool", "link", "detach", "id", str(link)], check=True)
+    fib = site.bird.wait_next_hops(site.vip4, [site.node_addr(lb1)], timeout=5) - t
+    print(f"detached: withdrawn from the router's FIB after {fib * 1000:.0f} ms")
+    assert fib < 1.0
+    assert bgp_state(site, lb2)["vips"][site.vip4]["why_not"] == "program detached"
+
+
 def bgp_state(site, node) -> dict:
     with open(os.path.join(run_dir(site.instance(node)), "state.json")) as f:
         return json.load(f)

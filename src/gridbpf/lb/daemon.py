@@ -162,8 +162,9 @@ class Daemon:
         its service checks nothing): a fresh daemon announces nothing it has not seen work."""
         need = self.cfg.bgp.min_healthy
         out: dict[str, str] = {}
+        attached = self.xdp_attached()
         for svc in self.dp.services().values():
-            if self.link is None:
+            if not attached:
                 out[svc.vip] = "program detached"
                 continue
             checked = self.health_of(svc.name).check != "none"
@@ -174,6 +175,21 @@ class Daemon:
             else:
                 out.setdefault(svc.vip, "")
         return out
+
+    def xdp_attached(self) -> bool:
+        """Our XDP link still holds the interface: the kernel detaches it when the interface
+        goes away or someone runs `bpftool link detach`; its fdinfo then says ifindex 0."""
+        fd = getattr(self.link, "fd", None)
+        if fd is None:
+            return self.link is not None
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("ifindex:"):
+                        return int(line.split()[1]) != 0
+        except (OSError, ValueError):
+            return False
+        return True
 
     def bgp_status(self) -> dict:
         from .bgp import status
