@@ -112,6 +112,20 @@ def test_detached_program_is_withdrawn(site, nodes):
     assert bgp_state(site, lb2)["vips"][site.vip4]["why_not"] == "program detached"
 
 
+def test_bird_that_dies_is_restarted(site, nodes):
+    """BIRD killed under a running daemon: the router drops the node (its sessions closed),
+    the daemon starts BIRD again and the node is announced again."""
+    nodes(table_sizes=AGREE)
+    lb1, lb2 = site.nodes
+    with open(os.path.join(run_dir(site.instance(lb2)), "bird.pid")) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    site.bird.wait_next_hops(site.vip4, [site.node_addr(lb1)], timeout=5)
+    t = time.monotonic()
+    site.wait_routes(site.nodes, timeout=20)
+    print(f"BIRD restarted; announced again after {time.monotonic() - t:.2f} s")
+    assert "BIRD exited" in site.daemon_log(lb2)
+
+
 def bgp_state(site, node) -> dict:
     with open(os.path.join(run_dir(site.instance(node)), "state.json")) as f:
         return json.load(f)

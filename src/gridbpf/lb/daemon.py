@@ -97,6 +97,7 @@ class Daemon:
         self.reload_event = threading.Event()
         self.dp = self.link = self.health = self.metrics = self.lock = None
         self.bird = self.announcer = None
+        self.bird_retry_at = 0.0
 
     def start(self) -> None:
         cfg = _config.load(self.cfg_path)
@@ -219,7 +220,22 @@ class Daemon:
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self.reload()
+            if self.bird and (self.bird.exited() is not None or self.bird.proc is None) \
+                    and time.monotonic() >= self.bird_retry_at:
+                self.restart_bird()
         self.log("stopping")
+
+    def restart_bird(self) -> None:
+        """BIRD died on its own (its sessions closed, so the routers dropped this node): start
+        a new one from this thread (the parent-death signal follows the forking thread); the
+        announcer announces again what is still eligible."""
+        if self.bird.proc is not None:
+            self.log(f"bgp: BIRD exited (status {self.bird.exited()}); starting it again")
+        try:
+            self.announcer.restart_speaker()
+        except LbError as e:
+            self.log(f"{e}; retrying in 5 s")
+            self.bird_retry_at = time.monotonic() + 5
 
     def withdraw(self) -> None:
         """SIGTERM with BGP: withdraw every VIP, give the routers withdraw_wait seconds to
