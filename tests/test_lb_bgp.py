@@ -16,8 +16,8 @@ from conftest import gridbpf_cli
 from gridbpf.lab import Lab
 from gridbpf.lb import config as lbconfig
 from gridbpf.lb.bgp import bird_config, run_dir
-from gridbpf.lb.site import (FAILURES, build_site, fail_during_uploads, start_nginx, stop_nginx,
-                             wait_dead)
+from gridbpf.lb.site import (FAILURES, Uploads, build_site, fail_during_uploads, start_nginx,
+                             stop_nginx, wait_dead)
 
 # generous timeout and fall count: a busy 2-core box must not fail a healthy backend
 HEALTH = {"check": "http", "path": "/whoami", "interval": 0.5, "timeout": 1.5, "fall": 3, "rise": 2}
@@ -77,6 +77,31 @@ def test_node_failure_heals_by_bgp(site, nodes, kind):
     print(f"{kind}, tables disagree: {len(r['failed'])} of 24 uploads failed")
     assert max(r["fib_s"]) < 1.0, r["fib_s"]
     assert r["failed"], "nodes with different tables should have broken moved connections"
+
+
+def test_control_a_route_left_alone_strands_the_dead_nodes_flows():
+    """The lab itself can fail the tests above: with static ECMP routes that nobody changes,
+    the flows hashed to a killed node stall for good (the router hashes headers, so they do
+    not move by themselves; the switch does not flood the dead node's frames to the other)."""
+    with Lab("lbbgps") as lab:
+        s = build_site(lab, bgp=False, backends=2)
+        try:
+            s.start(health=HEALTH)
+            up = Uploads(s, n=12, seconds=6.0, chunks=60, tag="static").start()
+            try:
+                up.wait_connected()
+                time.sleep(1.5)
+                s.fail_node(s.nodes[1], "kill")
+                time.sleep(4.0)
+                stalled = [k for k, r in up.results.items() if r["stall"] >= 3.0]
+            finally:
+                up.abort()
+                up.wait()
+            print(f"static route: {len(stalled)} of 12 uploads stood still for 3+ s after the kill")
+            assert len(stalled) >= 2
+            s.heal_node(s.nodes[1], "kill")
+        finally:
+            s.close()
 
 
 def test_kill_9_takes_bird_and_the_routes(site, nodes):

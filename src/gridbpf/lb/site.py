@@ -512,6 +512,17 @@ class Uploads:
                     self.results[k]["stall"] = max(self.results[k]["stall"], now - prev[1])
             time.sleep(0.01)
 
+    def abort(self) -> None:
+        """End every upload still running (its thread records the error)."""
+        import socket
+        with self._mu:
+            socks = list(self._socks.values())
+        for so in socks:
+            try:
+                so.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def wait(self, timeout: float = 120) -> dict[int, dict]:
         for t in self._threads:
             t.join(timeout)
