@@ -60,8 +60,6 @@ def bird_config(cfg: Config, announced: set[str]) -> str:
            "protocol bfd {",
            f"  interface \"*\" {{ min rx interval {ms} ms; min tx interval {ms} ms; "
            f"idle tx interval 1000 ms; multiplier {b.bfd_multiplier}; }};",
-           "  multihop { min rx interval %d ms; min tx interval %d ms; multiplier %d; };"
-           % (ms, ms, b.bfd_multiplier),
            "}"]
     for fam in (4, 6):
         routes = "".join(f" route {v}/{32 if fam == 4 else 128} blackhole;"
