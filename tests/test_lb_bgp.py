@@ -117,6 +117,10 @@ def test_kill_9_takes_bird_and_the_routes(site, nodes):
     gone = wait_dead(bird_pid, 2) - t
     fib = site.bird.wait_next_hops(site.vip4, [site.node_addr(lb1)], timeout=5) - t
     daemon.wait(5)
+    st = json.loads(gridbpf_cli("lb", "status", "--json", "--instance", site.instance(lb2)).stdout)["bgp"]
+    assert st["bird_running"] is False and st["announced"] == []     # the pins outlive a kill -9
+    site.daemons[lb2.name] = daemon
+    site.heal_node(lb2, "kill")      # clears the pins and BIRD's directory
     print(f"BIRD dead {gone * 1000:.0f} ms after the daemon's kill -9; router FIB {fib * 1000:.0f} ms")
     assert gone < 0.5 and fib < 1.0
 

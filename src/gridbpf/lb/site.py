@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from ..bpf import BpfObject
+from ..bpf import BpfObject, remove_pins
 from ..lab import Host, Lab
 from ..lab.topologies import BirdRouter, bird_router, hash_like_hardware
 from .bgp import alive, run_dir
+from .datapath import PIN_DIR
 
 VIP4, VIP6 = "10.99.0.1", "fd00:99::1"
 ROUTER_AS, NODE_AS = 65000, 65001
@@ -214,6 +216,9 @@ class Site:
         if kind == "kill":
             p = self.daemons.pop(node.name)
             p.wait(10)
+            # what a killed daemon leaves (the next start would clear it too)
+            remove_pins(f"{PIN_DIR}/{self.instance(node)}")
+            shutil.rmtree(run_dir(self.instance(node)), ignore_errors=True)
             node.ip("link", "set", "eth0", "up")
             node.run("ip route replace default via 10.2.0.1 && ip -6 route replace default via fd00:2::1")
         elif kind == "blackhole":
