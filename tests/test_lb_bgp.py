@@ -184,7 +184,7 @@ def test_all_backends_down_withdraws_then_announces_after_delay(site, nodes):
     print(f"announced again {t - t1:.3f} s after the backends restarted, "
           f"{wall - since:.3f} s after the last node found them healthy (announce_delay {delay} s)")
     assert t - t1 >= delay
-    assert delay <= wall - since + 0.05 < delay + 1.0
+    assert delay <= wall - since + 0.05 < delay + 1.5      # + BGP update and FIB, on a busy box
 
 
 def test_status_and_metrics_show_sessions_and_announced_vips(site, nodes):
