@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx-mod-http-dav-ext
               wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev
               haproxy nftables    # lb benchmark baselines
+              bird2               # lb: BGP speaker of the balancer nodes and the lab router
               openssl util-linux) # trace tests: certificates for HTTPS servers, setpriv
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -22,6 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts nginx on install; our lab runs its own instances.
   systemctl disable --now nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || true
+  # ... and BIRD: gridbpf lb run starts its own, per balancer instance
+  systemctl disable --now bird >/dev/null 2>&1 || service bird stop >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}
