@@ -15,6 +15,7 @@ import threading
 import time
 
 from .. import netns as _netns
+from .. import sdnotify
 from . import config as _config
 from .datapath import LOCK_DIR, Datapath, LbError
 from .health import HealthChecker
@@ -191,7 +192,9 @@ def run(cfg_path: str) -> int:
     d = Daemon(cfg_path)
     d.start()
     try:
+        sdnotify.ready(f"balancing on {d.cfg.interface}")
         d.serve_forever()
+        sdnotify.stopping()
     finally:
         d.shutdown()
     return 0
