@@ -65,7 +65,8 @@ CONFDIR ?= /etc/gridbpf
 install-units:
 	install -d $(UNITDIR) $(CONFDIR)
 	for u in packaging/systemd/*.service; do \
-	  sed 's|/opt/gridbpf/bin/gridbpf|$(BINDIR)/gridbpf|g' $$u > $(UNITDIR)/$$(basename $$u); done
+	  sed -e 's|/opt/gridbpf/bin/gridbpf|$(BINDIR)/gridbpf|g' -e 's|/etc/gridbpf/|$(CONFDIR)/|g' \
+	    $$u > $(UNITDIR)/$$(basename $$u); done
 	[ -e $(CONFDIR)/agent.toml ] || install -m 644 packaging/examples/agent-storm-webdav.toml $(CONFDIR)/agent.toml
 	[ -e $(CONFDIR)/scitags.toml ] || install -m 644 packaging/examples/scitags-storm-webdav.toml $(CONFDIR)/scitags.toml
 	[ -e $(CONFDIR)/lb.toml ] || install -m 644 packaging/examples/lb.toml $(CONFDIR)/lb.toml
