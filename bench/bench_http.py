@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from gridbpf.trace.http import DRAIN_MS, HttpTracer
-from gridbpf.trace.http_lab import Nginx
+from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer
+from gridbpf.trace.http.lab import Nginx
 from gridbpf.trace.targets import TargetSpec
 
 ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", 7))

@@ -86,7 +86,7 @@ CPU = str(os.cpu_count() - 1)
 
 
 def _one(exe: Path, duration: float, mode: str) -> tuple[float, dict]:
-    from gridbpf.trace.offcpu import OffcpuTracer
+    from gridbpf.trace.stuck.offcpu import OffcpuTracer
     warmup = 0.5
     p = subprocess.Popen(["taskset", "-c", CPU, str(exe), str(warmup), str(duration)],
                          stdout=subprocess.PIPE, text=True)

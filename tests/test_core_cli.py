@@ -32,7 +32,7 @@ def test_demo_parts_are_wired():
     from gridbpf import demo
     assert [f.__name__ for _, f in demo.PARTS] == ["show_doctor", "show_lb_site", "show_http_tracing",
                                                    "show_stuck", "show_checksums", "show_scitags"]
-    for module, function in [("gridbpf.lb.demo", "run"), ("gridbpf.trace.http_demo", "run"),
-                             ("gridbpf.trace.stuck_demo", "run"), ("gridbpf.checksum.demo", "uploads"),
+    for module, function in [("gridbpf.lb.demo", "run"), ("gridbpf.trace.http.demo", "run"),
+                             ("gridbpf.trace.stuck.demo", "run"), ("gridbpf.checksum.demo", "uploads"),
                              ("gridbpf.scitags.demo", "run")]:
         assert callable(getattr(importlib.import_module(module), function)), module

@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gridbpf.trace.http_lab import Nginx
+from gridbpf.trace.http.lab import Nginx
 
 
 class OtlpReceiver:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from gridbpf.trace.http_lab import Nginx, PythonHttps
+from gridbpf.trace.http.lab import Nginx, PythonHttps
 
 CLI = [sys.executable, "-m", "gridbpf.cli", "trace", "http"]
 
@@ -119,7 +119,7 @@ def test_cgroup_picks_up_process_started_later():
         p = subprocess.Popen(CLI + ["--cgroup", f"/{name}", "--count", "2", "--json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started(p)
-        from gridbpf.trace.http_lab import free_port, wait_port
+        from gridbpf.trace.http.lab import free_port, wait_port
         port = free_port()
         # the server joins the cgroup, then execs: the exec hook makes it a target
         srv = subprocess.Popen(["sh", "-c", f"echo $$ > {cg}/cgroup.procs && exec {sys.executable} "

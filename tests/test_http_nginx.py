@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gridbpf.trace.http import HttpTracer
-from gridbpf.trace.http_lab import Nginx
+from gridbpf.trace.http.tracer import HttpTracer
+from gridbpf.trace.http.lab import Nginx
 from gridbpf.trace.targets import TargetSpec
 
 GB = 1 << 30

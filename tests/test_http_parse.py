@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings, strategies as st
 from gridbpf.agent.routes import RouteError, Routes, compile_template
 from gridbpf.bpf import BpfObject
 from gridbpf.trace.cli import get_trace_subparsers
-from gridbpf.trace.http import _body, _pipelined_bytes, F_PIPELINED, head_lengths, parse_request_line
+from gridbpf.trace.http.tracer import _body, _pipelined_bytes, F_PIPELINED, head_lengths, parse_request_line
 from gridbpf.trace.targets import TargetError, TargetSpec
 
 token = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_!#", min_size=1, max_size=12)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gridbpf.trace.http import HttpTracer
-from gridbpf.trace.http_lab import JdkHttpsServer, JdkServer, PythonHttps
+from gridbpf.trace.http.tracer import HttpTracer
+from gridbpf.trace.http.lab import JdkHttpsServer, JdkServer, PythonHttps
 from gridbpf.trace.targets import TargetSpec
 
 # method, path, body size
@@ -161,7 +161,7 @@ while True:
 
 @pytest.mark.parametrize("family,addr", [("4", "127.0.0.1"), ("6", "::1")])
 def test_client_address_when_accept_has_no_sockaddr(tmp_path, family, addr):
-    from gridbpf.trace.http_lab import free_port
+    from gridbpf.trace.http.lab import free_port
     port = free_port()
     (tmp_path / "srv.py").write_text(NULL_ACCEPT_SERVER)
     srv = subprocess.Popen([sys.executable, str(tmp_path / "srv.py"), str(port), family, addr],

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from gridbpf.trace.io import IoTracer
+from gridbpf.trace.stuck.io import IoTracer
 
 C_PROGRAM = r"""
 #include <fcntl.h>

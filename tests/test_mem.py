@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from gridbpf.trace.mem import MemTracer
+from gridbpf.trace.stuck.mem import MemTracer
 
 C_PROGRAM = r"""
 #include <stdio.h>

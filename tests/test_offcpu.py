@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gridbpf.trace.offcpu import folded, pprof, run_offcpu
+from gridbpf.trace.stuck.offcpu import folded, pprof, run_offcpu
 
 C_PROGRAM = r"""
 #include <stdio.h>

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gridbpf.trace.stuck import StuckMonitor
+from gridbpf.trace.stuck.monitor import StuckMonitor
 from gridbpf.trace.targets import TargetError
 
 C_PROGRAM = r"""

@@ -5,7 +5,7 @@ import time
 
 from gridbpf.export.metrics import Registry
 from gridbpf.export.prometheus import MetricsServer
-from gridbpf.trace.stuck_collectors import (IoCollector, MemCollector, OffcpuCollector,
+from gridbpf.trace.stuck.collectors import (IoCollector, MemCollector, OffcpuCollector,
                                             StuckCollector, TcpCollector)
 
 CULPRIT = r"""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gridbpf.trace.stuck import StuckMonitor
+from gridbpf.trace.stuck.monitor import StuckMonitor
 
 JAVA_PROGRAM = r"""
 import java.io.*;

@@ -6,7 +6,7 @@ import sys
 import time
 
 from gridbpf.lab import Lab
-from gridbpf.trace.tcp import TcpTracer
+from gridbpf.trace.stuck.tcp import TcpTracer
 
 SERVER = r"""
 import socket, sys, threading

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
 # Each module exposes register(subparsers); its verbs set args.func(args) -> int.
 COMMAND_MODULES = [
-    "gridbpf.trace.cli",
-    "gridbpf.trace.stuck_cli",
+    "gridbpf.agent.cli",
+    "gridbpf.trace.http.cli",
+    "gridbpf.trace.stuck.cli",
     "gridbpf.doctor",
     "gridbpf.lab.cli",
     "gridbpf.scitags.cli",
@@ -28,11 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
-
-
-def print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

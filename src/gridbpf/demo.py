@@ -32,12 +32,12 @@ def show_scitags(con: Console) -> bool:
 
 
 def show_http_tracing(con: Console) -> bool:
-    from .trace import http_demo
+    from .trace.http import demo as http_demo
     return http_demo.run(con)
 
 
 def show_stuck(con: Console) -> bool:
-    from .trace import stuck_demo
+    from .trace.stuck import demo as stuck_demo
     return stuck_demo.run(con)
 
 

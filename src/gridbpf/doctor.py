@@ -186,7 +186,7 @@ def missing(r: dict) -> list[dict]:
 
 
 def run(args) -> int:
-    from .cli import print_json
+    from .output import print_json
     r = report()
     if args.json:
         print_json(r)

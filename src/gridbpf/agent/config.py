@@ -71,7 +71,7 @@ _SCHEMA = {
     "agent": {"lock": str, "collectors": list},
 }
 
-# [agent] collectors: the "why is it stuck" tracers (gridbpf.trace.stuck_collectors), run on the
+# [agent] collectors: the "why is it stuck" tracers (gridbpf.trace.stuck.collectors), run on the
 # pids the agent traces when it starts
 COLLECTORS = ("stuck", "offcpu", "io", "tcp", "mem")
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..export.metrics import DURATION_BUCKETS, OVERFLOW, SIZE_BUCKETS, Registry
 from ..export.prometheus import MetricsServer
-from ..trace.http import (F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths,
+from ..trace.http.tracer import (F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths,
                           parse_request_line, response_body_sizes)
 from .config import AgentConfig
 from .routes import Routes
@@ -114,7 +114,7 @@ class HttpAgent:
         """The other tracing capabilities' agent collectors, on the pids traced now."""
         if not names:
             return []
-        from ..trace import stuck_collectors as sc
+        from ..trace.stuck import collectors as sc
         pids = self.tracer.targets()
         if not pids:
             raise ValueError("[agent] collectors need target processes running when the agent starts")

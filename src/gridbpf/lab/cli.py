@@ -6,7 +6,7 @@ from .topologies import TOPOLOGIES
 
 
 def _up(args) -> int:
-    from ..cli import print_json
+    from ..output import print_json
     if args.topology not in TOPOLOGIES:
         raise ValueError(f"unknown topology {args.topology!r} (known: {', '.join(TOPOLOGIES)})")
     lab = Lab(args.name or args.topology)
@@ -26,7 +26,7 @@ def _up(args) -> int:
 
 
 def _down(args) -> int:
-    from ..cli import print_json
+    from ..output import print_json
     names = [args.name] if args.name else sorted(labs())
     removed = {n: remove_lab(n) for n in names}
     if args.json:
@@ -38,7 +38,7 @@ def _down(args) -> int:
 
 
 def _list(args) -> int:
-    from ..cli import print_json
+    from ..output import print_json
     found = labs()
     if args.json:
         print_json(found)

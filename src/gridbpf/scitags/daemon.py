@@ -341,7 +341,7 @@ class Daemon:
         """Trace the [trace] target's HTTP requests in-process and feed them to TAGGER: a
         request line read tags the connection (in its data direction) at once, while the
         response is still to be written; the connection's close ends its flows."""
-        from ..trace.http import HttpTracer
+        from ..trace.http.tracer import HttpTracer
         from ..trace.targets import TargetSpec
         spec = TargetSpec(pids=list(self.cfg.trace_pids), comms=list(self.cfg.trace_comms),
                           cgroups=list(self.cfg.trace_cgroups))
@@ -353,7 +353,7 @@ class Daemon:
                  ", ".join(r.prefix for r in tagger.rules))
 
     def _trace_loop(self, tagger) -> None:
-        from ..trace.http import ConnClose, RequestStart
+        from ..trace.http.tracer import ConnClose, RequestStart
         from .autotag import data_direction
         for ev in self.tracer.follow(self.stop_event):
             try:

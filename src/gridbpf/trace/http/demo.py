@@ -12,9 +12,9 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from ..lab import Lab, ecmp
-from .http import HttpTracer
-from .targets import TargetSpec
+from ...lab import Lab, ecmp
+from .tracer import HttpTracer
+from ..targets import TargetSpec
 
 
 def _netns_pids(netns: str) -> list[int]:

@@ -10,10 +10,10 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ..bpf import BpfObject, RingBuffer
-from .session import BpfSession
-from .symbols import Frame, Symbolizer
-from .targets import TargetError, TargetSpec
+from ...bpf import BpfObject, RingBuffer
+from ..session import BpfSession
+from ..symbols import Frame, Symbolizer
+from ..targets import TargetError, TargetSpec
 
 STACK_DEPTH = 127
 STAT_NAMES = ["kernel_stack_errors", "user_stack_errors", "blocked_map_full", "offcpu_map_full"]

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import threading
 
-from ..export.metrics import Registry
+from ...export.metrics import Registry
 from .io import IoTracer
 from .mem import MemTracer
 from .offcpu import OffcpuTracer
-from .stuck import StuckMonitor
+from .monitor import StuckMonitor
 from .tcp import TcpTracer
 
 BLOCK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..lab import Lab
-from .stuck import StuckMonitor, format_report
+from ...lab import Lab
+from .monitor import StuckMonitor, format_report
 
 BACKEND = r'''
 import http.server, threading, time

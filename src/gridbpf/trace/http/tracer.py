@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..bpf import BpfError, BpfObject, RingBuffer
-from ..bpf.elf import library_of
-from .targets import TargetSpec, alive, comm_of
+from ...bpf import BpfError, BpfObject, RingBuffer
+from ...bpf.elf import library_of
+from ..targets import TargetSpec, alive, comm_of
 
 EV_REQUEST, EV_TLS_CONN, EV_REQUEST_START, EV_CONN_CLOSE = 1, 2, 3, 4
 F_TLS, F_PIPELINED, F_CLOSED, F_INTERIM, F_NO_RESPONSE, F_IDLE = 1, 2, 4, 8, 16, 32

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import socket
 
-from ..bpf import BpfObject
+from ...bpf import BpfObject
 from .offcpu import target_pids
-from .session import BpfSession
+from ..session import BpfSession
 
 STATES = ["", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
           "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV"]

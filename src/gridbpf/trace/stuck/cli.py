@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from .cli import add_target_args, get_trace_subparsers, spec_from_args
+from ..cli import add_target_args, get_trace_subparsers, spec_from_args
 from .offcpu import parse_duration
 
 
@@ -93,7 +93,7 @@ def _out(line: str) -> None:
 
 
 def cmd_stuck(args) -> int:
-    from .stuck import StuckMonitor, format_report, public
+    from .monitor import StuckMonitor, format_report, public
     stop = _Stop()
     with StuckMonitor(spec_from_args(args), threshold_s=args.threshold,
                       user_stacks=not args.no_user_stacks) as mon:

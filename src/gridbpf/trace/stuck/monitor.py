@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from .offcpu import OffcpuTracer, read_memory, repair_leaf
-from .stuck_syscalls import SYSCALLS_X86_64
-from .symbols import Frame, Symbolizer, kernel_symbols
+from .syscalls import SYSCALLS_X86_64
+from ..symbols import Frame, Symbolizer, kernel_symbols
 
 # bits of task->__state (include/linux/sched.h)
 TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE, TASK_STOPPED, TASK_TRACED = 1, 2, 4, 8

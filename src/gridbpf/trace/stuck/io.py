@@ -12,9 +12,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from ..bpf import BpfObject, RingBuffer
+from ...bpf import BpfObject, RingBuffer
 from .offcpu import target_pids
-from .session import BpfSession
+from ..session import BpfSession
 
 OPS = ["read", "write", "pread64", "pwrite64", "fsync", "fdatasync", "openat", "close"]
 EV_SLOW, EV_OPEN = 1, 2

@@ -6,10 +6,10 @@ from __future__ import annotations
 import struct
 import time
 
-from ..bpf import BpfObject
+from ...bpf import BpfObject
 from .offcpu import target_pids
-from .session import BpfSession
-from .symbols import read_maps
+from ..session import BpfSession
+from ..symbols import read_maps
 
 STAT_NAMES = ["procs_full"]
 COUNTERS = ["faults_user", "faults_kernel", "mmap_calls", "mmap_bytes", "munmap_calls",

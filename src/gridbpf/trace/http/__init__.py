@@ -1,0 +1,1 @@
+"""HTTP request tracing: requests rebuilt in the kernel from socket syscalls and TLS plaintext."""

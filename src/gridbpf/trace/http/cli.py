@@ -1,0 +1,90 @@
+"""`gridbpf trace http ...`: one line (or JSON object) per request of the selected processes."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+from ..cli import add_target_args, get_trace_subparsers, spec_from_args
+
+
+def register(sub) -> None:
+    verbs = get_trace_subparsers(sub)
+    p = verbs.add_parser("http", help="one line per HTTP request of the target processes")
+    add_target_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
+    p.add_argument("--count", type=int, default=0, help="stop after this many requests")
+    p.add_argument("--no-tls", action="store_true", help="do not hook libssl (SSL_read/SSL_write)")
+    p.add_argument("--idle-report", type=float, default=5.0, metavar="S",
+                   help="report the last request of a keep-alive connection idle this long "
+                        "(default 5; 0: only when the next request starts or it closes)")
+    p.set_defaults(func=cmd_http)
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def cmd_http(args) -> int:
+    from ..targets import TargetError
+    from .tracer import DRAIN_MS, HttpTracer
+
+    spec = spec_from_args(args)
+    try:
+        tracer = HttpTracer(spec, tls=not args.no_tls, idle_report_s=args.idle_report)
+    except (TargetError, PermissionError) as exc:
+        print(f"gridbpf: {exc}", file=sys.stderr)
+        return 2
+    # attached: say so (scripts and tests wait for this line before sending traffic)
+    print(f"gridbpf: tracing {spec.describe()} (pids {' '.join(map(str, tracer.targets())) or 'none yet'})",
+          file=sys.stderr, flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    deadline = time.monotonic() + args.duration if args.duration else None
+    shown, warned = 0, 0
+    end_reason = None
+    last_refresh = time.monotonic()
+    with tracer:
+        try:
+            while not stop:
+                reqs = tracer.poll(DRAIN_MS)
+                for r in reqs:
+                    _out(json.dumps(r.to_dict()) if args.json else r.line())
+                    shown += 1
+                    if args.count and shown >= args.count:
+                        break
+                for w in tracer.warnings[warned:]:
+                    print(f"gridbpf: {w}", file=sys.stderr)
+                warned = len(tracer.warnings)
+                if args.count and shown >= args.count:
+                    break
+                if deadline and time.monotonic() >= deadline:
+                    break
+                if time.monotonic() - last_refresh >= 1:
+                    tracer.refresh()
+                    last_refresh = time.monotonic()
+                    # only pids were given and all of them are gone: nothing more can come
+                    if spec.pids and not (spec.comms or spec.cgroups or spec.units) \
+                            and not tracer.targets():
+                        end_reason = f"target {spec.describe()} exited"
+                        break
+        except KeyboardInterrupt:
+            pass
+        # the last requests of closing connections are still in the ring
+        for r in tracer.poll(0):
+            if args.count and shown >= args.count:
+                break
+            _out(json.dumps(r.to_dict()) if args.json else r.line())
+            shown += 1
+        stats = tracer.stats()
+    if end_reason:
+        print(f"gridbpf: {end_reason}", file=sys.stderr)
+    summary = {"requests": shown, **stats}
+    if args.json:
+        print(json.dumps({"summary": summary}), file=sys.stderr)
+    else:
+        print("gridbpf: " + " ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
+    return 0
