@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gridbpf.lab import Lab
-from gridbpf.trace.http_lab import Nginx, free_port
+from gridbpf.trace.http.lab import Nginx, free_port
 from unit_supervisor import Supervisor, live_programs, parse_unit, program_ids, systemd_is_pid1
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 
 from gridbpf.lab import Lab
 from gridbpf.lb.site import build_site, stop_nginx
-from gridbpf.trace.http_lab import Nginx, free_port, wait_port
+from gridbpf.trace.http.lab import Nginx, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "packaging" / "prometheus" / "gridbpf-rules.yml"
@@ -157,7 +157,7 @@ def test_prometheus_scrapes_agent_and_balancer(tmp_path):
             cfg.write_text(f'[targets]\ncomm = ["{comm}", "{stuck_comm}"]\n'
                            f'[metrics]\nlisten = "127.0.0.1:{agent_port}"\nroutes = ["/{{vo}}/{{path}}"]\n'
                            f'[agent]\nlock = "{tmp_path}/agent.lock"\ncollectors = ["stuck"]\n'
-                           f'[checksum]\npaths = ["{n.root}", "{n.dir}/tmp"]\n')
+                           f'[checksum]\npaths = ["{n.root}", "{n.dir}/tmp"]\ncomm = "{comm}"\n')
             agent = subprocess.Popen([sys.executable, "-m", "gridbpf", "agent", "run", "--config", str(cfg),
                                       "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert agent.stdout.readline(), agent.stderr.read()
