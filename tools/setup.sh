@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx-mod-http-dav-ext
               wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev
               haproxy nftables    # lb benchmark baselines
-              openssl util-linux) # trace tests: certificates for HTTPS servers, setpriv
+              openssl util-linux  # trace tests: certificates for HTTPS servers, setpriv
+              prometheus)         # packaging tests: a real Prometheus and promtool
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -22,6 +23,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian starts nginx on install; our lab runs its own instances.
   systemctl disable --now nginx >/dev/null 2>&1 || service nginx stop >/dev/null 2>&1 || true
+  # ... and Prometheus: the packaging tests start their own on a free port
+  # (disable works without a running systemd; stop then through whichever init there is)
+  systemctl disable prometheus >/dev/null 2>&1 || true
+  systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}
