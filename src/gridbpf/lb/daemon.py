@@ -164,6 +164,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *a: self.reload_event.set())
+        sdnotify.ready(f"balancing on {self.cfg.interface}")    # attached, pinned, /metrics up
         while not self.stop_event.is_set():
             self.stop_event.wait(0.2)
             if self.reload_event.is_set():
@@ -192,9 +193,7 @@ def run(cfg_path: str) -> int:
     d = Daemon(cfg_path)
     d.start()
     try:
-        sdnotify.ready(f"balancing on {d.cfg.interface}")
         d.serve_forever()
-        sdnotify.stopping()
     finally:
         d.shutdown()
     return 0
