@@ -67,9 +67,11 @@ def venv(tmp_path_factory):
                    capture_output=True, timeout=300)
     wheels = list((d / "dist").glob("gridbpf-*.whl"))
     assert len(wheels) == 1
-    subprocess.run([sys.executable, "-m", "venv", str(d / "venv")], check=True)
-    # no PYTHONPATH: pip would take the checkout's src for an installed gridbpf and skip the wheel
-    subprocess.run([str(d / "venv/bin/pip"), "install", "-q", "--disable-pip-version-check", str(wheels[0])],
+    # a venv without its own pip (ensurepip alone takes ~10 s here): our pip installs into it.
+    # No PYTHONPATH: pip would take the checkout's src for an installed gridbpf and skip the wheel
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(d / "venv")], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(d / "venv/bin/python"), "install", "-q",
+                    "--disable-pip-version-check", str(wheels[0])],
                    check=True, capture_output=True, timeout=600, env=clean_env(d / "venv"))
     assert (d / "venv/bin/gridbpf").exists()
     return d, wheels[0]
