@@ -18,6 +18,7 @@ import pytest
 
 from gridbpf.lab import Lab
 from gridbpf.trace.http.lab import Nginx, free_port
+from test_lb_control import GOOD as LB_CONTROL_TOML
 from unit_supervisor import Supervisor, live_programs, parse_unit, program_ids, systemd_is_pid1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,22 +70,8 @@ def xdp_attached(lab) -> bool:
     return bool(re.search(r"prog/xdp id \d+", lab.hosts["a"].ip("-d", "link", "show", "dev", "eth0").stdout))
 
 
-LB_TOML = """
-[balancer]
-interface = "eth0"
-netns = "{ns}"
-instance = "pkunit"
-metrics = "127.0.0.1:{port}"
-[health]
-check = "none"
-[[service]]
-name = "web"
-vip = "10.99.0.1"
-port = 80
-  [[service.backend]]
-  address = "10.2.0.11"
-  mac = "02:00:00:00:00:0b"
-"""
+# the balancer tests' lb.toml, under this test's instance name
+LB_TOML = LB_CONTROL_TOML.replace('instance = "lbctl"', 'instance = "pkunit"')
 LB_PIN = Path("/sys/fs/bpf/gridbpf/lb/pkunit")
 
 
