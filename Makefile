@@ -13,9 +13,9 @@ TEST_OBJS := $(TEST_SRCS:.bpf.c=.bpf.o)
 HEADERS  := $(wildcard bpf/include/gridbpf/*.h) $(VMLINUX)
 CFLAGS_BPF := -target bpf -O2 -g -Wall -Werror -Wno-unused-function -D__TARGET_ARCH_$(ARCH) -Ibpf/include
 
-.PHONY: all setup bpf test demo bench clean wheel install-units
+.PHONY: all setup bpf java test demo bench clean wheel install-units
 
-all: bpf
+all: bpf java
 
 setup:
 	@tools/setup.sh
@@ -32,28 +32,47 @@ tests/bpf/%.bpf.o: tests/bpf/%.bpf.c $(HEADERS)
 
 bpf: $(BPF_OBJS) $(TEST_OBJS)
 
+# The JVM TLS agent (java/), one jar. The bridge classes are compiled into java.base's
+# sun.security.ssl package (the agent defines them there at run time) and stored in the jar
+# under gridbpf-bridge/. The agent compiles against the JDK's internal ASM, which javac refuses
+# together with --release, hence -source/-target 17 there.
+JAVADIR := src/gridbpf/_java
+JAVA_BRIDGE_SRCS := $(shell find java/bridge -name '*.java' 2>/dev/null)
+JAVA_AGENT_SRCS := $(shell find java/agent -name '*.java' 2>/dev/null)
+JAVA_JAR := $(JAVADIR)/gridbpf-jvm-agent.jar
+
+$(JAVA_JAR): $(JAVA_BRIDGE_SRCS) $(JAVA_AGENT_SRCS) java/agent/MANIFEST.MF
+	@rm -rf build/java && mkdir -p build/java/agent/gridbpf-bridge $(JAVADIR)
+	javac -nowarn --release 17 --patch-module java.base=java/bridge -d build/java/bridge $(JAVA_BRIDGE_SRCS)
+	cp build/java/bridge/sun/security/ssl/*.class build/java/agent/gridbpf-bridge/
+	javac -nowarn -source 17 -target 17 --add-exports java.base/jdk.internal.org.objectweb.asm=ALL-UNNAMED \
+	  -d build/java/agent $(JAVA_AGENT_SRCS)
+	jar --create --file $@ --manifest java/agent/MANIFEST.MF -C build/java/agent .
+
+java: $(JAVA_JAR)
+
 test: setup
-	@$(MAKE) --no-print-directory bpf
+	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m pytest -q tests
 
 demo: setup
-	@$(MAKE) --no-print-directory bpf
+	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m gridbpf.demo
 
 bench: setup
-	@$(MAKE) --no-print-directory bpf
+	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m bench
 
-# A wheel carrying the compiled CO-RE objects (and the JVM agent's jar if built): a node installs
+# A wheel carrying the compiled CO-RE objects and the JVM agent's jar: a node installs
 # it with pip and needs neither clang nor the source tree. Built from a copy of the tree's
 # files (tracked or not ignored) plus the objects, never from stale build state.
 WHEEL_DIR ?= dist
 PLAT := linux_$(shell uname -m)
-wheel: bpf
+wheel: bpf java
 	rm -rf build/wheel-src && mkdir -p build/wheel-src $(WHEEL_DIR)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -P --parents -t build/wheel-src 2>/dev/null || true
 	cp --parents $(OBJDIR)/*.bpf.o build/wheel-src/
-	if ls src/gridbpf/_java/*.jar >/dev/null 2>&1; then cp --parents src/gridbpf/_java/*.jar build/wheel-src/; fi
+	cp --parents $(JAVADIR)/*.jar build/wheel-src/
 	cd build/wheel-src && $(PYTHON) -m pip wheel -q --no-deps -C--build-option=--plat-name=$(PLAT) -w $(abspath $(WHEEL_DIR)) .
 
 # systemd units into $(UNITDIR), pointing at the gridbpf of $(BINDIR) (e.g. a venv made with
@@ -73,4 +92,4 @@ install-units:
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
-	rm -rf $(OBJDIR) $(TEST_OBJS) $(VMLINUX) build/wheel-src
+	rm -rf $(OBJDIR) $(TEST_OBJS) $(VMLINUX) $(JAVADIR) build/java build/wheel-src

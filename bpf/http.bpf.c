@@ -95,6 +95,26 @@ struct {
 	__type(value, __u32);
 } ssl_fds SEC(".maps");
 
+/*
+ * The TLS connection each thread touched last (tid -> fd and accept time): a JVM record from a
+ * stream read/write, or the first plaintext an engine unwraps, belongs to the socket the thread
+ * just read or wrote. A cache: LRU is fine.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct http_jvm_bind);
+} jvm_last_conn SEC(".maps");
+
+/* JVM engine (or socket) -> its connection, learnt from the first record (LRU: a cache). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct http_jvm_key);
+	__type(value, struct http_jvm_bind);
+} jvm_binds SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, HTTP_ST_MAX);
@@ -188,7 +208,7 @@ static __always_inline void start_request(struct http_conn *c, __u32 tid, __u64 
 	ev->resp_bytes = 0;
 	ev->tid = tid;
 	ev->status = 0;
-	ev->flags = c->tls ? HTTP_F_TLS : 0;
+	ev->flags = (c->tls ? HTTP_F_TLS : 0) | (c->client ? HTTP_F_CLIENT : 0);
 	ev->pipe_idx = 0;
 	ev->hdr_len = 0;
 	ev->resp_head_len = 0;
@@ -222,9 +242,19 @@ static __always_inline int starts_request(const char *h, __u16 len)
 	return 0;
 }
 
+/* "PRI * HTTP/2.0": the HTTP/2 connection preface (prior knowledge, or h2 over TLS). */
+static __always_inline int is_h2_preface(const char *h, __u16 len)
+{
+	return len >= 14 && h[0] == 'P' && h[1] == 'R' && h[2] == 'I' && h[3] == ' ' &&
+	       h[4] == '*' && h[5] == ' ' && h[6] == 'H' && h[11] == '2' && h[12] == '.' &&
+	       h[13] == '0';
+}
+
 static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, __u64 seglen,
 				    long n, __u64 now)
 {
+	if (c->h2)
+		return;
 	if (c->state == HTTP_CS_REQ) {
 		c->ev.req_bytes += n;
 		return;
@@ -237,6 +267,13 @@ static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, _
 	if (!starts_request(c->ev.hdr, c->ev.hdr_len)) {
 		c->state = HTTP_CS_IDLE;
 		gb_count(&stats, HTTP_ST_STRAY_READS);
+		return;
+	}
+	if (is_h2_preface(c->ev.hdr, c->ev.hdr_len)) {
+		/* binary frames follow: counted once, never parsed as HTTP/1 */
+		c->h2 = 1;
+		c->state = HTTP_CS_IDLE;
+		gb_count(&stats, HTTP_ST_H2_CONNS);
 		return;
 	}
 	if (emit_request_start) {
@@ -264,7 +301,7 @@ static __always_inline __u16 parse_status(const char *s)
  * instead of copying the head: the body size follows from the byte count.
  */
 static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf, __u64 seglen,
-						 long n)
+						 long n, int head_hint)
 {
 	char head[HTTP_STATUS_CAP] = {};
 	__u32 tail = 0;
@@ -272,7 +309,9 @@ static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf,
 	c->ev.resp_head_len = 0;
 	if (seglen < 12 || bpf_probe_read_user(head, sizeof(head), (void *)buf))
 		return 0;
-	if (seglen <= (__u64)n && seglen <= 0xffffffff &&
+	if (head_hint >= 0)               /* the JVM agent found the head's end itself */
+		c->ev.resp_head_len = head_hint;
+	else if (seglen <= (__u64)n && seglen <= 0xffffffff &&
 	    bpf_probe_read_user(&tail, 4, (void *)(buf + seglen - 4)) == 0 &&
 	    tail == 0x0a0d0a0d)           /* "\r\n\r\n" as a little-endian u32 */
 		c->ev.resp_head_len = seglen;
@@ -280,17 +319,19 @@ static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf,
 }
 
 static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 seglen, long n,
-				     __u64 now)
+				     __u64 now, int head_hint)
 {
 	char head[HTTP_STATUS_CAP] = {};
 	__u16 status = 0;
 
+	if (c->h2)
+		return;
 	if (c->state == HTTP_CS_IDLE) {
 		gb_count(&stats, HTTP_ST_WRITE_NO_REQ);
 		return;
 	}
 	if (c->state == HTTP_CS_REQ) {
-		status = read_response_start(c, buf, seglen, n);
+		status = read_response_start(c, buf, seglen, n, head_hint);
 		if (status >= 100 && status < 200 && status != 101) {
 			/* 100 Continue: the body is still to be read; the final response comes later */
 			c->ev.flags |= HTTP_F_INTERIM;
@@ -308,13 +349,13 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 		if (status && c->ev.resp_bytes) {
 			/* a second status line while responding: the next pipelined request's response */
 			emit(c, 0);
-			c->ev.flags = (c->ev.flags & HTTP_F_TLS) | HTTP_F_PIPELINED;
+			c->ev.flags = (c->ev.flags & (HTTP_F_TLS | HTTP_F_CLIENT)) | HTTP_F_PIPELINED;
 			c->ev.pipe_idx += 1;
 			c->ev.req_bytes = 0;
 			c->ev.resp_bytes = 0;
 			c->ev.ttfb_ns = now;
 			c->ev.interim_bytes = 0;
-			c->ev.status = read_response_start(c, buf, seglen, n);
+			c->ev.status = read_response_start(c, buf, seglen, n, head_hint);
 		}
 	}
 	c->ev.resp_bytes += n;
@@ -349,6 +390,7 @@ static __always_inline void on_accept(__u32 tgid, long fd, __u64 sockaddr)
 		return;
 	c->ev.pid = tgid;
 	c->ev.fd = fd;
+	c->born_ns = bpf_ktime_get_ns();
 	if (sockaddr && bpf_probe_read_user(&sa, sizeof(sa), (void *)sockaddr) == 0 &&
 	    (sa.family == AF_INET || sa.family == AF_INET6)) {
 		c->ev.family = sa.family;
@@ -417,15 +459,27 @@ static __always_inline void on_close(struct http_conn_key *key, struct http_conn
 }
 
 /*
- * The first byte a client sends on a TLS connection: a handshake record, 0x16 -- never the
- * first byte of an HTTP/1 request line (a method is a token). One byte is enough.
+ * The first byte a client sends on a TLS connection: a handshake record, 0x16; on a connection
+ * that was open before we started, any record type (0x14-0x17: change cipher spec, alert,
+ * handshake, application data). Never the first byte of an HTTP/1 request line (a method is
+ * a token of letters). One byte is enough.
  */
 static __always_inline int looks_like_tls(__u64 buf)
 {
 	__u8 b = 0;
 
-	return bpf_probe_read_user(&b, 1, (void *)buf) == 0 && b == 0x16;
+	return bpf_probe_read_user(&b, 1, (void *)buf) == 0 && b >= 0x14 && b <= 0x17;
 }
+
+static __always_inline void note_last_conn(__u32 tid, struct http_conn_key *key,
+					   struct http_conn *c)
+{
+	struct http_jvm_bind last = {.fd = key->fd, .born_ns = c->born_ns};
+
+	bpf_map_update_elem(&jvm_last_conn, &tid, &last, BPF_ANY);
+}
+
+static __always_inline void on_jvm_record(__u64 pid_tgid, __u64 buf, long n);
 
 SEC("tp_btf/sys_exit")
 int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
@@ -459,6 +513,11 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c)
 		return 0;
+	if (c->bridge) {
+		if (nr == NR_write)
+			on_jvm_record(pid_tgid, arg1, ret);
+		return 0;
+	}
 	if (nr == NR_close) {
 		on_close(&key, c);
 		return 0;
@@ -471,6 +530,7 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 		struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
 		if (call)
 			call->fd = key.fd;
+		note_last_conn(tid, &key, c);
 		return 0;
 	}
 	now = bpf_ktime_get_ns();
@@ -503,12 +563,13 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 			struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
 			if (call)
 				call->fd = key.fd;
+			note_last_conn(tid, &key, c);
 			return 0;
 		}
 		c->seen = 1;
 		on_read(c, pid_tgid, buf, seglen, ret, now);
 	} else {
-		on_write(c, buf, seglen, ret, now);
+		on_write(c, buf, seglen, ret, now, -1);
 	}
 	return 0;
 }
@@ -572,7 +633,7 @@ static __always_inline int ssl_exit(struct pt_regs *ctx)
 	}
 	c->tls = 1;
 	if (call->is_write)
-		on_write(c, call->buf, n, n, bpf_ktime_get_ns());
+		on_write(c, call->buf, n, n, bpf_ktime_get_ns(), -1);
 	else
 		on_read(c, tid, call->buf, n, n, bpf_ktime_get_ns());
 out:
@@ -585,6 +646,128 @@ SEC("uprobe") int BPF_KPROBE(http_ssl_write) { return ssl_enter(ctx, 1, 0); }
 SEC("uprobe") int BPF_KPROBE(http_ssl_read_ex) { return ssl_enter(ctx, 0, 1); }
 SEC("uprobe") int BPF_KPROBE(http_ssl_write_ex) { return ssl_enter(ctx, 1, 1); }
 SEC("uretprobe") int BPF_KRETPROBE(http_ssl_ret) { return ssl_exit(ctx); }
+
+/* --- JVM: plaintext records written by the Java agent (java/) ------------------------------ */
+
+#define JVM_HDR_SIZE __builtin_offsetof(struct http_jvm_record, data)
+
+/* The record's header, read here (too big for the stack with the parsing below). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_jvm_record);
+} jvm_scratch SEC(".maps");
+
+/*
+ * An accepted connection of the JVM. A stream's socket syscall happens inside the hooked call,
+ * so the thread's last TLS connection is the stream's. An engine is bound to a connection at
+ * its first record (its first plaintext follows the read that carried it, on the same thread)
+ * and keeps it: it may unwrap bytes that an earlier read left in its buffer.
+ */
+static __always_inline struct http_conn *jvm_server_conn(__u32 tgid, __u32 tid,
+							 struct http_jvm_record *r,
+							 struct http_conn_key *key)
+{
+	struct http_jvm_key jk = {.tgid = tgid, .conn_id = (__u32)r->conn_id};
+	struct http_jvm_bind *b, *last;
+	struct http_conn *c;
+
+	key->tgid = tgid;
+	if (!(r->flags & HTTP_JVM_F_SOCKET)) {
+		b = bpf_map_lookup_elem(&jvm_binds, &jk);
+		if (b) {
+			key->fd = b->fd;
+			c = bpf_map_lookup_elem(&conns, key);
+			if (c && c->born_ns == b->born_ns)
+				return c;
+		}
+	}
+	last = bpf_map_lookup_elem(&jvm_last_conn, &tid);
+	if (!last)
+		return NULL;
+	key->fd = last->fd;
+	c = bpf_map_lookup_elem(&conns, key);
+	if (!c || c->born_ns != last->born_ns)
+		return NULL;
+	if (!(r->flags & HTTP_JVM_F_SOCKET))
+		bpf_map_update_elem(&jvm_binds, &jk, last, BPF_ANY);
+	return c;
+}
+
+/* An outbound connection of the JVM: keyed by the socket's identity, its peer from the record. */
+static __always_inline struct http_conn *jvm_client_conn(__u32 tgid, struct http_jvm_record *r,
+							 struct http_conn_key *key)
+{
+	struct http_conn *c;
+	__u32 zero = 0;
+
+	key->tgid = tgid;
+	key->fd = 0x80000000 | (__u32)r->conn_id;   /* above any fd: not a socket we follow */
+	c = bpf_map_lookup_elem(&conns, key);
+	if (c || r->dir == HTTP_JVM_CLOSE)
+		return c;
+	c = bpf_map_lookup_elem(&zero_conn, &zero);
+	if (!c)
+		return NULL;
+	if (bpf_map_update_elem(&conns, key, c, BPF_NOEXIST)) {
+		gb_count(&stats, HTTP_ST_CONN_FULL);
+		return NULL;
+	}
+	c = bpf_map_lookup_elem(&conns, key);
+	if (!c)
+		return NULL;
+	c->ev.pid = tgid;
+	c->ev.fd = key->fd;
+	c->ev.family = r->family;
+	c->ev.cport = r->peer_port;
+	__builtin_memcpy(c->ev.caddr, r->peer_addr, 16);
+	c->tls = 1;
+	c->client = 1;
+	c->seen = 1;
+	c->born_ns = bpf_ktime_get_ns();
+	return c;
+}
+
+static __always_inline void on_jvm_record(__u64 pid_tgid, __u64 buf, long n)
+{
+	__u32 zero = 0, tid = pid_tgid, tgid = pid_tgid >> 32;
+	struct http_jvm_record *r = bpf_map_lookup_elem(&jvm_scratch, &zero);
+	struct http_conn_key key;
+	struct http_conn *c;
+	__u64 data = buf + JVM_HDR_SIZE, copied;
+	int client;
+
+	if (!r)
+		return;
+	if (n < (long)JVM_HDR_SIZE || bpf_probe_read_user(r, JVM_HDR_SIZE, (void *)buf) ||
+	    r->magic != HTTP_JVM_MAGIC) {
+		gb_count(&stats, HTTP_ST_JVM_BAD);
+		return;
+	}
+	gb_count(&stats, HTTP_ST_JVM_RECORDS);
+	copied = r->copied;
+	if (copied > (__u64)(n - JVM_HDR_SIZE))
+		copied = n - JVM_HDR_SIZE;
+	client = r->flags & HTTP_JVM_F_CLIENT;
+	c = client ? jvm_client_conn(tgid, r, &key) : jvm_server_conn(tgid, tid, r, &key);
+	if (!c) {
+		if (r->dir != HTTP_JVM_CLOSE)
+			gb_count(&stats, HTTP_ST_JVM_UNLINKED);
+		return;
+	}
+	if (r->dir == HTTP_JVM_CLOSE) {
+		if (client)
+			on_close(&key, c);
+		return;
+	}
+	c->tls = 1;
+	/* a client sends the request and receives the response: the directions swap */
+	if ((r->dir == HTTP_JVM_RECV) != !!client)
+		on_read(c, tid, data, copied, r->len, bpf_ktime_get_ns());
+	else
+		on_write(c, data, copied, r->len, bpf_ktime_get_ns(), r->head_len);
+}
 
 /* --- target processes that appear later ---------------------------------------------------- */
 

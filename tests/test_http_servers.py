@@ -124,7 +124,9 @@ def test_python_https_through_libssl():
 
 
 def test_jvm_tls_reported_unreadable():
-    with JdkHttpsServer() as srv, HttpTracer(TargetSpec(pids=[srv.pid])) as t:
+    """The negative control of test_http_jvm_tls.py: without the Java agent a JVM's TLS is
+    counted and reported unreadable, never parsed."""
+    with JdkHttpsServer() as srv, HttpTracer(TargetSpec(pids=[srv.pid]), java_agent=False) as t:
         out = subprocess.run(["curl", "-sk", f"{srv.url}/x", f"{srv.url}/y"], capture_output=True,
                              text=True, timeout=30)
         assert out.stdout == "ok\nok\n"

@@ -22,6 +22,7 @@ enum http_flags {
 	HTTP_F_INTERIM = 8,      /* an interim 1xx response (100 Continue) came before the final one */
 	HTTP_F_NO_RESPONSE = 16, /* the connection closed before any response byte */
 	/* 32 is set by userspace: reported from the connection table of an idle connection */
+	HTTP_F_CLIENT = 64,      /* we are the client (JVM outbound TLS): the request was sent */
 };
 
 enum http_conn_state {
@@ -42,6 +43,10 @@ enum http_stat {
 	HTTP_ST_REQUESTS,        /* requests completed in the kernel (sent or lost) */
 	HTTP_ST_STRAY_READS,     /* reads after a response that start no request (a body the
 				    server discards after answering early, e.g. 413 or 401) */
+	HTTP_ST_H2_CONNS,        /* HTTP/2 connections (preface seen): counted, not parsed */
+	HTTP_ST_JVM_RECORDS,     /* plaintext records from the JVM agent */
+	HTTP_ST_JVM_BAD,         /* writes on the agent's bridge fd that are no record */
+	HTTP_ST_JVM_UNLINKED,    /* JVM records whose connection could not be found: not traced */
 	HTTP_ST_MAX,
 };
 
@@ -86,7 +91,58 @@ struct http_conn {
 	__u8 state;              /* enum http_conn_state */
 	__u8 tls;                /* socket carries TLS records: only the SSL uprobes are believed */
 	__u8 seen;               /* bytes were read: the TLS check is done on the first read only */
-	__u8 _pad[5];
+	__u8 h2;                 /* HTTP/2 preface seen: nothing more is parsed */
+	__u8 bridge;             /* not a connection: the JVM agent's record fd (set by userspace) */
+	__u8 client;             /* a JVM's outbound connection: requests are sent, not received */
+	__u8 _pad[2];
+	__u64 born_ns;           /* accept time: tells a reused fd number from the connection */
+};
+
+/*
+ * JVM TLS bridge. The Java agent (java/) hooks the JDK's SSLEngine wrap/unwrap and SSLSocket
+ * streams and writes one record per call to /dev/null with write(2); the sys_exit hook finds
+ * the (pid, fd) pair in `conns` as a bridge entry and feeds the record's plaintext to the
+ * request state machine of the connection it belongs to. No kprobe, no native code.
+ */
+#define HTTP_JVM_MAGIC 0x314d564a42524700ULL   /* bytes "\0GRBJVM1" */
+#define HTTP_JVM_DATA_CAP 256
+
+enum http_jvm_dir {
+	HTTP_JVM_RECV = 0,       /* the application received plaintext (unwrap, input stream) */
+	HTTP_JVM_SEND = 1,       /* the application sent plaintext (wrap, output stream) */
+	HTTP_JVM_CLOSE = 2,      /* a client-side connection closed */
+};
+
+enum http_jvm_flags {
+	HTTP_JVM_F_CLIENT = 1,   /* the JVM is the TLS client */
+	HTTP_JVM_F_SOCKET = 2,   /* an SSLSocket stream (the socket syscall is inside the call) */
+};
+
+struct http_jvm_record {
+	__u64 magic;
+	__u64 conn_id;           /* identity hash of the engine or socket */
+	__u32 len;               /* plaintext bytes of this call */
+	__u16 copied;            /* valid bytes in data: the first min(len, HTTP_JVM_DATA_CAP) */
+	__u16 head_len;          /* sent response heads: length through CRLF CRLF, else 0 */
+	__u8 dir;                /* enum http_jvm_dir */
+	__u8 flags;              /* enum http_jvm_flags */
+	__u16 peer_port;         /* host order, 0 if unknown */
+	__u16 family;            /* AF_INET / AF_INET6, 0 if unknown */
+	__u16 _pad;
+	__u8 peer_addr[16];
+	__u8 data[HTTP_JVM_DATA_CAP];
+};
+
+/* Which connection an engine (or socket) of a JVM writes to. */
+struct http_jvm_key {
+	__u32 tgid;
+	__u32 conn_id;
+};
+
+struct http_jvm_bind {
+	__u32 fd;
+	__u32 _pad;
+	__u64 born_ns;
 };
 
 /* An SSL_read/SSL_write call in flight on a thread. */

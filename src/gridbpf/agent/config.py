@@ -5,6 +5,7 @@
 
     [trace]
     tls = true                     # hook libssl's SSL_read/SSL_write in the targets
+    java_agent = true              # load the Java agent into target JVMs (JSSE TLS)
     drain_ms = 50                  # how often the ring buffer is drained
     idle_report_s = 5              # report the last request of an idle keep-alive connection
 
@@ -68,6 +69,7 @@ class ChecksumConfig:
 class AgentConfig:
     targets: TargetSpec
     tls: bool = True
+    java_agent: bool = True
     drain_ms: int = 50
     idle_report_s: float = 5.0
     listen_addr: str = "127.0.0.1"
@@ -82,7 +84,7 @@ class AgentConfig:
 
 _SCHEMA = {
     "targets": {"pid": list, "comm": list, "cgroup": list, "unit": list},
-    "trace": {"tls": bool, "drain_ms": int, "idle_report_s": (int, float)},
+    "trace": {"tls": bool, "java_agent": bool, "drain_ms": int, "idle_report_s": (int, float)},
     "metrics": {"listen": str, "max_series": int, "routes": list},
     "otlp": {"endpoint": str, "interval": (int, float), "spans": bool,
              "max_spans_per_second": int, "service_name": str},
@@ -132,7 +134,8 @@ def parse(doc: dict, where: str = "agent.toml") -> AgentConfig:
     if spec.empty:
         raise err("targets", "give at least one of pid, comm, cgroup, unit")
     tr, m, a = doc.get("trace", {}), doc.get("metrics", {}), doc.get("agent", {})
-    cfg = AgentConfig(targets=spec, tls=tr.get("tls", True), drain_ms=tr.get("drain_ms", 50),
+    cfg = AgentConfig(targets=spec, tls=tr.get("tls", True), java_agent=tr.get("java_agent", True),
+                      drain_ms=tr.get("drain_ms", 50),
                       idle_report_s=float(tr.get("idle_report_s", 5.0)),
                       max_series=m.get("max_series", 1000), routes=m.get("routes", []),
                       lock=a.get("lock", "/run/gridbpf/agent.lock"))

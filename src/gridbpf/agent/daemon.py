@@ -75,7 +75,8 @@ class HttpAgent:
         self.requests = 0
         self._line_cache: dict[bytes, tuple] = {}
         try:
-            self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s)
+            self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s,
+                                      java_agent=cfg.java_agent)
             self.routes = Routes(cfg.routes)
             self.registry = Registry()
             r = self.registry

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
     p.add_argument("--count", type=int, default=0, help="stop after this many requests")
     p.add_argument("--no-tls", action="store_true", help="do not hook libssl (SSL_read/SSL_write)")
+    p.add_argument("--no-java-agent", action="store_true",
+                   help="do not load the Java agent into target JVMs (their TLS stays unread)")
     p.add_argument("--idle-report", type=float, default=5.0, metavar="S",
                    help="report the last request of a keep-alive connection idle this long "
                         "(default 5; 0: only when the next request starts or it closes)")
@@ -34,7 +36,8 @@ def cmd_http(args) -> int:
 
     spec = spec_from_args(args)
     try:
-        tracer = HttpTracer(spec, tls=not args.no_tls, idle_report_s=args.idle_report)
+        tracer = HttpTracer(spec, tls=not args.no_tls, idle_report_s=args.idle_report,
+                            java_agent=not args.no_java_agent)
     except (TargetError, PermissionError) as exc:
         print(f"gridbpf: {exc}", file=sys.stderr)
         return 2

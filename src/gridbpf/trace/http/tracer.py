@@ -18,14 +18,14 @@ from ...bpf.elf import library_of
 from ..targets import TargetSpec, alive, comm_of
 
 EV_REQUEST, EV_TLS_CONN, EV_REQUEST_START, EV_CONN_CLOSE = 1, 2, 3, 4
-F_TLS, F_PIPELINED, F_CLOSED, F_INTERIM, F_NO_RESPONSE, F_IDLE = 1, 2, 4, 8, 16, 32
+F_TLS, F_PIPELINED, F_CLOSED, F_INTERIM, F_NO_RESPONSE, F_IDLE, F_CLIENT = 1, 2, 4, 8, 16, 32, 64
 FLAG_NAMES = {F_TLS: "tls", F_PIPELINED: "pipelined", F_CLOSED: "closed", F_INTERIM: "interim",
-              F_NO_RESPONSE: "no-response", F_IDLE: "idle"}
+              F_NO_RESPONSE: "no-response", F_IDLE: "idle", F_CLIENT: "client"}
 CS_RESP = 2              # enum http_conn_state
 IDLE_REPORT_S = 5.0      # report a finished-looking request of an idle keep-alive connection
 STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connections",
               "stale_connections", "writes_without_request", "targets_full", "requests_completed",
-              "stray_reads"]
+              "stray_reads", "h2_connections", "jvm_records", "jvm_bad_records", "jvm_unlinked"]
 SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
              ("SSL_read_ex", "http_ssl_read_ex"), ("SSL_write_ex", "http_ssl_write_ex")]
 DRAIN_MS = 50      # how often the ring is drained (records are sent without wakeups)
@@ -157,13 +157,16 @@ class HttpTracer:
     """Trace HTTP/1.x requests of the processes selected by SPEC.
 
     tls: attach the OpenSSL uprobes to each libssl the targets map.
+    java_agent: load the Java agent (java/) into target JVMs, so that their JSSE TLS is read;
+    the agent writes plaintext records only while a tracer holds a lease on it.
     request_start: also report each request when its request line is read, and each
     connection close, with both endpoints (RequestStart / ConnClose from events() and follow()):
     what automatic SciTags tagging subscribes to. Off, the kernel does none of that work.
     floor: load only the cost floor (same hook, pid filter only) -- for benchmarks."""
 
     def __init__(self, spec: TargetSpec, tls: bool = True, floor: bool = False,
-                 idle_report_s: float = IDLE_REPORT_S, request_start: bool = False):
+                 idle_report_s: float = IDLE_REPORT_S, request_start: bool = False,
+                 java_agent: bool = True):
         if not _can_trace():
             raise PermissionError("tracing needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
         spec.validate()
@@ -180,6 +183,10 @@ class HttpTracer:
         self.links = []
         self.ssl_libs: dict[str, list] = {}      # libssl path -> its uprobe links
         self.tls_opaque: dict[int, str] = {}     # pid -> why its TLS cannot be read
+        self.java_agent = java_agent and tls and not floor
+        self.jvm_agents: dict[int, object] = {}  # pid -> its loaded agent (jvm_agent.JvmAgent)
+        self.jvm_skipped: dict[int, str] = {}    # pid -> why no agent could be loaded
+        self._lease = f"{os.getpid()}-{id(self):x}"
         self.warnings: list[str] = []
         self.requests_seen = 0
         self._clients: dict = {}               # (family, address bytes) -> text
@@ -227,6 +234,8 @@ class HttpTracer:
         if self.tls and not self.floor:
             for pid in live:
                 self._hook_ssl(pid)
+        if self.java_agent:
+            self._refresh_jvms(live)
         if gone:
             # the kernel drops a process's connections when it exits; this catches the rest
             self._sweep(set(live))
@@ -277,6 +286,33 @@ class HttpTracer:
         except (BpfError, OSError) as exc:
             self.warnings.append(f"cannot hook {lib} of pid {pid}: {exc}")
         self.ssl_libs[lib] = links
+
+    def _refresh_jvms(self, live: list[int]) -> None:
+        """Load the agent into target JVMs not seen before; renew our leases on the others.
+
+        Every target JVM gets it at first sight, not at its first TLS connection: that
+        connection's requests would be lost while the agent loads (about a second). The agent
+        does nothing measurable while no tracer holds a lease."""
+        for pid in list(self.jvm_agents):
+            if pid not in live:
+                self.jvm_agents.pop(pid).release()
+        for pid in live:
+            agent = self.jvm_agents.get(pid)
+            if agent is not None:
+                agent.renew()
+            elif pid not in self.jvm_skipped and _maps_libjvm(pid):
+                from . import jvm_agent
+                try:
+                    agent = jvm_agent.attach(pid, self._lease)
+                except jvm_agent.JvmAttachError as exc:
+                    self.jvm_skipped[pid] = str(exc)
+                    self.warnings.append(f"{exc}: its TLS requests are not traced")
+                    continue
+                # the agent's /dev/null fd becomes a bridge entry of the connection table: the
+                # syscall hook's one lookup finds its records (no extra cost for other writes)
+                self.obj.map("conns")[{"tgid": pid, "fd": agent.bridge_fd}] = {
+                    "ev": {"pid": pid, "fd": agent.bridge_fd}, "bridge": 1}
+                self.jvm_agents[pid] = agent
 
     def _sweep(self, live: set[int]) -> None:
         """Delete connections of processes that are gone and were not cleaned up at exit (the
@@ -453,10 +489,14 @@ class HttpTracer:
             lib = None
         if lib is not None and self.ssl_libs.get(lib):
             return
+        if pid in self.jvm_agents:
+            return
         comm = comm_of(pid) or "?"
-        if comm == "java" or _maps_libjvm(pid):
-            why = (f"pid {pid} ({comm}) is a JVM serving TLS (JSSE): its requests cannot be read "
-                   f"without a Java agent; connections are counted, requests are not reported")
+        if pid in self.jvm_skipped:
+            why = f"pid {pid} ({comm}) serves TLS: {self.jvm_skipped[pid]}"
+        elif comm == "java" or _maps_libjvm(pid):
+            why = (f"pid {pid} ({comm}) is a JVM serving TLS (JSSE) and the Java agent is off "
+                   f"(--no-java-agent): connections are counted, requests are not reported")
         elif not self.tls:
             why = f"pid {pid} ({comm}) serves TLS and TLS tracing is off (--no-tls)"
         else:
@@ -474,9 +514,14 @@ class HttpTracer:
         out["idle_reported"] = self.idle_reported
         out["late_bytes_after_idle_report"] = self.late_bytes
         out["events_received"] = int(self.ring.received)
+        out["jvm_agents"] = len(self.jvm_agents)
         return out
 
     def close(self) -> None:
+        # first: agents stop writing records as soon as no lease is left
+        for agent in getattr(self, "jvm_agents", {}).values():
+            agent.release()
+        self.jvm_agents = {}
         for links in getattr(self, "ssl_libs", {}).values():
             for link in links:
                 link.detach()

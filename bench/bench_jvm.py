@@ -1,0 +1,176 @@
+"""Cost of reading a JVM's TLS through the Java agent.
+
+1. HTTPS small GETs (wrk, keep-alive) to Tomcat 10's WebDAV servlet, in interleaved rounds:
+     untraced  before any agent was loaded (measured first: the agent cannot be unloaded)
+     inactive  agent loaded, no tracer holding a lease (what a JVM carries between tracers)
+     traced    the tracer with the agent active, drained and aggregated as the agent does
+   Reported: throughput ratios (medians of rounds), Tomcat CPU time per request, its increase.
+2. How a record reaches BPF without kprobes (bench/cprogs/jvm_transport.c): ns per record for
+   write(2) to /dev/null (the agent's choice), ioctl(-1, MAGIC, &rec) and a uprobed no-op
+   function, each with and without its BPF receiver (tests/bpf/jvm_transport.bpf.c), which
+   reads the record header as the tracer does. Checked: the receiver counted every call.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import re
+
+from bench.bench_http import _Consumer, cpu_seconds
+from gridbpf.trace.http.jvm_servers import Tomcat
+from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer
+from gridbpf.trace.targets import TargetSpec
+
+ROUNDS = int(os.environ.get("BENCH_JVM_ROUNDS", 5))
+SECONDS = float(os.environ.get("BENCH_JVM_SECONDS", 4))
+CONNS = 16
+
+
+def wrk(url: str, seconds: float = SECONDS) -> tuple[float, int]:
+    out = subprocess.run(["wrk", "-t1", f"-c{CONNS}", f"-d{seconds:g}s", url], capture_output=True,
+                         text=True, check=True).stdout
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    if not n:
+        raise RuntimeError(f"wrk made no request to {url}: {out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), n
+HERE = Path(__file__).resolve().parent
+TRANSPORT_OBJ = HERE.parent / "tests" / "bpf" / "jvm_transport.bpf.o"
+
+
+def tomcat_round(srv: Tomcat, url: str, mode: str) -> dict:
+    tracer, stop, drainer, drained = None, threading.Event(), None, [0]
+    if mode == "traced":
+        tracer = HttpTracer(TargetSpec(pids=[srv.pid]))
+        consumer = _Consumer(tracer)
+
+        def drain():
+            while not stop.is_set():
+                drained[0] += consumer.drain(DRAIN_MS)
+                tracer.refresh()          # renews the agent lease, as the CLI and agent do
+        drainer = threading.Thread(target=drain)
+        drainer.start()
+    try:
+        c0 = cpu_seconds(srv.pid)
+        rps, n = wrk(url)
+        c1 = cpu_seconds(srv.pid)
+        if drainer:
+            stop.set()
+            drainer.join()
+            time.sleep(0.3)
+            drained[0] += consumer.drain(0)
+    finally:
+        stop.set()
+        if tracer:
+            stats = tracer.stats()
+            tracer.close()
+    r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6}
+    if tracer:
+        r.update(traced=drained[0], lost=stats["events_lost"], unlinked=stats["jvm_unlinked"])
+    return r
+
+
+def tomcat_bench() -> dict:
+    with Tomcat() as srv:
+        (srv.root / "small.html").write_bytes(b"<html>hello grid</html>\n" * 20)
+        url = f"{srv.url}/small.html"
+        # one request first: Tomcat's TLS stack starts on it (wrk's 16 handshakes at once on a
+        # cold Tomcat made no request in 8 s here)
+        subprocess.run(["curl", "-sk", "-o", "/dev/null", url], check=True, timeout=60)
+        wrk(url, 8)                                   # TLS and JIT warm-up
+        rounds = {m: [] for m in ("untraced", "inactive", "traced")}
+        for _ in range(max(2, ROUNDS // 2)):
+            rounds["untraced"].append(tomcat_round(srv, url, "untraced"))
+        with HttpTracer(TargetSpec(pids=[srv.pid])) as t:   # loads the agent, then lets go
+            assert t.jvm_agents, t.warnings
+        time.sleep(6)                                 # the lease expires: agent inactive
+        for i in range(ROUNDS):
+            for mode in (("inactive", "traced") if i % 2 == 0 else ("traced", "inactive")):
+                rounds[mode].append(tomcat_round(srv, url, mode))
+    med = lambda m, k: statistics.median(r[k] for r in rounds[m])
+    ratio = statistics.median(t["rps"] / o["rps"] for t, o in zip(rounds["traced"], rounds["inactive"]))
+    return {
+        "rounds": ROUNDS,
+        "rps_untraced": round(med("untraced", "rps")), "rps_inactive": round(med("inactive", "rps")),
+        "rps_traced": round(med("traced", "rps")),
+        "throughput_ratio_traced_vs_inactive": round(ratio, 3),
+        "throughput_ratio_inactive_vs_untraced": round(med("inactive", "rps") / med("untraced", "rps"), 3),
+        "tomcat_cpu_us_per_req_untraced": round(med("untraced", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_inactive": round(med("inactive", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_traced": round(med("traced", "cpu_us_per_req"), 1),
+        "added_cpu_us_per_req": round(med("traced", "cpu_us_per_req") - med("inactive", "cpu_us_per_req"), 1),
+        "traced_all": all(r["traced"] + r["lost"] >= r["requests"] for r in rounds["traced"]),
+        "jvm_unlinked": sum(r["unlinked"] for r in rounds["traced"]),
+        "rps_per_round": {m: [round(r["rps"]) for r in rounds[m]] for m in rounds},
+    }
+
+
+def transport_round(binary: Path, mode: str, with_bpf: bool, n: int) -> tuple[float, int]:
+    from gridbpf.bpf import BpfObject
+    p = subprocess.Popen([str(binary), mode, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    obj, link = None, None
+    try:
+        fd = int(p.stdout.readline().split()[1])
+        if with_bpf:
+            prog = {"write": "via_write", "ioctl": "via_ioctl", "uprobe": "via_uprobe"}[mode]
+            obj = BpfObject.open(TRANSPORT_OBJ)
+            for name, pr in obj.programs.items():
+                pr.autoload = name == prog
+            obj.rodata["target_tgid"] = p.pid
+            obj.rodata["bridge_fd"] = fd
+            obj.load()
+            pr = obj.program(prog)
+            if mode == "uprobe":
+                link = pr.attach_uprobe(str(binary), "jvm_record_marker")
+            elif mode == "ioctl":
+                link = pr.attach_tracepoint("syscalls", "sys_enter_ioctl")
+            else:
+                link = pr.attach_trace()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        ns = float(p.stdout.readline())
+        p.wait(30)
+        counted = int(obj.map("records")[0]) if obj else n
+        return ns, counted
+    finally:
+        if link:
+            link.detach()
+        if obj:
+            obj.close()
+        p.kill()
+        p.wait()
+
+
+def transport_bench() -> dict:
+    with tempfile.TemporaryDirectory(prefix="gb-jvmt-") as d:
+        binary = Path(d) / "jvm_transport"
+        subprocess.run(["gcc", "-O2", "-g", "-o", str(binary), str(HERE / "cprogs" / "jvm_transport.c")],
+                       check=True)
+        out, all_counted = {}, True
+        for mode in ("write", "ioctl", "uprobe"):
+            n = 200_000 if mode != "uprobe" else 50_000
+            bare, hooked = [], []
+            for _ in range(ROUNDS):
+                bare.append(transport_round(binary, mode, False, n)[0])
+                ns, counted = transport_round(binary, mode, True, n)
+                hooked.append(ns)
+                all_counted &= counted == n
+            out[f"{mode}_ns_per_record_bare"] = round(statistics.median(bare), 1)
+            out[f"{mode}_ns_per_record_with_bpf"] = round(statistics.median(hooked), 1)
+        out["every_record_counted"] = all_counted
+        return out
+
+
+def run() -> dict:
+    return {"tomcat_https": tomcat_bench(), "transport": transport_bench()}
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(run(), indent=2))

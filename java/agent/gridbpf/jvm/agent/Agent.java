@@ -1,0 +1,254 @@
+package gridbpf.jvm.agent;
+
+import java.io.File;
+import java.io.FileDescriptor;
+import java.io.InputStream;
+import java.lang.instrument.ClassFileTransformer;
+import java.lang.instrument.Instrumentation;
+import java.lang.reflect.Field;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.StandardCopyOption;
+import java.security.ProtectionDomain;
+import java.util.ArrayList;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.Set;
+
+/**
+ * Loaded through the HotSpot attach mechanism ("load instrument false jar=args"): never a JVM flag.
+ * Args (comma separated): dir=/tmp/.gridbpf-jvm-NSPID (holds the agent jar, agent.json and the
+ * tracers' lease files), sink=/path (tests only: append records to this file, not /dev/null).
+ *
+ * Order: the bridge classes defined inside java.base (package sun.security.ssl) and initialised,
+ * every JDK class rewritten in a dry run; only when all of that worked the transformer is
+ * installed and the loaded classes retransformed. Any failure: nothing transformed, the reason in
+ * agent.json. Never prints (the JVM's stdout/stderr are the service's logs).
+ */
+public final class Agent {
+    // All guarded by Agent.class (agentmain is synchronized).
+    private static String dir;
+    private static int attaches;
+    private static final List<String> hooks = new ArrayList<>();
+    private static final Map<String, String> skipped = new LinkedHashMap<>();
+    private static String failure = "";
+    private static int bridgeFd = -1;
+    private static String sinkPath = "/dev/null";
+    private static Thread leaseThread;
+
+    private Agent() {}
+
+    public static synchronized void agentmain(String args, Instrumentation inst) {
+        try {
+            attaches++;
+            Map<String, String> opts = parseArgs(args);
+            if (opts.containsKey("dir")) dir = opts.get("dir");
+            if (dir == null) return;            // nowhere to report: do nothing at all
+            if (attaches == 1) {
+                Class<?> earlier = Control.findBridge();
+                if (earlier != null) {
+                    // defined by an earlier load of this agent through another class loader
+                    Control.useBridge(earlier);
+                    failure = "bridge already defined by an earlier agent load: hooks left as they are";
+                } else {
+                    if (opts.containsKey("sink")) sinkPath = opts.get("sink");
+                    try {
+                        install(inst);
+                    } catch (Throwable t) {
+                        failure = oneLine(t);
+                        hooks.clear();
+                        for (Hooks.Hook h : Hooks.TABLE) skipped.put(h.label(), "not installed: " + failure);
+                    }
+                }
+            }
+            Control.refreshLease(dir);
+            startLeaseThread();
+            writeInfo();
+        } catch (Throwable t) {
+            failure = oneLine(t);
+            try { writeInfo(); } catch (Throwable ignored) { }
+        }
+    }
+
+    private static void install(Instrumentation inst) throws Exception {
+        if (!inst.isRetransformClassesSupported()) throw new IllegalStateException("retransformation not supported");
+        // 1. java.base opens sun.security.ssl (to define the bridge there) and java.io (the fd
+        //    number) to this agent only, and exports the JDK's ASM to it
+        Module javaBase = Object.class.getModule();
+        Module self = Agent.class.getModule();
+        inst.redefineModule(javaBase, Set.of(),
+                Map.of("jdk.internal.org.objectweb.asm", Set.of(self)),
+                Map.of(Control.PACKAGE, Set.of(self), "java.io", Set.of(self)), Set.of(), Map.of());
+
+        // 2. the bridge defined, linked and initialised, its entry points checked
+        Control.defineBridge();
+
+        // 3. the record sink and its fd number (what the BPF side watches)
+        sinkPath = Control.openSink(sinkPath);
+        bridgeFd = fdOf(Control.sinkDescriptor());
+
+        // 4. dry run on every target class's bytes: all hooks must apply, else nothing changes
+        List<String> targets = Hooks.targetClasses();
+        for (String name : targets) {
+            byte[] bytes;
+            try (InputStream in = javaBase.getResourceAsStream(name + ".class")) {
+                if (in == null) throw new IllegalStateException("class file not found: " + name);
+                bytes = in.readAllBytes();
+            }
+            Hooks.rewrite(name, bytes);
+        }
+
+        // 5. install: new loads are rewritten by the transformer, loaded classes retransformed
+        Transformer transformer = new Transformer(targets);
+        inst.addTransformer(transformer, true);
+        List<Class<?>> loaded = new ArrayList<>();
+        for (Class<?> c : inst.getAllLoadedClasses()) {
+            if (c.getClassLoader() == null && targets.contains(c.getName().replace('.', '/'))) loaded.add(c);
+        }
+        try {
+            if (!loaded.isEmpty()) inst.retransformClasses(loaded.toArray(new Class<?>[0]));
+        } catch (Throwable t) {
+            inst.removeTransformer(transformer);   // JVMTI installs none of the classes on failure
+            throw t;
+        }
+        if (transformer.failure != null) {
+            inst.removeTransformer(transformer);
+            if (!loaded.isEmpty()) inst.retransformClasses(loaded.toArray(new Class<?>[0]));
+            throw new IllegalStateException(transformer.failure);
+        }
+        for (Hooks.Hook h : Hooks.TABLE) {
+            if (h.kind != Hooks.Kind.NOT_IMPLEMENTED) hooks.add(h.label());
+        }
+        skipped.putAll(Hooks.notImplemented());
+        Control.markInstalled();
+    }
+
+    private static int fdOf(FileDescriptor fd) {
+        try {
+            Field f = FileDescriptor.class.getDeclaredField("fd");
+            f.setAccessible(true);
+            return f.getInt(fd);
+        } catch (Throwable t) {
+            return -1;
+        }
+    }
+
+    /** Rewrites the target classes when they load (or are retransformed); leaves every other class alone. */
+    static final class Transformer implements ClassFileTransformer {
+        final List<String> targets;
+        volatile String failure;
+
+        Transformer(List<String> targets) { this.targets = targets; }
+
+        @Override
+        public byte[] transform(ClassLoader loader, String className, Class<?> redefined,
+                                ProtectionDomain domain, byte[] bytes) {
+            if (loader != null || className == null || !targets.contains(className)) return null;
+            try {
+                return Hooks.rewrite(className, bytes);
+            } catch (Throwable t) {
+                failure = className + ": " + oneLine(t);
+                return null;
+            }
+        }
+    }
+
+    private static synchronized void startLeaseThread() {
+        if (leaseThread != null) return;
+        Thread t = new Thread(Agent::leaseLoop, "gridbpf-jvm-lease");
+        t.setDaemon(true);
+        t.start();
+        leaseThread = t;
+    }
+
+    private static void leaseLoop() {
+        long lastRecords = -1, lastErrors = -1;
+        boolean lastActive = false;
+        while (true) {
+            try {
+                Thread.sleep(1000);
+                String d;
+                synchronized (Agent.class) { d = dir; }
+                boolean active = Control.refreshLease(d);
+                long r = Control.records(), e = Control.errors();
+                if (r != lastRecords || e != lastErrors || active != lastActive) {
+                    synchronized (Agent.class) { writeInfo(); }
+                    lastRecords = r; lastErrors = e; lastActive = active;
+                }
+            } catch (InterruptedException ie) {
+                return;
+            } catch (Throwable ignored) {
+                // keep going: the next second may succeed (directory recreated by a tracer)
+            }
+        }
+    }
+
+    /** agent.json, written atomically (tmp + rename). */
+    private static void writeInfo() throws Exception {
+        if (dir == null) return;
+        StringBuilder j = new StringBuilder(512);
+        j.append("{\"version\": 1");
+        j.append(", \"pid\": ").append(ProcessHandle.current().pid());
+        j.append(", \"starttime\": ").append(procStartTime());
+        j.append(", \"bridge_fd\": ").append(bridgeFd);
+        j.append(", \"java_version\": ").append(quote(System.getProperty("java.version", "")));
+        j.append(", \"vm\": ").append(quote(System.getProperty("java.vm.name", "")));
+        j.append(", \"hooks\": [");
+        for (int i = 0; i < hooks.size(); i++) j.append(i > 0 ? ", " : "").append(quote(hooks.get(i)));
+        j.append("], \"skipped\": {");
+        int i = 0;
+        for (Map.Entry<String, String> e : skipped.entrySet())
+            j.append(i++ > 0 ? ", " : "").append(quote(e.getKey())).append(": ").append(quote(e.getValue()));
+        j.append("}, \"bytecode\": \"jdk.internal.org.objectweb.asm\"");
+        j.append(", \"installed\": ").append(Control.installed());
+        j.append(", \"failure\": ").append(quote(failure));
+        j.append(", \"active\": ").append(Control.active());
+        j.append(", \"attaches\": ").append(attaches);
+        j.append(", \"sink\": ").append(quote(sinkPath));
+        j.append(", \"records\": ").append(Control.records());
+        j.append(", \"errors\": ").append(Control.errors());
+        j.append(", \"last_error\": ").append(quote(Control.lastError()));
+        j.append("}\n");
+        File target = new File(dir, "agent.json");
+        File tmp = new File(dir, ".agent.json.tmp");
+        Files.write(tmp.toPath(), j.toString().getBytes(StandardCharsets.UTF_8));
+        Files.move(tmp.toPath(), target.toPath(), StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE);
+    }
+
+    /** Field 22 of /proc/self/stat: lets a tracer tell this JVM from an earlier one with the same pid. */
+    static long procStartTime() {
+        try {
+            String stat = new String(Files.readAllBytes(new File("/proc/self/stat").toPath()), StandardCharsets.US_ASCII);
+            String[] f = stat.substring(stat.lastIndexOf(')') + 2).trim().split(" ");
+            return Long.parseLong(f[19]);
+        } catch (Throwable t) {
+            return -1;
+        }
+    }
+
+    static Map<String, String> parseArgs(String args) {
+        Map<String, String> m = new LinkedHashMap<>();
+        if (args == null) return m;
+        for (String part : args.split(",")) {
+            int eq = part.indexOf('=');
+            if (eq > 0) m.put(part.substring(0, eq).trim(), part.substring(eq + 1).trim());
+        }
+        return m;
+    }
+
+    static String oneLine(Throwable t) {
+        String s = t.getClass().getName() + (t.getMessage() == null ? "" : ": " + t.getMessage());
+        return s.replace('\n', ' ').replace('\r', ' ');
+    }
+
+    static String quote(String s) {
+        StringBuilder b = new StringBuilder(s.length() + 2).append('"');
+        for (char c : s.toCharArray()) {
+            if (c == '"' || c == '\\') b.append('\\').append(c);
+            else if (c < 0x20) b.append(String.format("\\u%04x", (int) c));
+            else b.append(c);
+        }
+        return b.append('"').toString();
+    }
+}

@@ -1,0 +1,145 @@
+package gridbpf.jvm.agent;
+
+import java.io.File;
+import java.io.FileDescriptor;
+import java.io.FileOutputStream;
+import java.io.InputStream;
+import java.lang.invoke.MethodHandles;
+import java.lang.reflect.Field;
+import java.lang.reflect.Method;
+import java.lang.reflect.Modifier;
+import java.nio.ByteBuffer;
+import java.util.concurrent.atomic.AtomicLong;
+import javax.net.ssl.SSLEngineResult;
+
+/**
+ * The agent's side of the bridge: defines the bridge classes inside java.base's sun.security.ssl
+ * package, checks them, and reads/sets their state by reflection (the package is opened to this
+ * agent only). Every getter turns a missing bridge into a harmless default.
+ */
+final class Control {
+    static final String PACKAGE = "sun.security.ssl";
+    static final String BRIDGE = PACKAGE + ".GridbpfTlsBridge";
+    /** Defined in this order; the jar holds them under gridbpf-bridge/ (not loadable from there). */
+    static final String[] CLASSES = {"GridbpfTlsState", "GridbpfTlsLocal", "GridbpfTlsBridge"};
+    static final long LEASE_FRESH_MS = 5000;
+
+    private static volatile Class<?> bridge;
+
+    private Control() {}
+
+    /** The bridge if an earlier load of the agent already defined it, else null. */
+    static Class<?> findBridge() {
+        try {
+            return Class.forName(BRIDGE, false, null);
+        } catch (Throwable t) {
+            return null;
+        }
+    }
+
+    /** Defines the bridge classes in java.base (the package must be opened to us) and initialises them. */
+    static Class<?> defineBridge() throws Exception {
+        Class<?> anchor = Class.forName(PACKAGE + ".SSLEngineImpl", false, null);
+        MethodHandles.Lookup lookup = MethodHandles.privateLookupIn(anchor, MethodHandles.lookup());
+        for (String name : CLASSES) {
+            byte[] bytes;
+            try (InputStream in = Control.class.getResourceAsStream("/gridbpf-bridge/" + name + ".class")) {
+                if (in == null) throw new IllegalStateException("bridge class missing from the agent jar: " + name);
+                bytes = in.readAllBytes();
+            }
+            lookup.defineClass(bytes);
+        }
+        Class<?> b = Class.forName(BRIDGE, true, null);   // linked and initialised before any hook exists
+        checkBridgeMethods(b);
+        bridge = b;
+        return b;
+    }
+
+    static void useBridge(Class<?> b) { bridge = b; }
+
+    /** Fails unless the bridge has every entry point the injected code calls, with these exact types. */
+    static void checkBridgeMethods(Class<?> b) throws Exception {
+        Class<?>[][] sigs = {
+            {Object.class, ByteBuffer[].class, int.class, int.class},
+            {SSLEngineResult.class, Object.class},
+            {Object.class},
+            {Object.class, byte[].class, int.class},
+            {int.class},
+            {Object.class, byte[].class, int.class, int.class},
+            {},
+        };
+        String[][] names = {
+            {"wrapEnter", "unwrapEnter"}, {"wrapExit", "unwrapExit"}, {"engineClose", "socketClose"},
+            {"readEnter"}, {"readExit"}, {"writeEnter"}, {"writeExit"},
+        };
+        for (int i = 0; i < sigs.length; i++) {
+            for (String name : names[i]) {
+                Method m = b.getMethod(name, sigs[i]);
+                if (!Modifier.isStatic(m.getModifiers()) || m.getReturnType() != void.class)
+                    throw new IllegalStateException("bridge method has the wrong shape: " + name);
+            }
+        }
+    }
+
+    static String openSink(String path) throws Exception {
+        return (String) bridge.getMethod("open", String.class).invoke(null, path);
+    }
+
+    static FileDescriptor sinkDescriptor() throws Exception {
+        return ((FileOutputStream) bridge.getMethod("sink").invoke(null)).getFD();
+    }
+
+    private static Object get(String field) throws Exception {
+        Field f = bridge.getField(field);
+        return f.get(null);
+    }
+
+    private static void setBoolean(String field, boolean value) throws Exception {
+        bridge.getField(field).setBoolean(null, value);
+    }
+
+    static void markInstalled() throws Exception { setBoolean("installed", true); }
+
+    /** active = some lease-* file in dir modified within the last 5 s; sets the bridge's flag. */
+    static boolean refreshLease(String dir) {
+        boolean active = false;
+        File[] files = dir == null ? null : new File(dir).listFiles();
+        if (files != null) {
+            long now = System.currentTimeMillis();
+            for (File f : files) {
+                if (f.getName().startsWith("lease-") && now - f.lastModified() < LEASE_FRESH_MS) {
+                    active = true;
+                    break;
+                }
+            }
+        }
+        try {
+            if (bridge == null) return false;
+            active = active && installed();
+            setBoolean("active", active);
+            return active;
+        } catch (Throwable t) {
+            return false;
+        }
+    }
+
+    static boolean installed() {
+        try { return bridge != null && (Boolean) get("installed"); } catch (Throwable t) { return false; }
+    }
+
+    static boolean active() {
+        try { return bridge != null && (Boolean) get("active"); } catch (Throwable t) { return false; }
+    }
+
+    static long records() {
+        try { return bridge == null ? 0 : ((AtomicLong) get("records")).get(); } catch (Throwable t) { return 0; }
+    }
+
+    static long errors() {
+        try { return bridge == null ? 0 : ((AtomicLong) get("errors")).get(); } catch (Throwable t) { return 0; }
+    }
+
+    static String lastError() {
+        try { return bridge == null ? "" : String.valueOf(get("lastError")); } catch (Throwable t) { return ""; }
+    }
+}

@@ -1,0 +1,306 @@
+package sun.security.ssl;
+
+import java.io.FileOutputStream;
+import java.net.InetAddress;
+import java.nio.ByteBuffer;
+import java.util.concurrent.atomic.AtomicLong;
+import javax.net.ssl.SSLEngine;
+import javax.net.ssl.SSLEngineResult;
+import javax.net.ssl.SSLSocket;
+
+/**
+ * The only code that the hooks injected into the JDK's TLS classes call. The agent defines it
+ * (with its two helper classes) inside java.base, in this very package, through a private
+ * Lookup on sun.security.ssl: the hooked classes link to it as to any class of their own package
+ * (no module edge, no bootstrap class path append: that one makes HotSpot print a CDS warning
+ * into the service's stderr). Every entry point catches every Throwable: the service never sees
+ * an exception from us.
+ *
+ * Each hook call that moved plaintext becomes one record written with ONE write(2) on a
+ * FileOutputStream (normally /dev/null); the BPF side reads the record at sys_exit of that
+ * write. Layout: docs/jvm-agent-notes.md and bpf/include/gridbpf/http.h (struct http_jvm_record).
+ *
+ * Hot path: when no tracer holds a lease, every hook returns after one volatile read. When
+ * active, nothing is allocated per record: each thread owns a preallocated GridbpfTlsState.
+ */
+public final class GridbpfTlsBridge {
+    public static final int HEADER = 48;
+    public static final int DATA_MAX = 256;
+    public static final int HEAD_SCAN_MAX = 4096;
+    static final int MAX_BUFFERS = 64;     // positions saved per wrap/unwrap call
+
+    static final int DIR_RECV = 0, DIR_SEND = 1, DIR_CLOSE = 2;
+    static final int FLAG_CLIENT = 1, FLAG_SOCKET = 2;
+
+    /** True while some tracer holds a fresh lease (set by the agent's lease thread). */
+    public static volatile boolean active;
+    /** Set once the agent transformed the JDK classes: a second attach must not redo it. */
+    public static volatile boolean installed;
+
+    static volatile FileOutputStream out;
+    static volatile String outPath;
+    public static final AtomicLong records = new AtomicLong();
+    public static final AtomicLong errors = new AtomicLong();
+    public static volatile String lastError = "";
+
+    private GridbpfTlsBridge() {}
+
+    private static final GridbpfTlsLocal STATE = new GridbpfTlsLocal();
+
+    /** Opens the record sink once; later calls keep the first one. Returns the path in use. */
+    public static synchronized String open(String path) throws java.io.IOException {
+        if (out == null) {
+            out = new FileOutputStream(path, true);
+            outPath = path;
+        }
+        return outPath;
+    }
+
+    public static FileOutputStream sink() { return out; }
+
+    static void fail(Throwable t) {
+        errors.incrementAndGet();
+        try { lastError = String.valueOf(t); } catch (Throwable ignored) { }
+    }
+
+    // ---------------------------------------------------------------- SSLEngineImpl hooks
+
+    /** Entry of SSLEngineImpl.wrap(ByteBuffer[],int,int,ByteBuffer[],int,int): the sources. */
+    public static void wrapEnter(Object engine, ByteBuffer[] srcs, int off, int len) {
+        if (!active) return;
+        try { saveBuffers(STATE.get(), engine, srcs, off, len); } catch (Throwable t) { fail(t); }
+    }
+
+    public static void wrapExit(SSLEngineResult result, Object engine) {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            if (s.engineOwner != engine || engine == null) return;
+            s.engineOwner = null;
+            if (result != null) emitBuffers(s, (SSLEngine) engine, result.bytesConsumed(), DIR_SEND);
+            s.bufs = null;
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** Entry of SSLEngineImpl.unwrap(ByteBuffer[],int,int,ByteBuffer[],int,int): the destinations. */
+    public static void unwrapEnter(Object engine, ByteBuffer[] dsts, int off, int len) {
+        if (!active) return;
+        try { saveBuffers(STATE.get(), engine, dsts, off, len); } catch (Throwable t) { fail(t); }
+    }
+
+    public static void unwrapExit(SSLEngineResult result, Object engine) {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            if (s.engineOwner != engine || engine == null) return;
+            s.engineOwner = null;
+            if (result != null) emitBuffers(s, (SSLEngine) engine, result.bytesProduced(), DIR_RECV);
+            s.bufs = null;
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** Entry of SSLEngineImpl.closeOutbound(): a close record for client engines. */
+    public static void engineClose(Object engine) {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            identifyEngine(s, (SSLEngine) engine);
+            if ((s.flags & FLAG_CLIENT) != 0) emit(s, 0, 0, 0, DIR_CLOSE);
+        } catch (Throwable t) { fail(t); }
+    }
+
+    private static void saveBuffers(GridbpfTlsState s, Object engine, ByteBuffer[] bufs, int off, int len) {
+        int n = Math.min(Math.max(len, 0), MAX_BUFFERS);
+        for (int i = 0; i < n; i++) {
+            ByteBuffer b = bufs[off + i];
+            s.pos[i] = b == null ? 0 : b.position();
+        }
+        s.bufs = bufs;
+        s.bufOff = off;
+        s.bufCount = n;
+        s.engineOwner = engine;
+    }
+
+    /** Copies the first bytes moved by this call: from each buffer's saved position to its new one. */
+    private static void emitBuffers(GridbpfTlsState s, SSLEngine engine, int total, int dir) {
+        if (total <= 0) return;
+        identifyEngine(s, engine);
+        byte[] rec = s.rec;
+        int copied = 0, seen = 0;
+        for (int i = 0; i < s.bufCount && seen < total && copied < DATA_MAX; i++) {
+            ByteBuffer b = s.bufs[s.bufOff + i];
+            if (b == null) continue;
+            int start = s.pos[i];
+            int moved = Math.min(b.position() - start, total - seen);
+            if (moved <= 0) continue;
+            int k = Math.min(moved, DATA_MAX - copied);
+            b.get(start, rec, HEADER + copied, k);
+            copied += k;
+            seen += moved;
+        }
+        int headLen = 0;
+        if (dir == DIR_SEND && startsWithHttp(rec, copied)) headLen = headEndInBuffers(s, total);
+        emit(s, total, copied, headLen, dir);
+    }
+
+    /** Offset just past the first CRLFCRLF within the first 4096 plaintext bytes, else 0. */
+    private static int headEndInBuffers(GridbpfTlsState s, int total) {
+        int limit = Math.min(total, HEAD_SCAN_MAX);
+        int window = 0, index = 0;
+        for (int i = 0; i < s.bufCount && index < limit; i++) {
+            ByteBuffer b = s.bufs[s.bufOff + i];
+            if (b == null) continue;
+            int start = s.pos[i];
+            int end = Math.min(b.position(), start + (limit - index));
+            for (int p = start; p < end; p++) {
+                window = (window << 8) | (b.get(p) & 0xff);
+                index++;
+                if (window == 0x0d0a0d0a) return index;
+            }
+        }
+        return 0;
+    }
+
+    private static void identifyEngine(GridbpfTlsState s, SSLEngine engine) {
+        if (s.conn == engine) return;
+        s.connId = System.identityHashCode(engine);
+        s.flags = engine.getUseClientMode() ? FLAG_CLIENT : 0;
+        int port = engine.getPeerPort();
+        s.port = port > 0 ? port : 0;
+        s.family = 0;
+        java.util.Arrays.fill(s.addr, (byte) 0);
+        s.conn = engine;
+    }
+
+    // ---------------------------------------------------------------- SSLSocketImpl hooks
+
+    /** Entry of SSLSocketImpl$AppInputStream.read(byte[],int,int). */
+    public static void readEnter(Object socket, byte[] b, int off) {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            s.readBuf = b;
+            s.readOff = off;
+            s.readOwner = socket;
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** Return of AppInputStream.read: n bytes of plaintext landed at b[off]. */
+    public static void readExit(int n) {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            Object socket = s.readOwner;
+            if (socket == null) return;
+            s.readOwner = null;
+            if (n > 0) emitArray(s, (SSLSocket) socket, s.readBuf, s.readOff, n, DIR_RECV);
+            s.readBuf = null;
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** Entry of SSLSocketImpl$AppOutputStream.write(byte[],int,int). */
+    public static void writeEnter(Object socket, byte[] b, int off, int len) {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            s.writeBuf = b;
+            s.writeOff = off;
+            s.writeLen = len;
+            s.writeOwner = socket;
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** Normal return of AppOutputStream.write: the whole slice was sent. */
+    public static void writeExit() {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            Object socket = s.writeOwner;
+            if (socket == null) return;
+            s.writeOwner = null;
+            if (s.writeLen > 0) emitArray(s, (SSLSocket) socket, s.writeBuf, s.writeOff, s.writeLen, DIR_SEND);
+            s.writeBuf = null;
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** Entry of SSLSocketImpl.close(): a close record for client sockets. */
+    public static void socketClose(Object socket) {
+        if (!active) return;
+        try {
+            GridbpfTlsState s = STATE.get();
+            identifySocket(s, (SSLSocket) socket);
+            if ((s.flags & FLAG_CLIENT) != 0) emit(s, 0, 0, 0, DIR_CLOSE);
+        } catch (Throwable t) { fail(t); }
+    }
+
+    private static void emitArray(GridbpfTlsState s, SSLSocket socket, byte[] b, int off, int len, int dir) {
+        identifySocket(s, socket);
+        int copied = Math.min(len, DATA_MAX);
+        System.arraycopy(b, off, s.rec, HEADER, copied);
+        int headLen = 0;
+        if (dir == DIR_SEND && startsWithHttp(s.rec, copied)) {
+            int limit = off + Math.min(len, HEAD_SCAN_MAX);
+            int window = 0;
+            for (int p = off; p < limit; p++) {
+                window = (window << 8) | (b[p] & 0xff);
+                if (window == 0x0d0a0d0a) { headLen = p - off + 1; break; }
+            }
+        }
+        emit(s, len, copied, headLen, dir);
+    }
+
+    private static void identifySocket(GridbpfTlsState s, SSLSocket socket) {
+        if (s.conn == socket) return;
+        s.connId = System.identityHashCode(socket);
+        s.flags = FLAG_SOCKET | (socket.getUseClientMode() ? FLAG_CLIENT : 0);
+        s.port = Math.max(socket.getPort(), 0);
+        java.util.Arrays.fill(s.addr, (byte) 0);
+        s.family = 0;
+        InetAddress a = socket.getInetAddress();
+        if (a != null) {
+            byte[] raw = a.getAddress();     // allocates: once per connection switch on this thread
+            System.arraycopy(raw, 0, s.addr, 0, Math.min(raw.length, 16));
+            s.family = raw.length == 4 ? 2 : 10;
+        }
+        s.conn = socket;
+    }
+
+    // ---------------------------------------------------------------- the record
+
+    private static boolean startsWithHttp(byte[] rec, int copied) {
+        return copied >= 5 && rec[HEADER] == 'H' && rec[HEADER + 1] == 'T' && rec[HEADER + 2] == 'T'
+                && rec[HEADER + 3] == 'P' && rec[HEADER + 4] == '/';
+    }
+
+    /** Fills the 48-byte header (data already in place) and writes the record with one write(2). */
+    private static void emit(GridbpfTlsState s, int len, int copied, int headLen, int dir) {
+        FileOutputStream o = out;
+        if (o == null) return;
+        byte[] r = s.rec;
+        // magic "\0GRBJVM1"
+        r[0] = 0; r[1] = 'G'; r[2] = 'R'; r[3] = 'B'; r[4] = 'J'; r[5] = 'V'; r[6] = 'M'; r[7] = '1';
+        putInt(r, 8, s.connId);
+        putInt(r, 12, 0);
+        putInt(r, 16, len);
+        putShort(r, 20, copied);
+        putShort(r, 22, headLen);
+        r[24] = (byte) dir;
+        r[25] = (byte) s.flags;
+        putShort(r, 26, s.port);
+        putShort(r, 28, s.family);
+        putShort(r, 30, 0);
+        System.arraycopy(s.addr, 0, r, 32, 16);
+        try {
+            o.write(r, 0, HEADER + copied);
+            records.incrementAndGet();
+        } catch (Throwable t) { fail(t); }
+    }
+
+    private static void putInt(byte[] r, int at, int v) {
+        r[at] = (byte) v; r[at + 1] = (byte) (v >>> 8); r[at + 2] = (byte) (v >>> 16); r[at + 3] = (byte) (v >>> 24);
+    }
+
+    private static void putShort(byte[] r, int at, int v) {
+        r[at] = (byte) v; r[at + 1] = (byte) (v >>> 8);
+    }
+}

@@ -1,0 +1,27 @@
+package sun.security.ssl;
+
+import java.nio.ByteBuffer;
+
+import static sun.security.ssl.GridbpfTlsBridge.*;
+
+/** Per-thread preallocated state: the record buffer, saved positions, the last connection. */
+final class GridbpfTlsState {
+    final byte[] rec = new byte[HEADER + DATA_MAX];
+    // wrap / unwrap in progress
+    Object engineOwner;
+    ByteBuffer[] bufs;
+    int bufOff, bufCount;
+    final int[] pos = new int[MAX_BUFFERS];
+    // socket read / write in progress
+    Object readOwner;
+    byte[] readBuf;
+    int readOff;
+    Object writeOwner;
+    byte[] writeBuf;
+    int writeOff, writeLen;
+    // connection identity cache (one per thread: a connection switch costs one lookup)
+    Object conn;
+    int connId, flags, port, family;
+    final byte[] addr = new byte[16];
+}
+

