@@ -8,10 +8,14 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -126,7 +130,7 @@ def test_scitags_unit_start_stop(installed, lab):
             flows = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{api}/flows", timeout=5).read())
             if flows["flows"]:
                 break
-            __import__("time").sleep(0.1)
+            time.sleep(0.1)
         assert flows["flows"][0]["experiment"] == "atlas"
         tc = lab.hosts["b"].run(["tc", "filter", "show", "dev", "eth0", "egress"]).stdout
         assert "bpf" in tc
@@ -138,32 +142,71 @@ def test_scitags_unit_start_stop(installed, lab):
     assert not pipe.exists()        # it made the pipe, it removes it
 
 
-def test_agent_unit_start_stop_and_bad_config(installed, tmp_path):
-    comm = f"pkngx{random.randint(1000, 9999)}"
+def write_as_nobody(area: Path, comm: str, name: str) -> bytes:
+    """A file written by uid 65534 through a dd named COMM (the writer the checksums follow)."""
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(area / comm),
+                    "if=/dev/urandom", f"of={area / name}", "bs=64k", "count=4", "status=none"], check=True)
+    assert (area / name).stat().st_uid == 65534
+    return (area / name).read_bytes()
+
+
+def metric_value(port: int, line_start: str, timeout: float = 10) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+        time.sleep(0.1)
+    return None
+
+
+def test_agent_unit_start_stop_checksums_and_bad_config(installed):
+    tag = random.randint(1000, 9999)
+    comm, writer = f"pkngx{tag}", f"pkwr{tag}"
     port = free_port()
-    with Nginx(comm=comm) as n:
-        (installed / "etc" / "agent.toml").write_text(
-            f'[targets]\ncomm = ["{comm}"]\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
-            f'[agent]\nlock = "{installed}/agent.lock"\ncollectors = ["stuck"]\n')
-        sup = Supervisor(installed / "units" / "gridbpf-agent.service", installed / "agent.log")
-        pid = sup.start()       # no extra capability: the unit's bounding set as shipped
-        try:
-            ids = program_ids(pid)
-            assert ids
-            c = http.client.HTTPConnection("127.0.0.1", n.port)
-            c.request("GET", "/")
-            c.getresponse().read()
-            c.close()
-            for _ in range(50):
-                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-                if 'http_server_request_duration_seconds_count{http_request_method="GET"' in text:
-                    break
-                __import__("time").sleep(0.1)
-            assert 'http_request_method="GET"' in text
-        finally:
-            rc = sup.stop()
-    assert rc == 0, sup.log()[-2000:]
-    assert not live_programs(ids)
+    # a storage area another user writes to: the agent sets attributes on files it does not own
+    area = Path(tempfile.mkdtemp(prefix="gb-pkarea-", dir="/tmp"))
+    area.chmod(0o777)
+    (area / writer).symlink_to(shutil.which("dd"))
+    config = (f'[targets]\ncomm = ["{comm}"]\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+              f'[agent]\nlock = "{installed}/agent.lock"\ncollectors = ["stuck"]\n'
+              f'[checksum]\npaths = ["{area}"]\ncomm = "{writer}"\n')
+    stored = 'gridbpf_checksum_files_total{source="kernel",status="stored"}'
+    try:
+        with Nginx(comm=comm) as n:
+            (installed / "etc" / "agent.toml").write_text(config)
+            sup = Supervisor(installed / "units" / "gridbpf-agent.service", installed / "agent.log")
+            pid = sup.start()       # no extra capability: the unit's bounding set as shipped
+            try:
+                ids = program_ids(pid)
+                assert ids
+                c = http.client.HTTPConnection("127.0.0.1", n.port)
+                c.request("GET", "/")
+                c.getresponse().read()
+                c.close()
+                assert metric_value(port, 'http_server_request_duration_seconds_count{http_request_method="GET"') == 1
+                data = write_as_nobody(area, writer, "f1.bin")
+                assert metric_value(port, stored) == 1
+                assert os.getxattr(area / "f1.bin", "user.storm.checksum.adler32").decode() == \
+                    f"{zlib.adler32(data):08x}"
+            finally:
+                rc = sup.stop()
+            assert rc == 0, sup.log()[-2000:]
+            assert not live_programs(ids)
+            # negative control: without CAP_DAC_OVERRIDE and CAP_FOWNER the attribute cannot be set
+            weak = Supervisor(installed / "units" / "gridbpf-agent.service", installed / "agent-weak.log",
+                              drop_caps=("dac_override", "fowner"))
+            weak.start()
+            try:
+                write_as_nobody(area, writer, "f2.bin")
+                assert metric_value(port, 'gridbpf_checksum_files_total{source="kernel",status="not-stored"}') == 1
+                assert metric_value(port, stored, timeout=0.5) is None
+            finally:
+                assert weak.stop() == 0
+            assert "user.storm.checksum.adler32" not in os.listxattr(area / "f2.bin")
+    finally:
+        shutil.rmtree(area, ignore_errors=True)
     # a bad config fails the start with exit status 2, which the unit does not restart
     (installed / "etc" / "agent.toml").write_text('[targets]\ncomm = ["x"]\n[trace]\ncolour = 1\n')
     with pytest.raises(RuntimeError, match="exited with 2 before READY"):

@@ -58,21 +58,28 @@ def program_ids(pid: int) -> set[int]:
     return ids
 
 
-def live_programs(ids: set[int]) -> set[int]:
-    """Those of IDS still loaded in the kernel."""
-    return {i for i in ids if subprocess.run(["bpftool", "prog", "show", "id", str(i)],
-                                             capture_output=True).returncode == 0}
+def live_programs(ids: set[int], settle: float = 5.0) -> set[int]:
+    """Those of IDS still loaded in the kernel after up to SETTLE seconds: the kernel frees a
+    program after an RCU grace period (longer for uprobe programs), not at the last close."""
+    deadline = time.monotonic() + settle
+    while True:
+        live = {i for i in ids if subprocess.run(["bpftool", "prog", "show", "id", str(i)],
+                                                 capture_output=True).returncode == 0}
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.1)
 
 
 class Supervisor:
-    def __init__(self, unit_path: str | Path, log_path: str | Path, extra_caps: tuple[str, ...] = ()):
+    def __init__(self, unit_path: str | Path, log_path: str | Path, extra_caps: tuple[str, ...] = (),
+                 drop_caps: tuple[str, ...] = ()):
         self.unit = parse_unit(unit_path)
         self.name = Path(unit_path).name
         svc = self.unit["Service"]
         assert svc["Type"] == ["notify"], f"{self.name}: Type={svc.get('Type')}"
         self.exec_start = shlex.split(svc["ExecStart"][0])
         self.caps = [c.lower().removeprefix("cap_") for v in svc.get("CapabilityBoundingSet", [])
-                     for c in v.split()] + list(extra_caps)
+                     for c in v.split() if c.lower().removeprefix("cap_") not in drop_caps] + list(extra_caps)
         self.no_new_privs = svc.get("NoNewPrivileges", ["no"])[-1] == "yes"
         self.kill_signal = getattr(signal, svc.get("KillSignal", ["SIGTERM"])[-1])
         self.stop_timeout = float(svc.get("TimeoutStopSec", ["90"])[-1])
