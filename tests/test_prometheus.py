@@ -218,6 +218,11 @@ def test_prometheus_scrapes_agent_and_balancer(tmp_path):
             blocked = prom.wait(f'gridbpf_stuck_threads_blocked{{pid="{stuck.pid}"}}', lambda r: len(r) == 1)
             assert one(blocked, syscall="read") == 1
 
+            # scraped for many intervals (1 s each), both targets up all along
+            scrapes = prom.query('count_over_time(up{job=~"gridbpf-.+"}[5m])')
+            assert len(scrapes) == 2 and all(v >= 2 for v in scrapes.values()), scrapes
+            assert prom.query('min_over_time(up{job=~"gridbpf-.+"}[5m]) < 1') == {}
+
             # every query of the dashboards returns data now
             for d in DASHBOARDS:
                 for title, expr in panel_queries(json.loads(d.read_text())):
