@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gridbpf.lab import Lab
-from gridbpf.trace.http.lab import Nginx, free_port
+from gridbpf.trace.http.lab import Nginx, free_port, wait_port
 from test_lb_control import GOOD as LB_CONTROL_TOML
 from unit_supervisor import Supervisor, live_programs, parse_unit, program_ids, systemd_is_pid1
 
@@ -213,3 +213,80 @@ def test_agent_unit_start_stop_checksums_and_bad_config(installed):
         sup.start()
     assert not sup.should_restart()
     assert "trace.colour: unknown key" in sup.log()
+
+
+class JvmAsNobody:
+    """The JDK's HttpsServer (JSSE TLS, as StoRM WebDAV uses) run by uid 65534: the agent must
+    load its Java agent into another user's JVM under the unit's capabilities."""
+
+    def __init__(self):
+        from gridbpf.trace.http.jvm_servers import JDK_HTTPS_SERVER, keystore
+        self.dir = Path(tempfile.mkdtemp(prefix="gb-pkjvm-", dir="/tmp"))
+        self.dir.chmod(0o755)
+        (self.dir / "GbJdkHttps.java").write_text(JDK_HTTPS_SERVER)
+        subprocess.run(["javac", "--release", "17", "-d", str(self.dir / "classes"),
+                        str(self.dir / "GbJdkHttps.java")], check=True, capture_output=True)
+        keystore(self.dir / "ks.p12").chmod(0o644)
+        (self.dir / "root").mkdir()
+        (self.dir / "root" / "f.txt").write_text("x" * 100)
+        (self.dir / "logs").mkdir()
+        os.chown(self.dir / "logs", 65534, 65534)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "java", "-Xmx128m", "-cp",
+             str(self.dir / "classes"), "GbJdkHttps", str(self.port), str(self.dir / "ks.p12"),
+             str(self.dir / "root"), str(self.dir / "logs" / "access.log")],
+            cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+        wait_port(self.port, timeout=60, proc=self.proc)
+
+    def get(self) -> int:
+        import ssl
+        c = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10,
+                                        context=ssl._create_unverified_context())
+        c.request("GET", "/f.txt")
+        status = c.getresponse().status
+        c.close()
+        return status
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def agent_with_jvm(installed, jvm, port, drop_caps=()):
+    (installed / "etc" / "agent.toml").write_text(
+        f'[targets]\npid = [{jvm.proc.pid}]\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        f'[agent]\nlock = "{installed}/agent.lock"\n')
+    return Supervisor(installed / "units" / "gridbpf-agent.service", installed / "agent-jvm.log",
+                      drop_caps=drop_caps)
+
+
+def test_agent_unit_reads_tls_of_another_users_jvm(installed):
+    counted = 'http_server_request_duration_seconds_count{http_request_method="GET",http_response_status_code="200"'
+    jvm = JvmAsNobody()
+    try:
+        port = free_port()
+        sup = agent_with_jvm(installed, jvm, port)
+        sup.start()
+        try:
+            n = 0
+            deadline = time.monotonic() + 20
+            while (metric_value(port, counted, timeout=0.2) or 0) < 1 and time.monotonic() < deadline:
+                assert jvm.get() == 200      # the first requests may come before the agent is in
+                n += 1
+            assert (metric_value(port, counted, timeout=2) or 0) >= 1, sup.log()[-1500:]
+            assert metric_value(port, "gridbpf_http_tls_unreadable_total") == 0
+        finally:
+            assert sup.stop() == 0
+    finally:
+        jvm.close()
+    # negative control: a fresh JVM, the agent without the capabilities to act as its user
+    # (chown of the agent's directory in the JVM's /tmp first): today the agent does not start
+    jvm = JvmAsNobody()
+    try:
+        sup = agent_with_jvm(installed, jvm, free_port(), drop_caps=("chown", "setuid", "setgid", "kill"))
+        with pytest.raises(RuntimeError, match=r"Operation not permitted: '/proc/\d+/root/tmp/.gridbpf-jvm"):
+            sup.start()
+    finally:
+        jvm.close()
