@@ -68,6 +68,10 @@ def test_tracepoint_events_through_ring_buffer(selftest):
         events = rb.poll_array(dtype, timeout_ms=1000)
         assert rb.lost == 0
     assert len(events) == 25
+    # .bss after load is the kernel's copy (libbpf 1.1 maps it so only for skeletons)
+    assert selftest.bss["getppid_calls"] == 25
+    selftest.bss["getppid_calls"] = 0
+    assert selftest.bss["getppid_calls"] == 0
     assert set(events["tgid"]) == {os.getpid()} and set(events["kind"]) == {1}
     assert all(events["time_ns"][1:] >= events["time_ns"][:-1])
     assert events["comm"][0].startswith(b"py")

@@ -223,11 +223,31 @@ class Globals:
         self._vars = obj.btf.datasec(section)
 
     def _addr(self) -> int:
+        if self._obj.loaded and not self._section.endswith(".rodata"):
+            return self._live_addr()
         size = ctypes.c_size_t()
         addr = L.bpf_map__initial_value(self._map, ctypes.byref(size))
         if not addr:
             raise BpfError(f"{self._section} of {self._obj.name} is not accessible")
         return addr
+
+    def _live_addr(self) -> int:
+        """The kernel's copy of .bss/.data, mapped from the map's fd. (libbpf 1.1 maps it over
+        its initial image only for skeletons: without this, reads after load see the values
+        from before load.)"""
+        live = getattr(self._obj, "_live_sections", None)
+        if live is None:
+            live = self._obj._live_sections = {}
+        if self._section not in live:
+            import mmap
+            fd = L.bpf_map__fd(self._map)
+            size = L.bpf_map__value_size(self._map)
+            if fd < 0:
+                raise BpfError(f"{self._section} of {self._obj.name} is not loaded")
+            length = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            live[self._section] = (m, ctypes.c_char.from_buffer(m))
+        return ctypes.addressof(live[self._section][1])
 
     def _var(self, name: str):
         if name not in self._vars:
@@ -348,6 +368,11 @@ class BpfObject:
         return self._globals(".data")
 
     def close(self) -> None:
+        live, self._live_sections = getattr(self, "_live_sections", {}), {}
+        for key in list(live):
+            m, view = live.pop(key)
+            del view
+            m.close()
         if self._ptr:
             L.bpf_object__close(self._ptr)
             self._ptr = None
