@@ -39,6 +39,11 @@ def _version(cmd: list[str]) -> str | None:
     return (p.stdout or p.stderr).strip().splitlines()[0] if p.returncode == 0 else None
 
 
+def _cgroup2_mounted() -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[2:3] == ["cgroup2"] for line in f)
+
+
 def _perf_event_fd() -> int:
     """A software cpu-clock perf event on CPU 0 (perf_event_open through libc's syscall)."""
     class Attr(ctypes.Structure):
@@ -111,7 +116,7 @@ def report() -> dict:
         "root": os.geteuid() == 0,
         "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
         "mounts": {"bpffs": os.path.ismount(BPFFS), "tracefs": os.path.ismount("/sys/kernel/tracing"),
-                   "debugfs": os.path.ismount("/sys/kernel/debug")},
+                   "debugfs": os.path.ismount("/sys/kernel/debug"), "cgroup2": _cgroup2_mounted()},
         "tools": {"clang": _version(["clang", "--version"]), "bpftool": _version(["bpftool", "version"]),
                   "libbpf": f"{L.libbpf_version()} (libbpf.so.1)" if L else None},
         "package": {"path": str(PACKAGE_DIR),
@@ -167,6 +172,9 @@ def missing(r: dict) -> list[dict]:
     if not r["mounts"]["tracefs"]:
         add("tracefs on /sys/kernel/tracing", "trace, checksum (tracepoints)",
             "mount -t tracefs tracefs /sys/kernel/tracing")
+    if not r["mounts"]["cgroup2"]:
+        add("a cgroup v2 hierarchy", "targets by unit or cgroup (agent, checksum)",
+            "mount -t cgroup2 none /sys/fs/cgroup (or select targets by pid or comm)")
     objs = sorted({o for c in r["capabilities"].values() for o in c["objects_missing"]} |
                   ({"probe"} - set(r["package"]["objects"])))
     if objs:
