@@ -15,6 +15,7 @@ import threading
 import time
 
 from .. import netns as _netns
+from .. import sdnotify
 from . import config as _config
 from .datapath import LOCK_DIR, Datapath, LbError
 from .health import HealthChecker
@@ -215,6 +216,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *a: self.reload_event.set())
+        sdnotify.ready(f"balancing on {self.cfg.interface}")    # attached, pinned, /metrics up
         while not self.stop_event.is_set():
             self.stop_event.wait(0.2)
             if self.reload_event.is_set():
