@@ -13,7 +13,7 @@ TEST_OBJS := $(TEST_SRCS:.bpf.c=.bpf.o)
 HEADERS  := $(wildcard bpf/include/gridbpf/*.h) $(VMLINUX)
 CFLAGS_BPF := -target bpf -O2 -g -Wall -Werror -Wno-unused-function -D__TARGET_ARCH_$(ARCH) -Ibpf/include
 
-.PHONY: all setup bpf java test demo bench clean
+.PHONY: all setup bpf java test demo bench clean wheel install-units
 
 all: bpf java
 
@@ -63,5 +63,33 @@ bench: setup
 	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m bench
 
+# A wheel carrying the compiled CO-RE objects and the JVM agent's jar: a node installs
+# it with pip and needs neither clang nor the source tree. Built from a copy of the tree's
+# files (tracked or not ignored) plus the objects, never from stale build state.
+WHEEL_DIR ?= dist
+PLAT := linux_$(shell uname -m)
+wheel: bpf java
+	rm -rf build/wheel-src && mkdir -p build/wheel-src $(WHEEL_DIR)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -P --parents -t build/wheel-src 2>/dev/null || true
+	cp --parents $(OBJDIR)/*.bpf.o build/wheel-src/
+	cp --parents $(JAVADIR)/*.jar build/wheel-src/
+	cd build/wheel-src && $(PYTHON) -m pip wheel -q --no-deps -C--build-option=--plat-name=$(PLAT) -w $(abspath $(WHEEL_DIR)) .
+
+# systemd units into $(UNITDIR), pointing at the gridbpf of $(BINDIR) (e.g. a venv made with
+# `python3 -m venv /opt/gridbpf && /opt/gridbpf/bin/pip install dist/gridbpf-*.whl`);
+# example configs into $(CONFDIR) when none is there yet.
+UNITDIR ?= /etc/systemd/system
+BINDIR  ?= /opt/gridbpf/bin
+CONFDIR ?= /etc/gridbpf
+install-units:
+	install -d $(UNITDIR) $(CONFDIR)
+	for u in packaging/systemd/*.service; do \
+	  sed -e 's|/opt/gridbpf/bin/gridbpf|$(BINDIR)/gridbpf|g' -e 's|/etc/gridbpf/|$(CONFDIR)/|g' \
+	    $$u > $(UNITDIR)/$$(basename $$u); done
+	[ -e $(CONFDIR)/agent.toml ] || install -m 644 packaging/examples/agent-storm-webdav.toml $(CONFDIR)/agent.toml
+	[ -e $(CONFDIR)/scitags.toml ] || install -m 644 packaging/examples/scitags-storm-webdav.toml $(CONFDIR)/scitags.toml
+	[ -e $(CONFDIR)/lb.toml ] || install -m 644 packaging/examples/lb.toml $(CONFDIR)/lb.toml
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
 clean:
-	rm -rf $(OBJDIR) $(TEST_OBJS) $(VMLINUX) $(JAVADIR) build/java
+	rm -rf $(OBJDIR) $(TEST_OBJS) $(VMLINUX) $(JAVADIR) build/java build/wheel-src

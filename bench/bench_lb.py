@@ -191,7 +191,7 @@ def http() -> dict:
     if missing:
         return {"error": f"not installed: {', '.join(missing)} (make setup)"}
     with Lab("lbbench") as lab:
-        site = build_site(lab, nodes=2)
+        site = build_site(lab, nodes=2, bgp=False)   # static route to lb1 only
         try:
             # the XDP balancer on lb1 only; lb2 hosts the nftables and HAProxy baselines
             site.router.ip("-4", "route", "replace", f"{site.vip4}/32", "via", "10.2.0.2", "dev", "eth1")

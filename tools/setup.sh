@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx-mod-http-dav-ext
               wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev
               haproxy nftables    # lb benchmark baselines
+              bird2               # lb: BGP speaker of the balancer nodes and the lab router
               openssl util-linux  # trace tests: certificates for HTTPS servers, setpriv
-              tomcat10 jetty9 davix)  # Java TLS agent tests: JVM HTTPS servers, WebDAV client
+              tomcat10 jetty9 davix  # Java TLS agent tests: JVM HTTPS servers, WebDAV client
+              prometheus)         # packaging tests: a real Prometheus and promtool
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -26,6 +28,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   for svc in tomcat10 jetty9; do   # likewise: the Java tests start private instances
     systemctl disable --now "$svc" >/dev/null 2>&1 || service "$svc" stop >/dev/null 2>&1 || true
   done
+  # ... and BIRD: gridbpf lb run starts its own, per balancer instance
+  systemctl disable --now bird >/dev/null 2>&1 || service bird stop >/dev/null 2>&1 || true
+  # ... and Prometheus: the packaging tests start their own on a free port
+  # (disable works without a running systemd; stop then through whichever init there is)
+  systemctl disable prometheus >/dev/null 2>&1 || true
+  systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}

@@ -43,7 +43,7 @@ def show_stuck(con: Console) -> bool:
 
 PARTS = [
     ("gridbpf doctor: what this machine supports", show_doctor),
-    ("load balancer: a virtual site, two XDP balancer nodes behind ECMP, three WebDAV backends", show_lb_site),
+    ("load balancer: two XDP nodes announcing the VIP by BGP behind ECMP, three WebDAV backends", show_lb_site),
     ("HTTP tracing: requests of an unmodified nginx, from the kernel", show_http_tracing),
     ("why is it stuck: a backend blocked on a lock, reported live", show_stuck),
     ("checksums: ADLER32 of WebDAV uploads computed in the kernel, stored as StoRM does", show_checksums),

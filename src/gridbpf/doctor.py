@@ -7,9 +7,10 @@ import platform
 import shutil
 import subprocess
 
-from .bpf import BpfError, BpfObject
-from .bpf import libbpf as L
-from .bpf.pins import BPFFS
+from pathlib import Path
+
+BPFFS = "/sys/fs/bpf"
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 # enum bpf_prog_type values probed with libbpf_probe_bpf_prog_type
 PROG_TYPES = {"socket_filter": 1, "kprobe": 2, "sched_cls": 3, "tracepoint": 5, "xdp": 6,
@@ -22,6 +23,13 @@ NEEDS = {
     "checksum": ["tracepoint"],
     "scitags": ["tc"],
 }
+# the compiled objects each capability loads (shipped in the wheel, or built by `make bpf`)
+OBJECTS = {
+    "lb": ["lb", "decap"],
+    "trace": ["http", "offcpu", "io", "tcp", "mem"],
+    "checksum": ["checksum"],
+    "scitags": ["scitags"],
+}
 
 
 def _version(cmd: list[str]) -> str | None:
@@ -29,6 +37,11 @@ def _version(cmd: list[str]) -> str | None:
         return None
     p = subprocess.run(cmd, capture_output=True, text=True)
     return (p.stdout or p.stderr).strip().splitlines()[0] if p.returncode == 0 else None
+
+
+def _cgroup2_mounted() -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[2:3] == ["cgroup2"] for line in f)
 
 
 def _perf_event_fd() -> int:
@@ -46,6 +59,7 @@ def _perf_event_fd() -> int:
 
 def probe_attach(kind: str, netns: str) -> tuple[bool, str]:
     """Load probe_KIND alone and attach it somewhere harmless; (works, detail)."""
+    from .bpf import BpfError, BpfObject
     obj = BpfObject.open("probe")
     try:
         for name, prog in obj.programs.items():
@@ -81,36 +95,106 @@ def probe_attach(kind: str, netns: str) -> tuple[bool, str]:
         obj.close()
 
 
+def _libbpf():
+    """The binding's libbpf module, or None when libbpf.so.1 cannot be loaded."""
+    try:
+        from .bpf import libbpf
+    except OSError:
+        return None
+    return libbpf
+
+
 def report() -> dict:
     import ctypes.util  # noqa: F401  (used by probe_attach)
     from .lab import Lab
     rel = platform.release()
+    L = _libbpf()
+    objects = PACKAGE_DIR / "_objects"
     out = {
         "kernel": rel,
         "machine": platform.machine(),
         "root": os.geteuid() == 0,
         "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
         "mounts": {"bpffs": os.path.ismount(BPFFS), "tracefs": os.path.ismount("/sys/kernel/tracing"),
-                   "debugfs": os.path.ismount("/sys/kernel/debug")},
+                   "debugfs": os.path.ismount("/sys/kernel/debug"), "cgroup2": _cgroup2_mounted()},
         "tools": {"clang": _version(["clang", "--version"]), "bpftool": _version(["bpftool", "version"]),
-                  "libbpf": f"{L.libbpf_version()} (libbpf.so.1)"},
-        "program_types": {name: L.libbpf_probe_bpf_prog_type(t, None) == 1 for name, t in PROG_TYPES.items()},
+                  "libbpf": f"{L.libbpf_version()} (libbpf.so.1)" if L else None},
+        "package": {"path": str(PACKAGE_DIR),
+                    "objects": sorted(p.name.removesuffix(".bpf.o") for p in objects.glob("*.bpf.o")),
+                    "java_agent": sorted(p.name for p in (PACKAGE_DIR / "_java").glob("*.jar"))},
+        "program_types": {name: L.libbpf_probe_bpf_prog_type(t, None) == 1 for name, t in PROG_TYPES.items()}
+        if L else {},
         "attach": {},
     }
+    if L is None or "probe" not in out["package"]["objects"] or not out["root"]:
+        why = ("libbpf.so.1 missing" if L is None else "not root" if not out["root"]
+               else "probe object missing")
+        out["attach"] = {k: {"works": False, "detail": f"not probed: {why}"} for k in HOOKS}
+        return _conclude(out)
     with Lab("doctor") as lab:
         host = lab.host("probe")
-        for kind in ["xdp", "tc", "tracepoint", "raw_tp", "tp_btf", "uprobe", "perf_event", "kprobe", "fentry"]:
+        for kind in HOOKS:
             ok, detail = probe_attach(kind, host.netns)
             out["attach"][kind] = {"works": ok, "detail": detail}
-    out["capabilities"] = {cap: {"ready": all(out["attach"][k]["works"] for k in kinds), "needs": kinds}
-                           for cap, kinds in NEEDS.items()}
+    return _conclude(out)
+
+
+HOOKS = ["xdp", "tc", "tracepoint", "raw_tp", "tp_btf", "uprobe", "perf_event", "kprobe", "fentry"]
+
+
+def _conclude(out: dict) -> dict:
+    """Capabilities ready or not, and what is missing on this node with how to fix it."""
+    have = set(out["package"]["objects"])
+    out["capabilities"] = {
+        cap: {"ready": all(out["attach"][k]["works"] for k in kinds) and set(OBJECTS[cap]) <= have,
+              "needs": kinds, "objects_missing": sorted(set(OBJECTS[cap]) - have)}
+        for cap, kinds in NEEDS.items()}
+    out["missing"] = missing(out)
+    return out
+
+
+def missing(r: dict) -> list[dict]:
+    """What keeps a capability from working here: {what, needed_by, fix}, most basic first."""
+    out = []
+
+    def add(what, needed_by, fix):
+        out.append({"what": what, "needed_by": needed_by, "fix": fix})
+
+    if r["tools"]["libbpf"] is None:
+        add("libbpf.so.1", "everything", "apt install libbpf1")
+    if not r["root"]:
+        add("root", "everything", "run as root (the units bound it to CAP_BPF, CAP_PERFMON, ...)")
+    if not r["btf"]:
+        add("kernel BTF (/sys/kernel/btf/vmlinux)", "everything (CO-RE objects)",
+            "a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    if not r["mounts"]["bpffs"]:
+        add("bpffs on /sys/fs/bpf", "lb (pins)", "mount -t bpf bpf /sys/fs/bpf")
+    if not r["mounts"]["tracefs"]:
+        add("tracefs on /sys/kernel/tracing", "trace, checksum (tracepoints)",
+            "mount -t tracefs tracefs /sys/kernel/tracing")
+    if not r["mounts"]["cgroup2"]:
+        add("a cgroup v2 hierarchy", "targets by unit or cgroup (agent, checksum)",
+            "mount -t cgroup2 none /sys/fs/cgroup (or select targets by pid or comm)")
+    objs = sorted({o for c in r["capabilities"].values() for o in c["objects_missing"]} |
+                  ({"probe"} - set(r["package"]["objects"])))
+    if objs:
+        add(f"compiled BPF objects {', '.join(objs)} in {r['package']['path']}/_objects",
+            ", ".join(c for c, v in r["capabilities"].items() if v["objects_missing"]) or "doctor",
+            "install the gridbpf wheel (it carries them), or `make bpf` in the source tree")
+    for kind, v in r["attach"].items():
+        users = [c for c, kinds in NEEDS.items() if kind in kinds]
+        if users and not v["works"] and not v["detail"].startswith("not probed"):
+            add(f"{kind} programs ({v['detail']})", ", ".join(users),
+                "a kernel with this hook enabled (see docs/core.md)")
+    if not r["package"]["java_agent"]:
+        add("the JVM agent (gridbpf/_java/*.jar)", "HTTPS of Java servers (StoRM WebDAV's JSSE)",
+            "a wheel built with the jar, or `make java` in the source tree; plain HTTP and "
+            "libssl servers need nothing")
     return out
 
 
 def run(args) -> int:
     from .output import print_json
-    if os.geteuid() != 0:
-        raise PermissionError("gridbpf doctor must run as root (it loads BPF programs)")
     r = report()
     if args.json:
         print_json(r)
@@ -121,7 +205,9 @@ def run(args) -> int:
     con.print(f"kernel {r['kernel']} ({r['machine']}), BTF {'yes' if r['btf'] else 'NO'}, "
               f"root {'yes' if r['root'] else 'NO'}")
     con.print("mounts: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["mounts"].items()))
-    con.print("tools: " + ", ".join(f"{k}: {v or 'missing'}" for k, v in r["tools"].items()))
+    # clang and bpftool build the objects; a node running a wheel does not need them
+    con.print("tools: " + ", ".join(f"{k}: {v or 'not installed'}" for k, v in r["tools"].items()))
+    con.print(f"package {r['package']['path']}: {len(r['package']['objects'])} BPF objects")
     t = Table("hook", "works", "detail")
     for k, v in r["attach"].items():
         t.add_row(k, "[green]yes[/]" if v["works"] else "[red]no[/]", v["detail"])
@@ -130,6 +216,10 @@ def run(args) -> int:
     for k, v in r["capabilities"].items():
         t.add_row(k, "[green]yes[/]" if v["ready"] else "[red]no[/]", ", ".join(v["needs"]))
     con.print(t)
+    if not r["missing"]:
+        con.print("missing: nothing")
+    for m in r["missing"]:
+        con.print(f"[red]missing[/] {m['what']} (for {m['needed_by']}): {m['fix']}", highlight=False)
     return 0
 
 

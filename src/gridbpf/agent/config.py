@@ -24,6 +24,12 @@
     [agent]
     lock = "/run/gridbpf/agent.lock"   # a second agent with the same lock refuses to start
     collectors = ["tcp", "io"]         # also: stuck, offcpu, mem (on the pids traced at start)
+
+    [checksum]                     # optional: in-kernel ADLER32 of files the service writes
+    paths = ["/storage/atlas"]     # the storage areas (directories followed at any depth)
+    store = true                   # set user.storm.checksum.adler32 at close
+    # whose writes: by default the one selector of [targets]; else one of
+    # pid = 1234, comm = "java", cgroup = "/system.slice/x.service", unit = "x.service"
 """
 from __future__ import annotations
 
@@ -49,6 +55,17 @@ class OtlpConfig:
 
 
 @dataclass
+class ChecksumConfig:
+    paths: list[str]
+    store: bool = True
+    # exactly one writer selector (checksum.targets takes one)
+    pid: int | None = None
+    comm: str | None = None
+    cgroup: str | None = None
+    unit: str | None = None
+
+
+@dataclass
 class AgentConfig:
     targets: TargetSpec
     tls: bool = True
@@ -62,6 +79,7 @@ class AgentConfig:
     otlp: OtlpConfig | None = None
     lock: str = "/run/gridbpf/agent.lock"
     collectors: list[str] = field(default_factory=list)
+    checksum: ChecksumConfig | None = None
 
 
 _SCHEMA = {
@@ -71,6 +89,7 @@ _SCHEMA = {
     "otlp": {"endpoint": str, "interval": (int, float), "spans": bool,
              "max_spans_per_second": int, "service_name": str},
     "agent": {"lock": str, "collectors": list},
+    "checksum": {"paths": list, "store": bool, "pid": int, "comm": str, "cgroup": str, "unit": str},
 }
 
 # [agent] collectors: the "why is it stuck" tracers (gridbpf.trace.stuck.collectors), run on the
@@ -142,6 +161,8 @@ def parse(doc: dict, where: str = "agent.toml") -> AgentConfig:
             compile_template(r)
         except RouteError as exc:
             raise err("metrics.routes", str(exc)) from None
+    if "checksum" in doc:
+        cfg.checksum = _checksum(doc["checksum"], spec, err)
     if "otlp" in doc:
         o = doc["otlp"]
         if "endpoint" not in o:
@@ -155,3 +176,24 @@ def parse(doc: dict, where: str = "agent.toml") -> AgentConfig:
         if cfg.otlp.interval <= 0:
             raise err("otlp.interval", "must be positive")
     return cfg
+
+
+def _checksum(c: dict, spec: TargetSpec, err) -> ChecksumConfig:
+    paths = c.get("paths", [])
+    if not paths:
+        raise err("checksum.paths", "give at least one directory (the storage areas)")
+    for p in paths:
+        if not isinstance(p, str) or not p.startswith("/"):
+            raise err("checksum.paths", f"expected absolute directory paths, got {p!r}")
+    own = {k: c[k] for k in ("pid", "comm", "cgroup", "unit") if k in c}
+    if len(own) > 1:
+        raise err("checksum", f"give one writer selector, not {', '.join(own)}")
+    if not own:
+        # the one selector of [targets]; several cannot be expressed in the checksum program
+        given = [(k, v) for k, vs in (("pid", spec.pids), ("comm", spec.comms), ("cgroup", spec.cgroups),
+                                      ("unit", spec.units)) for v in vs]
+        if len(given) != 1:
+            raise err("checksum", f"[targets] selects {len(given)} ({spec.describe()}): give one of "
+                      "checksum.pid, comm, cgroup, unit (the processes writing the storage area)")
+        own = dict(given)
+    return ChecksumConfig(paths=list(paths), store=c.get("store", True), **own)

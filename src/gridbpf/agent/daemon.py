@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import sdnotify
 from ..export.metrics import DURATION_BUCKETS, OVERFLOW, SIZE_BUCKETS, Registry
 from ..export.prometheus import MetricsServer
 from ..trace.http.tracer import (F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths,
@@ -69,6 +70,7 @@ class HttpAgent:
         self.lock = Lock(cfg.lock)
         self.tracer = self.server = self.otlp = None
         self.collectors = []
+        self.checksums = self.checksum_watcher = None
         self._stop = threading.Event()
         self.requests = 0
         self._line_cache: dict[bytes, tuple] = {}
@@ -97,6 +99,7 @@ class HttpAgent:
             r.counter("gridbpf.http.tls.unreadable", "Target processes serving TLS that cannot "
                       "be read (e.g. JVM JSSE).", "1", lambda: {(): len(self.tracer.tls_opaque)})
             self.collectors = self._collectors(cfg.collectors)
+            self.checksums = self._checksums(cfg.checksum)
             self.server = MetricsServer(r, cfg.listen_port, cfg.listen_addr)
             for c in self.collectors:
                 if hasattr(c, "prometheus_collector"):
@@ -130,6 +133,20 @@ class HttpAgent:
                 c.close()
             raise
         return out
+
+    def _checksums(self, c):
+        """In-kernel checksums of the storage area, hosted here: one process per storage node,
+        the same /metrics, the same life cycle (docs/packaging.md says why)."""
+        if c is None:
+            return None
+        from ..checksum.collector import ChecksumCollector
+        from ..checksum.targets import select
+        from ..checksum.watcher import Watcher
+        from ..trace.targets import TargetSpec
+        cgroup = TargetSpec(units=[c.unit]).cgroup_paths()[0] if c.unit else c.cgroup
+        target = select(c.pid, c.comm, cgroup)
+        self.checksum_watcher = Watcher(c.paths, target, store=c.store).start()
+        return ChecksumCollector(self.registry, self.checksum_watcher)
 
     def _kernel_stats(self) -> dict:
         s = self.tracer.stats()
@@ -221,6 +238,8 @@ class HttpAgent:
             self.drain(drain)
             for c in self.collectors:
                 c.poll(0)              # their batches, without waiting: the drain already did
+            if self.checksums is not None:
+                self.checksums.poll(0)
             if time.monotonic() - last_refresh >= 1.0:
                 self.tracer.refresh()      # new targets, libssl of new processes, dead ones
                 last_refresh = time.monotonic()
@@ -228,18 +247,21 @@ class HttpAgent:
             if deadline and time.monotonic() >= deadline:
                 break
         self.drain(0)
+        if self.checksums is not None:
+            self.checksums.poll(0)
 
     def stop(self, *_):
         self._stop.set()
 
     def close(self) -> None:
-        for part in (*getattr(self, "collectors", []), self.otlp, self.server, self.tracer):
+        for part in (*getattr(self, "collectors", []), self.checksum_watcher, self.otlp, self.server,
+                     self.tracer):
             if part is not None:
                 try:
                     part.close()
                 except Exception:
                     pass
-        self.otlp = self.server = None
+        self.otlp = self.server = self.checksum_watcher = self.checksums = None
         self.lock.release()
 
 
@@ -250,7 +272,9 @@ def run(cfg: AgentConfig, duration: float = 0, ready=None) -> int:
     try:
         if ready:
             ready(agent)
+        sdnotify.ready(f"tracing {len(agent.tracer.targets())} processes")
         agent.run(duration)
+        sdnotify.stopping()
     finally:
         agent.close()
     return 0

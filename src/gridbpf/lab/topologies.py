@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 from .core import Host, Lab
@@ -32,6 +34,98 @@ def http_server(host: Host, port: int = 80, body: str | None = None, addr: str =
     return proc
 
 
+def hash_like_hardware(router: Host) -> None:
+    """ECMP over packet headers only (addresses, protocol, ports), as a hardware router does.
+    Policy 1 would reuse the skb hash a veth carries over from the sender's socket, and TCP
+    draws a new one after a retransmission timeout: flows would leave a dead next hop by
+    themselves and hide the failure."""
+    for fam in ("ipv4", "ipv6"):
+        router.sysctl(f"net.{fam}.fib_multipath_hash_fields", "0x37")
+        router.sysctl(f"net.{fam}.fib_multipath_hash_policy", 3)
+
+
+BIRD_ROUTER = """\
+# the lab's site router: learns routes by BGP from the neighbours below, installs them
+# (several equal ones as one ECMP route) into the kernel; originates nothing
+router id {router_id};
+protocol device {{ scan time 10; }}
+protocol bfd {{
+  interface "*" {{ min rx interval {bfd_ms} ms; min tx interval {bfd_ms} ms; multiplier {mult}; }};
+}}
+protocol kernel kernel4 {{ ipv4 {{ import none; export all; }}; merge paths on; learn off; }}
+protocol kernel kernel6 {{ ipv6 {{ import none; export all; }}; merge paths on; learn off; }}
+{neighbours}
+"""
+BIRD_NEIGHBOUR = """\
+protocol bgp {name} {{
+  local as {local_as};
+  neighbor {address} as {remote_as};
+  hold time 9;
+  bfd on;
+  graceful restart off;
+  connect delay time 1;
+  connect retry time 2;
+  error wait time 1, 2;
+  ipv{fam} {{ import where net.len = {hostlen}; export none; }};
+}}
+"""
+
+
+@dataclass
+class BirdRouter:
+    """BIRD running as a lab router (see bird_router)."""
+    host: Host
+    ctl: str
+    conf: str
+    process: object
+
+    def birdc(self, *args: str) -> str:
+        return subprocess.run(["birdc", "-s", self.ctl, *args], capture_output=True, text=True,
+                              timeout=10).stdout
+
+    def next_hops(self, prefix: str) -> list[str]:
+        """The gateways of PREFIX in the router's kernel FIB (what forwarding uses), sorted."""
+        fam = "-6" if ":" in prefix else "-4"
+        out = self.host.ip(fam, "route", "show", prefix, check=False).stdout.split()
+        return sorted(out[i + 1] for i, w in enumerate(out) if w == "via")
+
+    def wait_next_hops(self, prefix: str, want: list[str], timeout: float = 20) -> float:
+        """Poll the FIB until PREFIX has exactly the gateways WANT; returns the monotonic time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.next_hops(prefix) == sorted(want):
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.host.name}: {prefix} via {self.next_hops(prefix)}, "
+                                   f"not {sorted(want)}, after {timeout} s")
+            time.sleep(0.01)
+
+
+def bird_router(router: Host, router_id: str, local_as: int, neighbours: list[tuple[str, int]],
+                bfd_ms: int = 100, multiplier: int = 3) -> BirdRouter:
+    """Start BIRD on ROUTER with a BGP session (BFD on, graceful restart off) to every
+    (address, AS) in NEIGHBOURS; it accepts host routes only (/32, /128) and merges equal
+    ones into ECMP routes. Neighbours may come and go: failed sessions are retried within 2 s."""
+    conf = os.path.join(router.lab.workdir, f"bird-{router.name}.conf")
+    ctl = os.path.join(router.lab.workdir, f"bird-{router.name}.ctl")
+    hosts = []
+    for i, (addr, asn) in enumerate(neighbours):
+        fam = 6 if ":" in addr else 4
+        hosts.append(BIRD_NEIGHBOUR.format(name=f"n{i}_{fam}", local_as=local_as, address=addr,
+                                           remote_as=asn, fam=fam, hostlen=32 if fam == 4 else 128))
+    with open(conf, "w") as f:
+        f.write(BIRD_ROUTER.format(router_id=router_id, bfd_ms=bfd_ms, mult=multiplier,
+                                   neighbours="".join(hosts)))
+    proc = router.popen(["bird", "-f", "-c", conf, "-s", ctl, "-P", conf + ".pid"], name="bird")
+    r = BirdRouter(router, ctl, conf, proc)
+    deadline = time.monotonic() + 10
+    while "BIRD" not in r.birdc("show", "status"):
+        if not proc.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"bird on {router.name} did not start: {proc.output()[-400:]}")
+        time.sleep(0.05)
+    return r
+
+
 def web(lab: Lab) -> Topology:
     """client -- router -- server, IPv4 and IPv6, a Python HTTP server on the server."""
     t = Topology(lab)
@@ -58,8 +152,7 @@ def ecmp(lab: Lab, servers: int = 2) -> Topology:
     lab.link(client, router, ["10.1.0.2/24", "fd00:1::2/64"], ["10.1.0.1/24", "fd00:1::1/64"], "eth0", "eth0")
     lab.bridge(switch, "br0")
     lab.attach_to_bridge(switch, "br0", router, ["10.2.0.1/24", "fd00:2::1/64"], host_if="eth1")
-    router.sysctl("net.ipv4.fib_multipath_hash_policy", 1)    # L4: ports in the hash
-    router.sysctl("net.ipv6.fib_multipath_hash_policy", 1)
+    hash_like_hardware(router)
     client.route("default via 10.1.0.1")
     client.route("default via fd00:1::1")
     hops4, hops6 = [], []

@@ -28,8 +28,14 @@ def _check(args) -> int:
     cfg = load(args.config)
     info = {"ok": True, "instance": cfg.instance, "interface": cfg.interface, "netns": cfg.netns,
             "services": [{"name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
-                          "mode": s.mode, "backends": len(s.backends)} for s in cfg.services]}
-    _print(info, args.json, f"{args.config}: OK, {len(cfg.services)} services")
+                          "mode": s.mode, "backends": len(s.backends)} for s in cfg.services],
+            "bgp": None if cfg.bgp is None else {
+                "local_as": cfg.bgp.local_as, "announce_delay": cfg.bgp.announce_delay,
+                "min_healthy": cfg.bgp.min_healthy,
+                "peers": [{"address": p.address, "remote_as": p.remote_as, "bfd": p.bfd,
+                           "hold_time": p.hold_time, "port": p.port} for p in cfg.bgp.peers]}}
+    peers = f", BGP to {len(cfg.bgp.peers)} peers" if cfg.bgp else ""
+    _print(info, args.json, f"{args.config}: OK, {len(cfg.services)} services{peers}")
     return 0
 
 
@@ -43,16 +49,28 @@ def _status_text(st: dict) -> str:
             lines.append(f"    {b['address']:<24} w={b['weight']:<4} {state:<16} {b['packets']} packets, "
                          f"{b['bytes']} bytes, {b['new_flows']} flows")
     lines.append("  " + ", ".join(f"{k}={v}" for k, v in st["reasons"].items() if v))
+    bgp = st.get("bgp")
+    if bgp:
+        lines.append(f"  bgp: announcing {', '.join(bgp['announced']) or 'nothing'}"
+                     + ("" if bgp["bird_running"] else " (BIRD is not running)"))
+        for vip, v in bgp["vips"].items():
+            if not v["announced"]:
+                lines.append(f"    {vip}: not announced ({v['why_not'] or 'eligible, within announce_delay'})")
+        for s in bgp["sessions"]:
+            lines.append(f"    peer {s['peer']} AS{s['remote_as']}: {s['state']}, BFD {s['bfd']}"
+                         + (f" since {s['since']}" if s["since"] else ""))
     return "\n".join(lines)
 
 
 def _status(args) -> int:
     from .datapath import Datapath
+    from .bgp import status as bgp_status
     dp = Datapath.open_pinned(args.instance)
     try:
         st = dp.status()
     finally:
         dp.close()
+    st["bgp"] = bgp_status(st["instance"])
     _print(st, args.json, _status_text(st))
     return 0
 

@@ -37,6 +37,22 @@
       mac = "02:00:00:00:00:0b"   # dsr-l2: the backend's MAC; ipip/gue: the next hop's
       weight = 1
       state = "active"            # active | draining
+
+    [bgp]                         # optional: announce the VIPs with BIRD (see lb/bgp.py)
+    local_as = 65001              # required
+    router_id = "10.2.0.2"        # optional: BIRD picks the lowest IPv4 address otherwise
+    announce_delay = 5.0          # seconds a VIP must be eligible before it is announced
+    min_healthy = 1               # healthy backends every service on a VIP needs
+    withdraw_wait = 2.0           # SIGTERM: seconds between the withdrawal and the exit
+    bfd_interval = 0.3            # seconds between BFD packets (rx and tx)
+    bfd_multiplier = 3            # missed packets before BFD declares the peer down
+
+      [[bgp.peer]]                # IPv4 peers carry the IPv4 VIPs (/32), IPv6 peers the IPv6 ones (/128)
+      address = "10.2.0.1"        # required
+      remote_as = 65000           # required
+      bfd = true
+      hold_time = 9               # seconds (3..65535)
+      port = 179
 """
 from __future__ import annotations
 
@@ -85,6 +101,27 @@ class ServiceConfig:
 
 
 @dataclass
+class PeerConfig:
+    address: str
+    remote_as: int
+    bfd: bool = True
+    hold_time: int = 9
+    port: int = 179
+
+
+@dataclass
+class BgpConfig:
+    local_as: int
+    router_id: str | None = None
+    announce_delay: float = 5.0
+    min_healthy: int = 1
+    withdraw_wait: float = 2.0
+    bfd_interval: float = 0.3
+    bfd_multiplier: int = 3
+    peers: list[PeerConfig] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     interface: str
     netns: str | None = None
@@ -97,6 +134,7 @@ class Config:
     source_v6: str = "fd00:ffff::/96"
     gue_port: int = 6080
     services: list[ServiceConfig] = field(default_factory=list)
+    bgp: BgpConfig | None = None
     path: str = ""
 
     @property
@@ -201,7 +239,7 @@ def parse(text: str, path: str = "lb.toml") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    c.table(data, "", {"balancer", "encap", "health", "service"})
+    c.table(data, "", {"balancer", "encap", "health", "service", "bgp"})
     b = c.table(data.get("balancer", {}), "balancer",
                 {"interface", "netns", "xdp_mode", "instance", "table_size", "conntrack_size", "metrics"})
     cfg = Config(interface=c.get(b, "interface", "balancer", str, required=True), path=path)
@@ -270,7 +308,61 @@ def parse(text: str, path: str = "lb.toml") -> Config:
                              check=lambda v: None if 0 <= v < 2**16 else f"{v} out of 0..65535"),
                 state=c.get(be, "state", bkey, str, "active", choices=("active", "draining"))))
         cfg.services.append(svc)
+    if "bgp" in data:
+        cfg.bgp = _bgp(c, data["bgp"], cfg.services)
     return cfg
+
+
+def _asn(v: int) -> str | None:
+    return None if 0 < v < 2**32 else f"{v} is no AS number (1..4294967295)"
+
+
+def _bgp(c: _Checker, data, services: list[ServiceConfig]) -> BgpConfig:
+    c.table(data, "bgp", {"local_as", "router_id", "announce_delay", "min_healthy", "withdraw_wait",
+                          "bfd_interval", "bfd_multiplier", "peer"})
+    b = BgpConfig(local_as=c.get(data, "local_as", "bgp", int, required=True, check=_asn))
+    b.router_id = c.get(data, "router_id", "bgp", str, None, check=lambda v: None if _is_v4(v) else
+                        f"{v!r} is not an IPv4 address (BGP router ids are written like one)")
+    b.announce_delay = float(c.get(data, "announce_delay", "bgp", (int, float), b.announce_delay,
+                                   check=lambda v: None if v >= 0 else f"{v} must not be negative"))
+    b.min_healthy = c.get(data, "min_healthy", "bgp", int, b.min_healthy, check=_positive)
+    b.withdraw_wait = float(c.get(data, "withdraw_wait", "bgp", (int, float), b.withdraw_wait,
+                                  check=lambda v: None if 0 <= v <= 60 else f"{v} out of 0..60"))
+    b.bfd_interval = float(c.get(data, "bfd_interval", "bgp", (int, float), b.bfd_interval,
+                                 check=lambda v: None if 0.01 <= v <= 60 else f"{v} out of 0.01..60 seconds"))
+    b.bfd_multiplier = c.get(data, "bfd_multiplier", "bgp", int, b.bfd_multiplier,
+                             check=lambda v: None if 1 <= v <= 255 else f"{v} out of 1..255")
+    peers = data.get("peer", [])
+    if not isinstance(peers, list) or not peers:
+        c.fail("bgp.peer", "needs at least one [[bgp.peer]] table")
+    seen = set()
+    for i, p in enumerate(peers):
+        key = f"bgp.peer[{i}]"
+        c.table(p, key, {"address", "remote_as", "bfd", "hold_time", "port"})
+        addr = str(ipaddress.ip_address(c.get(p, "address", key, str, required=True, check=_addr)))
+        if addr in seen:
+            c.fail(f"{key}.address", f"{addr} is listed twice")
+        seen.add(addr)
+        b.peers.append(PeerConfig(
+            address=addr, remote_as=c.get(p, "remote_as", key, int, required=True, check=_asn),
+            bfd=c.get(p, "bfd", key, bool, True),
+            hold_time=c.get(p, "hold_time", key, int, 9,
+                            check=lambda v: None if 3 <= v <= 65535 else f"{v} out of 3..65535 seconds"),
+            port=c.get(p, "port", key, int, 179, check=_port)))
+    families = {ipaddress.ip_address(p.address).version for p in b.peers}
+    for s in services:
+        fam = ipaddress.ip_address(s.vip).version
+        if fam not in families:
+            c.fail("bgp.peer", f"no IPv{fam} peer to announce VIP {s.vip} of service {s.name} to "
+                   "(IPv4 VIPs go to IPv4 peers, IPv6 VIPs to IPv6 peers)")
+    return b
+
+
+def _is_v4(v: str) -> bool:
+    try:
+        return ipaddress.ip_address(v).version == 4
+    except ValueError:
+        return False
 
 
 def load(path: str) -> Config:

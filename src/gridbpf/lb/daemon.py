@@ -15,6 +15,7 @@ import threading
 import time
 
 from .. import netns as _netns
+from .. import sdnotify
 from . import config as _config
 from .datapath import LOCK_DIR, Datapath, LbError
 from .health import HealthChecker
@@ -96,6 +97,8 @@ class Daemon:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.dp = self.link = self.health = self.metrics = self.lock = None
+        self.bird = self.announcer = None
+        self.bird_retry_at = 0.0
 
     def start(self) -> None:
         cfg = _config.load(self.cfg_path)
@@ -122,11 +125,18 @@ class Daemon:
             apply_config(self.dp, cfg, self.log)
             self.link = self.dp.obj.program("xdp_lb").attach_xdp(cfg.interface, cfg.xdp_mode, cfg.netns)
             self.dp.pin()
+            self.health = HealthChecker(self.dp, self.health_of, cfg.netns, self.on_health, self.log)
+            if cfg.bgp:
+                from .bgp import Announcer, Bird
+                self.bird = Bird(cfg, self.log)
+                self.bird.start()     # from the main thread: BIRD dies with it
+                self.announcer = Announcer(cfg, self.bird, self.vip_eligibility, self.log)
             if cfg.metrics_addr:
                 from .metrics import serve
-                self.metrics = serve(self.dp, *cfg.metrics_addr)
-            self.health = HealthChecker(self.dp, self.health_of, cfg.netns, self.on_health, self.log)
+                self.metrics = serve(self.dp, *cfg.metrics_addr, bgp=self.bgp_status if cfg.bgp else None)
             self.health.start()
+            if self.announcer:
+                self.announcer.start()
         except BaseException:
             self.shutdown()
             raise
@@ -145,16 +155,59 @@ class Daemon:
         with self.dp.locked():
             self.dp.set_down(service, address, not healthy)
         self.log(f"service {service}: backend {address} {'up' if healthy else 'DOWN'} ({why})")
+        if self.announcer:
+            self.announcer.poke()     # a withdrawal must not wait for the next tick
+
+    def vip_eligibility(self) -> dict[str, str]:
+        """{vip: ""} for VIPs that may be announced, else why not. A backend counts as healthy
+        when it is in the table and has passed a health check since the daemon started (or
+        its service checks nothing): a fresh daemon announces nothing it has not seen work."""
+        need = self.cfg.bgp.min_healthy
+        out: dict[str, str] = {}
+        attached = self.xdp_attached()
+        for svc in self.dp.services().values():
+            if not attached:
+                out[svc.vip] = "program detached"
+                continue
+            checked = self.health_of(svc.name).check != "none"
+            n = sum(1 for b in svc.backends.values()
+                    if b.in_table and (not checked or self.health.has_passed(svc.name, b.address)))
+            if n < need:
+                out[svc.vip] = out.get(svc.vip) or f"service {svc.name}: {n} healthy backends, {need} needed"
+            else:
+                out.setdefault(svc.vip, "")
+        return out
+
+    def xdp_attached(self) -> bool:
+        """Our XDP link still holds the interface: the kernel detaches it when the interface
+        goes away or someone runs `bpftool link detach`; its fdinfo then says ifindex 0."""
+        fd = getattr(self.link, "fd", None)
+        if fd is None:
+            return self.link is not None
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("ifindex:"):
+                        return int(line.split()[1]) != 0
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def bgp_status(self) -> dict:
+        from .bgp import status
+        return status(self.cfg.instance, self.cfg) or {}
 
     def reload(self) -> None:
         try:
             cfg = _config.load(self.cfg_path)
-            if (cfg.interface, cfg.netns, cfg.instance, cfg.table_size) != \
-                    (self.cfg.interface, self.cfg.netns, self.cfg.instance, self.cfg.table_size):
-                raise LbError("interface, netns, instance and table_size change only with a restart")
+            if (cfg.interface, cfg.netns, cfg.instance, cfg.table_size, cfg.bgp) != \
+                    (self.cfg.interface, self.cfg.netns, self.cfg.instance, self.cfg.table_size, self.cfg.bgp):
+                raise LbError("interface, netns, instance, table_size and [bgp] change only with a restart")
             with self.dp.locked():
                 apply_config(self.dp, cfg, self.log)
             self.cfg = cfg
+            if self.announcer:
+                self.announcer.poke()
             self.log("configuration reloaded")
         except Exception as e:   # a bad reload keeps the running configuration
             self.log(f"reload refused, running configuration kept: {e}")
@@ -163,20 +216,56 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGINT, lambda *a: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *a: self.reload_event.set())
+        sdnotify.ready(f"balancing on {self.cfg.interface}")    # attached, pinned, /metrics up
         while not self.stop_event.is_set():
             self.stop_event.wait(0.2)
             if self.reload_event.is_set():
                 self.reload_event.clear()
                 self.reload()
+            if self.bird and (self.bird.exited() is not None or self.bird.proc is None) \
+                    and time.monotonic() >= self.bird_retry_at:
+                self.restart_bird()
         self.log("stopping")
 
+    def restart_bird(self) -> None:
+        """BIRD died on its own (its sessions closed, so the routers dropped this node): start
+        a new one from this thread (the parent-death signal follows the forking thread); the
+        announcer announces again what is still eligible."""
+        if self.bird.proc is not None:
+            self.log(f"bgp: BIRD exited (status {self.bird.exited()}); starting it again")
+        try:
+            self.announcer.restart_speaker()
+        except LbError as e:
+            self.log(f"{e}; retrying in 5 s")
+            self.bird_retry_at = time.monotonic() + 5
+
+    def withdraw(self) -> None:
+        """SIGTERM with BGP: withdraw every VIP, give the routers withdraw_wait seconds to
+        move the flows to the other nodes, and only then detach."""
+        if not self.announcer:
+            return
+        had = set(self.bird.announced)
+        self.announcer.withdraw_all()
+        if had:
+            self.log(f"bgp: withdrawn {', '.join(sorted(had))}; waiting {self.cfg.bgp.withdraw_wait:g} s")
+            time.sleep(self.cfg.bgp.withdraw_wait)
+
     def shutdown(self) -> None:
+        if self.announcer:
+            self.announcer.stop()
+            try:
+                self.announcer.withdraw_all()
+            except Exception as e:
+                self.log(f"bgp: withdrawing: {e}")
         if self.health:
             self.health.stop()
         if self.metrics:
             self.metrics.close()
         if self.link:
             self.link.detach()
+            self.link = None
+        if self.bird:
+            self.bird.stop()
         if self.dp:
             self.dp.unpin()
             self.dp.close()
@@ -185,6 +274,7 @@ class Daemon:
         if getattr(self, "iface_lock", None):
             self.iface_lock.release()
         self.dp = self.link = self.health = self.metrics = self.lock = self.iface_lock = None
+        self.bird = self.announcer = None
 
 
 def run(cfg_path: str) -> int:
@@ -192,6 +282,7 @@ def run(cfg_path: str) -> int:
     d.start()
     try:
         d.serve_forever()
+        d.withdraw()
     finally:
         d.shutdown()
     return 0

@@ -67,6 +67,10 @@ class HealthChecker(threading.Thread):
         self._next: dict[tuple[str, str], float] = {}
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lb-check")
         self.checks = 0
+        self._passed: set[tuple[str, str]] = set()   # backends that passed a check since start
+
+    def has_passed(self, service: str, address: str) -> bool:
+        return (service, address) in self._passed
 
     def stop(self) -> None:
         self._halt.set()
@@ -104,6 +108,8 @@ class HealthChecker(threading.Thread):
             s = self._streak.get(key, 0)
             s = (s + 1 if s > 0 else 1) if ok else (s - 1 if s < 0 else -1)
             self._streak[key] = s
+            if ok:
+                self._passed.add(key)
             if b.down and ok and s >= h.rise:
                 self.on_change(svc.name, b.address, True, why)
             elif not b.down and not ok and -s >= h.fall:

@@ -6,8 +6,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class _Collector:
-    def __init__(self, dp):
-        self.dp = dp
+    def __init__(self, dp, bgp=None):
+        self.dp, self.bgp = dp, bgp
 
     def collect(self):
         st = self.dp.status()
@@ -41,12 +41,33 @@ class _Collector:
         yield up
         yield in_table
         yield weight
+        if self.bgp:
+            yield from _bgp_families(self.bgp())
+
+
+def _bgp_families(st: dict):
+    """Each BGP session's state (as BIRD reports it) and each VIP's announcement."""
+    session = GaugeMetricFamily("gridbpf_lb_bgp_session_up", "1 if the BGP session is established",
+                                labels=["peer", "remote_as", "state"])
+    bfd = GaugeMetricFamily("gridbpf_lb_bgp_bfd_up", "1 if the peer's BFD session is up "
+                            "(no sample for peers without BFD)", labels=["peer"])
+    for s in st.get("sessions", []):
+        session.add_metric([s["peer"], str(s["remote_as"]), s["state"]], int(s["established"]))
+        if s["bfd"] != "off":
+            bfd.add_metric([s["peer"]], int(s["bfd"] == "Up"))
+    announced = GaugeMetricFamily("gridbpf_lb_vip_announced", "1 if this node announces the VIP",
+                                  labels=["vip"])
+    for vip, v in st.get("vips", {}).items():
+        announced.add_metric([vip], int(v["announced"]))
+    yield session
+    yield bfd
+    yield announced
 
 
 class _Server:
-    def __init__(self, dp, addr: str, port: int):
+    def __init__(self, dp, addr: str, port: int, bgp=None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(dp))
+        self.registry.register(_Collector(dp, bgp))
         try:
             self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
@@ -58,5 +79,6 @@ class _Server:
         self._server.server_close()
 
 
-def serve(dp, addr: str, port: int) -> _Server:
-    return _Server(dp, addr, port)
+def serve(dp, addr: str, port: int, bgp=None) -> _Server:
+    """BGP: a callable returning the BGP status (see bgp.status), or None."""
+    return _Server(dp, addr, port, bgp)

@@ -3,9 +3,11 @@
     client -- router ==ECMP==> switch (bridge) -- lb1, lb2   (balancer nodes, XDP on eth0)
                                                -- srv1..N  (nginx WebDAV, VIP on loopback)
 
-The router spreads flows to the VIP over the balancer nodes (L4 multipath hash); each node runs
-`gridbpf lb run` with the same lb.toml (but its own interface), so any node picks the same
-backend for a flow; backends answer the client directly (DSR) through the router.
+The router spreads flows to the VIP over the balancer nodes, hashing packet headers like a
+hardware router; it runs BIRD and learns the VIP routes only from the nodes (each node's
+`gridbpf lb run` announces them by BGP with BFD), unless the site is built with bgp=False
+(static ECMP routes). Each node runs the same lb.toml (but its own interface), so any node
+picks the same backend for a flow; backends answer the client directly (DSR) through the router.
 
 Lab facts this relies on (design.md): native XDP_TX on a veth reaches its peer only if the peer
 runs an XDP program (xdp_pass on the switch ports of the balancers), and native XDP does not
@@ -15,16 +17,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from ..bpf import BpfObject
+from ..bpf import BpfObject, remove_pins
 from ..lab import Host, Lab
+from ..lab.topologies import BirdRouter, bird_router, hash_like_hardware
+from .bgp import alive, run_dir
+from .datapath import PIN_DIR
 
 VIP4, VIP6 = "10.99.0.1", "fd00:99::1"
+ROUTER_AS, NODE_AS = 65000, 65001
+FAILURES = ("kill", "blackhole", "sigterm")
+BLACKHOLE = """
+table netdev blackhole_%(name)s {
+  chain in { type filter hook ingress device "%(port)s" priority 0; policy drop; }
+  chain out { type filter hook egress device "%(port)s" priority 0; policy drop; }
+}
+"""
 NGINX_CONF = """
 worker_processes 1;
 user root;
@@ -72,21 +86,39 @@ class Site:
     _links: list = field(default_factory=list)
     vip4: str = VIP4
     vip6: str = VIP6
+    bird: BirdRouter | None = None        # the router's BIRD (bgp sites)
+
+    def node_addr(self, node: Host, family: int = 4) -> str:
+        i = self.nodes.index(node)
+        return f"10.2.0.{2 + i}" if family == 4 else f"fd00:2::{2 + i:x}"
 
     def backend_addr(self, i: int, family: int = 4) -> str:
         return f"10.2.0.{11 + i}" if family == 4 else f"fd00:2::{11 + i:x}"
 
     def config_text(self, node: Host, metrics_port: int, health: dict | None = None,
-                    weights: list[int] | None = None, udp_port: int | None = None) -> str:
+                    weights: list[int] | None = None, udp_port: int | None = None,
+                    bgp: dict | None = None, table_size: int | None = None, bfd: bool = True) -> str:
         """lb.toml of a node: the same services and backends everywhere, only the interface's
         namespace, the instance name and the metrics port differ. Services webdav4/webdav6
-        (TCP 80), and with UDP_PORT also udp4/udp6 (no health checks: see start_udp_echo)."""
+        (TCP 80), and with UDP_PORT also udp4/udp6 (no health checks: see start_udp_echo).
+        On bgp sites a [bgp] table (keys in BGP override the lab's defaults: announce_delay
+        1 s, BFD every 100 ms) with the router as IPv4 and IPv6 peer. TABLE_SIZE: Maglev slots
+        (nodes that disagree on it send a moved flow to another backend)."""
         h = {"check": "http", "interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 2, "path": "/whoami"}
         h.update(health or {})
         hl = "\n".join(f"{k} = {json.dumps(v)}" for k, v in h.items())
         out = [f'[balancer]\ninterface = "eth0"\nnetns = "{node.netns}"\nxdp_mode = "native"\n'
-               f'instance = "{self.lab.name}-{node.name}"\nmetrics = "127.0.0.1:{metrics_port}"\n',
+               f'instance = "{self.lab.name}-{node.name}"\nmetrics = "127.0.0.1:{metrics_port}"\n'
+               + (f"table_size = {table_size}\n" if table_size else ""),
                f"[health]\n{hl}\n"]
+        if self.bird:
+            b = {"local_as": NODE_AS, "router_id": self.node_addr(node), "announce_delay": 1.0,
+                 "bfd_interval": 0.1}
+            b.update(bgp or {})
+            out.append("[bgp]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in b.items()))
+            for peer in ("10.2.0.1", "fd00:2::1"):
+                out.append(f'[[bgp.peer]]\naddress = "{peer}"\nremote_as = {ROUTER_AS}\n'
+                           + ("" if bfd else "bfd = false\n"))
         services = [(f"webdav{fam}", vip, 80, "tcp", "") for fam, vip in ((4, self.vip4), (6, self.vip6))]
         if udp_port:
             services += [(f"udp{fam}", vip, udp_port, "udp", 'health = { check = "none" }\n')
@@ -101,13 +133,14 @@ class Site:
                            f'mac = "{b.mac("eth0")}"\nweight = {w}\n')
         return "\n".join(out)
 
-    def write_configs(self, base_port: int = 0, **kw) -> None:
+    def write_configs(self, base_port: int = 0, table_sizes: list[int] | None = None, **kw) -> None:
+        """TABLE_SIZES: per node (in order), to make nodes disagree."""
         for n, node in enumerate(self.nodes):
             port = self.metrics_ports.get(node.name) or (base_port + n if base_port else _free_port())
             self.metrics_ports[node.name] = port
             path = os.path.join(self.lab.workdir, f"lb-{node.name}.toml")
             with open(path, "w") as f:
-                f.write(self.config_text(node, port, **kw))
+                f.write(self.config_text(node, port, table_size=table_sizes[n] if table_sizes else None, **kw))
             self.configs[node.name] = path
 
     def start(self, **config) -> "Site":
@@ -115,7 +148,16 @@ class Site:
         self.write_configs(**config)
         for n in self.nodes:
             self.start_balancer(n)
+        self.wait_routes(self.nodes)
         return self
+
+    def wait_routes(self, nodes: list[Host], timeout: float = 30) -> float:
+        """On a bgp site: wait until the router forwards both VIPs to exactly NODES."""
+        t = time.monotonic()
+        if self.bird:
+            for fam, vip in ((4, self.vip4), (6, self.vip6)):
+                t = self.bird.wait_next_hops(vip, [self.node_addr(n, fam) for n in nodes], timeout)
+        return t
 
     def start_balancer(self, node: Host, timeout: float = 20) -> subprocess.Popen:
         """`gridbpf lb run` for NODE, in the root namespace (pins live in the host's bpffs);
@@ -145,6 +187,45 @@ class Site:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
         return p.returncode
+
+    def fail_node(self, node: Host, kind: str) -> float:
+        """Make NODE fail; returns when (time.monotonic()). Kinds (FAILURES):
+        kill:      kill -9 of its `lb run` (only that process: BIRD must go by itself) and
+                   its link down;
+        blackhole: its switch port drops every frame both ways; the daemon and BIRD run on,
+                   so only BFD can tell;
+        sigterm:   a graceful stop (withdraw, wait, detach)."""
+        p = self.daemons[node.name]
+        port = f"p-{node.name}"[:15]
+        t = time.monotonic()
+        if kind == "kill":
+            node.ip("link", "set", "eth0", "down")      # first: no FIN reaches the router
+            os.kill(p.pid, signal.SIGKILL)
+        elif kind == "blackhole":
+            # on the switch port, not in the node: the node's XDP program sees frames before any
+            # hook there could drop them (and its XDP_TX frames skip the node's egress hooks)
+            self.switch.run(["nft", "-f", "-"], input=BLACKHOLE % {"port": port, "name": node.name})
+        elif kind == "sigterm":
+            os.kill(p.pid, signal.SIGTERM)
+        else:
+            raise ValueError(f"unknown failure {kind!r} (one of {', '.join(FAILURES)})")
+        return t
+
+    def heal_node(self, node: Host, kind: str) -> None:
+        """Undo fail_node: the node is back on the network with its balancer stopped."""
+        if kind == "kill":
+            p = self.daemons.pop(node.name)
+            p.wait(10)
+            # what a killed daemon leaves (the next start would clear it too)
+            remove_pins(f"{PIN_DIR}/{self.instance(node)}")
+            shutil.rmtree(run_dir(self.instance(node)), ignore_errors=True)
+            node.ip("link", "set", "eth0", "up")
+            node.run("ip route replace default via 10.2.0.1 && ip -6 route replace default via fd00:2::1")
+        elif kind == "blackhole":
+            self.switch.run(["nft", "delete", "table", "netdev", f"blackhole_{node.name}"])
+            self.stop_balancer(node)
+        else:
+            self.stop_balancer(node)
 
     def daemon_log(self, node: Host) -> str:
         with open(os.path.join(self.lab.workdir, f"lb-{node.name}.log"), "rb") as f:
@@ -262,9 +343,11 @@ def stop_nginx(host: Host) -> None:
 
 
 def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2",
-               nginx: bool = True) -> Site:
+               nginx: bool = True, bgp: bool = True) -> Site:
     """Build the site's namespaces, links, routes and nginx backends. Balancers are not
-    started: site.start() (or write_configs() then start_balancer(node) per node). The demo:
+    started: site.start() (or write_configs() then start_balancer(node) per node, then
+    wait_routes). With BGP the router runs BIRD and has no VIP route until nodes announce it;
+    without, static ECMP routes to every node. The demo:
 
         with Lab("demo") as lab:
             site = build_site(lab).start()
@@ -277,14 +360,19 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
     lab.attach_to_bridge(switch, "br0", router, ["10.2.0.1/24", "fd00:2::1/64"], host_if="eth1")
     client.route("default via 10.1.0.1")
     client.route("default via fd00:1::1")
-    for fam in ("ipv4", "ipv6"):
-        router.sysctl(f"net.{fam}.fib_multipath_hash_policy", 1)   # L4 hash: flows spread over nodes
+    hash_like_hardware(router)
     site = Site(lab, client, router, switch, [], [], mode)
     for i in range(nodes):
         n = lab.host(f"lb{i + 1}")
         lab.attach_to_bridge(switch, "br0", n, [f"10.2.0.{2 + i}/24", f"fd00:2::{2 + i:x}/64"])
+        # A NIC drops frames for other MACs before XDP runs; a veth does not. Without this, a
+        # dead node's port going down makes the bridge flood its frames to the other nodes,
+        # whose XDP program forwards them: a failure that heals with no route change.
+        switch.run(["bridge", "link", "set", "dev", f"p-{n.name}"[:15], "flood", "off"])
         n.route("default via 10.2.0.1")
         n.route("default via fd00:2::1")
+        for conf in ("all", "eth0"):    # IPv6 addresses survive a link down (failure tests)
+            n.sysctl(f"net.ipv6.conf.{conf}.keep_addr_on_down", 1)
         site.nodes.append(n)
     for i in range(backends):
         s = lab.host(f"srv{i + 1}")
@@ -298,10 +386,14 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
         s.route("default via 10.2.0.1")
         s.route("default via fd00:2::1")
         site.backends.append(s)
-    hops4 = " ".join(f"nexthop via 10.2.0.{2 + i} dev eth1" for i in range(nodes))
-    hops6 = " ".join(f"nexthop via fd00:2::{2 + i:x} dev eth1" for i in range(nodes))
-    router.ip("-4", "route", "add", f"{VIP4}/32", *hops4.split())
-    router.ip("-6", "route", "add", f"{VIP6}/128", *hops6.split())
+    if bgp:
+        site.bird = bird_router(router, "10.2.0.1", ROUTER_AS,
+                                [(site.node_addr(n, fam), NODE_AS) for n in site.nodes for fam in (4, 6)])
+    else:
+        hops4 = " ".join(f"nexthop via 10.2.0.{2 + i} dev eth1" for i in range(nodes))
+        hops6 = " ".join(f"nexthop via fd00:2::{2 + i:x} dev eth1" for i in range(nodes))
+        router.ip("-4", "route", "add", f"{VIP4}/32", *hops4.split())
+        router.ip("-6", "route", "add", f"{VIP6}/128", *hops6.split())
     # native XDP on veth: senders' partial checksums are not completed by XDP
     for h, ifname in [(client, "eth0"), (router, "eth0"), (router, "eth1")] + [(s, "eth0") for s in site.backends]:
         h.run(["ethtool", "-K", ifname, "tx", "off"])
@@ -325,3 +417,192 @@ def build_site(lab: Lab, backends: int = 3, nodes: int = 2, mode: str = "dsr-l2"
         for s in site.backends:
             s.wait_port("127.0.0.1", 80)
     return site
+
+
+class Uploads:
+    """N concurrent long PUTs from the client to the VIPs (every third one over IPv6), each
+    CHUNKS chunks of 64 KiB sent at a steady pace over SECONDS, one TCP connection each. For
+    every upload: the HTTP status or the error, and the longest stall: the longest time its
+    acknowledged byte count (TCP_INFO tcpi_bytes_acked, sampled every 10 ms) did not move
+    while data was outstanding. check_files() then compares what the backends stored."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, site: Site, n: int = 24, seconds: float = 6.0, chunks: int = 60, tag: str = "up"):
+        import threading
+        self.site, self.n, self.seconds, self.chunks, self.tag = site, n, seconds, chunks, tag
+        self.results: dict[int, dict] = {}
+        self._socks: dict[int, object] = {}
+        self._mu = threading.Lock()
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._upload, args=(k,), daemon=True) for k in range(n)]
+        self._monitor = threading.Thread(target=self._watch, daemon=True)
+        self.connected = threading.Semaphore(0)
+
+    def body_chunk(self, k: int, i: int) -> bytes:
+        import hashlib
+        return hashlib.sha256(b"%s-%d-%d" % (self.tag.encode(), k, i)).digest() * (self.CHUNK // 32)
+
+    def path(self, k: int) -> str:
+        return f"/{self.tag}-{k}.dat"
+
+    def start(self) -> "Uploads":
+        for t in self._threads:
+            t.start()
+        self._monitor.start()
+        return self
+
+    def wait_connected(self, timeout: float = 20) -> None:
+        for _ in range(self.n):
+            if not self.connected.acquire(timeout=timeout):
+                raise TimeoutError("uploads did not all connect")
+
+    def _upload(self, k: int) -> None:
+        import http.client
+        import socket
+        vip = self.site.vip6 if k % 3 == 2 else self.site.vip4
+        res = {"vip": vip, "status": None, "error": None, "stall": 0.0, "size": self.CHUNK * self.chunks}
+        self.results[k] = res
+        try:
+            with self.site.client.enter():
+                s = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect((vip, 80))
+            res["sport"] = s.getsockname()[1]
+            c = http.client.HTTPConnection(vip, 80, timeout=30)
+            c.sock = s
+            with self._mu:
+                self._socks[k] = s
+            self.connected.release()
+            c.putrequest("PUT", self.path(k))
+            c.putheader("Content-Length", str(res["size"]))
+            c.endheaders()
+            t0 = time.monotonic()
+            for i in range(self.chunks):
+                c.send(self.body_chunk(k, i))
+                pause = t0 + (i + 1) * self.seconds / self.chunks - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+            r = c.getresponse()
+            r.read()
+            res["status"] = r.status
+            c.close()
+        except Exception as e:
+            res["error"] = repr(e)[:120]
+            self.connected.release()
+        finally:
+            with self._mu:
+                self._socks.pop(k, None)
+
+    def _watch(self) -> None:
+        import socket
+        import struct
+        last: dict[int, tuple[int, float]] = {}
+        while any(t.is_alive() for t in self._threads):
+            now = time.monotonic()
+            with self._mu:
+                socks = dict(self._socks)
+            for k, s in socks.items():
+                try:
+                    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
+                except OSError:
+                    continue
+                acked = struct.unpack_from("Q", info, 120)[0]      # tcpi_bytes_acked
+                unacked = struct.unpack_from("I", info, 24)[0]     # tcpi_unacked (segments)
+                self.results[k]["retrans"] = struct.unpack_from("I", info, 100)[0]   # tcpi_total_retrans
+                prev = last.get(k)
+                if prev is None or acked != prev[0] or not unacked:
+                    last[k] = (acked, now)
+                else:
+                    self.results[k]["stall"] = max(self.results[k]["stall"], now - prev[1])
+            time.sleep(0.01)
+
+    def abort(self) -> None:
+        """End every upload still running (its thread records the error)."""
+        import socket
+        with self._mu:
+            socks = list(self._socks.values())
+        for so in socks:
+            try:
+                so.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wait(self, timeout: float = 120) -> dict[int, dict]:
+        for t in self._threads:
+            t.join(timeout)
+        self._monitor.join(5)
+        return self.results
+
+    def failed(self) -> list[tuple[int, dict]]:
+        return [(k, r) for k, r in sorted(self.results.items()) if r["error"] or r["status"] not in (201, 204)]
+
+    def check_files(self) -> list[str]:
+        """Uploads that did not arrive whole on exactly one backend (size and SHA-256)."""
+        import hashlib
+        bad = []
+        for k, r in sorted(self.results.items()):
+            if r["status"] not in (201, 204):
+                continue
+            want = hashlib.sha256()
+            for i in range(self.chunks):
+                want.update(self.body_chunk(k, i))
+            found = []
+            for b in self.site.backends:
+                p = os.path.join(self.site.lab.workdir, f"nginx-{b.name}", "www", self.path(k).lstrip("/"))
+                if os.path.exists(p):
+                    with open(p, "rb") as f:
+                        found.append(hashlib.sha256(f.read()).hexdigest())
+            if found != [want.hexdigest()]:
+                bad.append(f"{self.path(k)}: {len(found)} copies, whole: {want.hexdigest() in found}")
+        return bad
+
+    def remove_files(self) -> None:
+        for k in range(self.n):
+            for b in self.site.backends:
+                p = os.path.join(self.site.lab.workdir, f"nginx-{b.name}", "www", self.path(k).lstrip("/"))
+                if os.path.exists(p):
+                    os.unlink(p)
+
+
+def node_flows(site: Site, node: Host) -> int:
+    return sum(s["new_flows"] for s in site.status(node)["services"])
+
+
+def wait_dead(pid: int, timeout: float) -> float:
+    """When PID was seen dead (gone or a zombie); fails after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return time.monotonic()
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} still alive after {timeout} s")
+
+
+def fail_during_uploads(site: Site, kind: str, uploads: int = 24, seconds: float = 6.0) -> dict:
+    """UPLOADS long uploads (SECONDS each) through both nodes; lb2 fails KIND 1.5 s in.
+    Returns how many flows went through lb2, when the router's FIB dropped it (per family,
+    seconds after the failure), when BIRD died (kill), the failed uploads, the files that did
+    not arrive whole, the longest stall of any upload and the router's `show protocols`."""
+    lb1, lb2 = site.nodes
+    before = node_flows(site, lb2)
+    with open(os.path.join(run_dir(site.instance(lb2)), "bird.pid")) as f:
+        bird_pid = int(f.read())
+    up = Uploads(site, n=uploads, seconds=seconds, chunks=round(seconds * 10), tag=kind).start()
+    try:
+        up.wait_connected()
+        time.sleep(1.5)
+        via_lb2 = node_flows(site, lb2) - before
+        t = site.fail_node(lb2, kind)
+        bird_gone = wait_dead(bird_pid, 2) - t if kind == "kill" else None
+        fib = [site.bird.wait_next_hops(vip, [site.node_addr(lb1, fam)], timeout=10) - t
+               for fam, vip in ((4, site.vip4), (6, site.vip6))]
+        router_view = site.bird.birdc("show", "protocols")
+        up.wait()
+        return {"via_lb2": via_lb2, "fib_s": fib, "bird_gone_s": bird_gone, "failed": up.failed(),
+                "bad_files": up.check_files(), "stall": max(r["stall"] for r in up.results.values()),
+                "router_view": router_view}
+    finally:
+        up.wait()
+        up.remove_files()
+        site.heal_node(lb2, kind)

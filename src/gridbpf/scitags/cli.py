@@ -7,6 +7,7 @@ import sys
 import urllib.error
 import urllib.request
 
+from .. import sdnotify
 from . import label
 from .config import Config, load, parse_listen
 from .registry import Registry, install, UPDATED_PATH
@@ -65,7 +66,9 @@ def _run(args) -> int:
         if tagger is not None:
             daemon.start_tracing(tagger)
         logger.info("running (registry: %s)", daemon.registry.source)
+        sdnotify.ready("marking" if daemon.marker is not None else "fireflies only")
         daemon.run()
+        sdnotify.stopping()
     finally:
         daemon.close()
         logger.info("stopped, everything detached")

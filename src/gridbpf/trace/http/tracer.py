@@ -306,9 +306,12 @@ class HttpTracer:
                     agent = jvm_agent.attach(pid, self._lease)
                 except jvm_agent.JvmNotReady:
                     continue            # a JVM still starting: next refresh
-                except jvm_agent.JvmAttachError as exc:
-                    self.jvm_skipped[pid] = str(exc)
-                    self.warnings.append(f"{exc}: its TLS requests are not traced")
+                except (jvm_agent.JvmAttachError, OSError) as exc:
+                    # OSError: e.g. EPERM without CAP_CHOWN/CAP_KILL for another user's JVM
+                    why = str(exc) if isinstance(exc, jvm_agent.JvmAttachError) else \
+                        f"pid {pid}: cannot load the Java agent: {exc}"
+                    self.jvm_skipped[pid] = why
+                    self.warnings.append(f"{why}: its TLS requests are not traced")
                     continue
                 # the agent's /dev/null fd becomes a bridge entry of the connection table: the
                 # syscall hook's one lookup finds its records (no extra cost for other writes)
