@@ -377,12 +377,23 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
     agent fails at (bridge, dryrun, retransform). Raises JvmAttachError with a one-line reason."""
     if not lease_id or "/" in lease_id or "," in lease_id:
         raise ValueError(f"bad lease id {lease_id!r}")
+    if sink and "," in sink:
+        raise JvmAttachError(f"pid {pid}: sink path must not contain ',' ({sink})")
     jvm = jvm_process(pid)
-    existing = None if reload else loaded_agent_info(jvm)
-    if existing is not None:
-        agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing)
-        agent.renew()
-        return agent
+    try:
+        existing = None if reload else loaded_agent_info(jvm)
+        if existing is not None:
+            agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing)
+            agent.renew()
+            return agent
+        return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail)
+    except OSError as e:         # e.g. EPERM without CAP_CHOWN/CAP_KILL for another user's JVM
+        raise JvmAttachError(f"pid {pid}: cannot load the Java agent ({e.strerror or e})") from None
+
+
+def _load(jvm: JvmProcess, lease_id: str, sink: str | None, timeout: float, jar_dir: Path | None,
+          test_fail: str | None) -> JvmAgent:
+    pid = jvm.pid
     if not jvm.host_path(f"/tmp/.java_pid{jvm.nspid}").is_socket():
         check_attachable(jvm)     # before leaving any file in the JVM's /tmp
     d = install_jars(jvm, jar_dir)
@@ -391,8 +402,6 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
     info = d / "agent.json"
     before = info.stat().st_mtime_ns if info.exists() else 0
     options = f"dir={jvm.agent_dir}" + (f",sink={sink}" if sink else "") + (f",test_fail={test_fail}" if test_fail else "")
-    if sink and "," in sink:
-        raise JvmAttachError(f"pid {pid}: sink path must not contain ',' ({sink})")
     try:
         load_agent(jvm, options, timeout)
         deadline = time.monotonic() + timeout
