@@ -255,3 +255,20 @@ def test_attach_under_load_loses_no_request():
     after = {p for p, s in started.items() if s > ready + 0.05}
     seen = {r.path for r in reqs}
     assert after and after <= seen, sorted(after - seen)[:5]
+
+
+def test_second_tracer_reuses_the_agent_and_sees_the_next_request():
+    """A tracer that finds the agent loaded by an earlier one (now gone, so the agent went
+    inactive) adds its lease and waits until the agent is active: its first request counts."""
+    with JdkHttps() as srv:
+        with HttpTracer(TargetSpec(pids=[srv.pid])) as first:
+            assert first.jvm_agents, first.warnings
+        time.sleep(0.5)                      # no lease left: inactive within 0.2 s
+        with HttpTracer(TargetSpec(pids=[srv.pid])) as second:
+            agent = second.jvm_agents[srv.pid]
+            assert agent.info["attaches"] == 1 and agent.info["active"]
+            c = RawClient(srv.port, tls=True)
+            want = [c.request("PUT", "/once.bin", 1000)]
+            c.close()
+            reqs = drain(second, 1)
+    check(reqs, want, srv.pid, tls=True)

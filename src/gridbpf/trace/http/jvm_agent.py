@@ -338,6 +338,21 @@ class JvmAgent:
             self._stop = None
         self.lease_path.unlink(missing_ok=True)
 
+    def wait_active(self, timeout: float) -> None:
+        """Until agent.json says active (the agent looks at leases 5 times a second), so that
+        requests from now on are reported; raises JvmAttachError if it never does."""
+        deadline = time.monotonic() + min(timeout, 3.0)
+        while True:
+            try:
+                if self.read_info().get("active"):
+                    return
+            except (OSError, ValueError):
+                pass                  # agent.json being replaced: read again
+            if time.monotonic() > deadline:
+                self.release()
+                raise JvmAttachError(f"pid {self.pid}: the loaded agent did not become active")
+            time.sleep(0.02)
+
     def read_info(self) -> dict:
         """agent.json as the agent last wrote it (records/errors refreshed every second)."""
         self.info = json.loads((self.dir / "agent.json").read_text())
@@ -385,6 +400,7 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
         if existing is not None:
             agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing)
             agent.renew()
+            agent.wait_active(timeout)
             return agent
         return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail)
     except OSError as e:         # e.g. EPERM without CAP_CHOWN/CAP_KILL for another user's JVM
