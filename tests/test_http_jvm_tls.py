@@ -78,6 +78,7 @@ def webdav_session(url: str, big_file: Path, small_file: Path) -> None:
     curl("-X", "MKCOL", f"{url}/vo/")
     curl("-T", str(big_file), f"{url}/vo/big.bin")           # 1 GB, with 100-continue
     curl("-T", str(small_file), f"{url}/vo/small.txt")
+    curl("-T", str(small_file), "-H", "Transfer-Encoding: chunked", f"{url}/vo/chunked.txt")
     curl(f"{url}/vo/small.txt")
     curl("-X", "PROPFIND", "-H", "Depth: 1", f"{url}/vo/")
     curl("-X", "COPY", "-H", f"Destination: {url}/vo/copy.txt", f"{url}/vo/small.txt")
@@ -114,7 +115,7 @@ def test_tomcat_webdav_https_every_request_traced(files):
         p = start_cli(srv.pid)
         try:
             webdav_session(srv.url, big, small)
-            log = srv.wait_access_lines(16)
+            log = srv.wait_access_lines(17)
             time.sleep(1.5)                      # idle report of the last keep-alive requests
         finally:
             traced, err = stop_cli(p)
@@ -127,6 +128,9 @@ def test_tomcat_webdav_https_every_request_traced(files):
     assert all(t["tls"] for t in traced)
     put = next(t for t in traced if t["method"] == "PUT" and t["path"] == "/vo/big.bin")
     assert put["request_body_bytes"] == BIG and "interim" in put["flags"]
+    chunked = next(t for t in traced if t["path"] == "/vo/chunked.txt")
+    assert chunked["method"] == "PUT" and chunked["status"] == 201
+    assert chunked["request_body_bytes"] > small.stat().st_size      # chunk sizes and CRLFs
     # the service saw nothing of us: no new line in its output or logs
     assert after == before, {k: after[k][len(before.get(k, [])):] for k in after}
 
@@ -272,3 +276,22 @@ def test_second_tracer_reuses_the_agent_and_sees_the_next_request():
             c.close()
             reqs = drain(second, 1)
     check(reqs, want, srv.pid, tls=True)
+
+
+def test_http2_over_tls_counted_not_parsed(files):
+    """ALPN h2 connections are recognised by their preface and counted, never parsed as
+    HTTP/1; an HTTP/1.1 connection to the same Tomcat is traced as usual (the control)."""
+    _, small = files
+    with Tomcat(http2=True) as srv, HttpTracer(TargetSpec(pids=[srv.pid]), idle_report_s=0.5) as t:
+        (srv.root / "s.txt").write_bytes(small.read_bytes())
+        out = subprocess.run(["curl", "-sk", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
+                              f"{srv.url}/s.txt", "-o", "/dev/null", f"{srv.url}/s.txt"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.startswith("2"), out.stdout          # h2 was negotiated
+        curl("--http1.1", f"{srv.url}/s.txt")
+        reqs, deadline = [], time.monotonic() + 3
+        while time.monotonic() < deadline:
+            reqs += t.poll(100)
+        stats = t.stats()
+    assert stats["h2_connections"] == 1
+    assert [(r.method, r.path, r.status, r.version) for r in reqs] == [("GET", "/s.txt", 200, "HTTP/1.1")]

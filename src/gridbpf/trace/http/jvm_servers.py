@@ -111,10 +111,12 @@ class JvmServer(Server):
 
 class Tomcat(JvmServer):
     """Tomcat 10 from Debian with a private CATALINA_BASE: WebDAV servlet (readonly=false) on /,
-    HTTPS NIO connector with JSSE, access log "%m %U %s %B %D %b" (%D in microseconds)."""
+    HTTPS NIO connector with JSSE, access log "%m %U %s %B %D %b" (%D in microseconds).
+    http2: also offer HTTP/2 (ALPN h2) on the connector."""
 
-    def __init__(self, java_opts: str = ""):
+    def __init__(self, java_opts: str = "", http2: bool = False):
         super().__init__("tomcat")
+        h2 = '<UpgradeProtocol className="org.apache.coyote.http2.Http2Protocol"/>' if http2 else ""
         base = self.dir
         for sub in ("conf", "logs", "temp", "work", "webapps/ROOT/WEB-INF"):
             (base / sub).mkdir(parents=True, exist_ok=True)
@@ -139,6 +141,7 @@ class Tomcat(JvmServer):
                            protocol="org.apache.coyote.http11.Http11NioProtocol"
                            sslImplementationName="org.apache.tomcat.util.net.jsse.JSSEImplementation"
                            maxKeepAliveRequests="-1" allowTrace="false">
+                  {h2}
                   <SSLHostConfig>
                     <Certificate certificateKeystoreFile="{ks}" certificateKeystorePassword="{SECRET}"
                                  certificateKeystoreType="PKCS12"/>
