@@ -29,10 +29,23 @@ CLI = [sys.executable, "-m", "gridbpf", "trace", "http"]
 ENV = dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"))
 BIG = 1 << 30          # the issue's 1 GB upload
 
+# Durations are compared with the server's own clock. The two clocks read the same moments
+# (first request byte in, last response byte out) but a thread woken elsewhere can run between
+# our timestamp and the server's (measured: 2-20 ms apart now and then when client and server
+# share a core). So the server runs on CPU 0 and clients and tracer on CPU 1 where there are two.
+TWO_CPUS = len(os.sched_getaffinity(0)) >= 2
+ON_CLIENT_CPU = ["taskset", "-c", "1"] if TWO_CPUS else []
+
+
+def pin_server(pid: int) -> None:
+    if TWO_CPUS:
+        subprocess.run(["taskset", "-a", "-p", "1", str(pid)], check=True, capture_output=True)
+
 
 def start_cli(pid: int) -> subprocess.Popen:
     """`gridbpf trace http --pid PID --json`, returned once it says it is tracing."""
-    p = subprocess.Popen(CLI + ["--pid", str(pid), "--json", "--idle-report", "1"],
+    pin_server(pid)
+    p = subprocess.Popen(ON_CLIENT_CPU + CLI + ["--pid", str(pid), "--json", "--idle-report", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     line = p.stderr.readline()
     assert "tracing" in line, line + p.stderr.read()
@@ -45,9 +58,10 @@ def stop_cli(p: subprocess.Popen) -> tuple[list[dict], str]:
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")], err
 
 
-def matches(log: list[dict], traced: list[dict]) -> list[str]:
+def matches(log: list[dict], traced: list[dict], resolution_us: int = 0) -> list[str]:
     """Every access-log line has a traced request with the same method, path, status and body
-    bytes, and a duration within 5% or 2 ms of the server's own; returns what is wrong."""
+    bytes, and a duration within 5% or 2 ms (plus the log's resolution) of the server's own;
+    returns what is wrong."""
     problems, pool = [], list(traced)
     # "null - 400": a connection that sent no request (the harness's port probe), not a request
     for want in [w for w in log if w["method"] != "null"]:
@@ -61,22 +75,24 @@ def matches(log: list[dict], traced: list[dict]) -> list[str]:
         if t["response_body_bytes"] != want["response_bytes"]:
             problems.append(f"body bytes {t['response_body_bytes']} != {want['response_bytes']}: {want}")
         ours, theirs = t["duration"] * 1e6, want["duration_us"]
-        if abs(ours - theirs) > max(0.05 * theirs, 2000):
+        if abs(ours - theirs) > max(0.05 * theirs, 2000) + resolution_us:
             problems.append(f"duration {ours:.0f} us vs {theirs} us: {want}")
     return problems
 
 
 def curl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", *args],
+    return subprocess.run([*ON_CLIENT_CPU, "curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", *args],
                           capture_output=True, text=True, timeout=300, check=True)
 
 
-def webdav_session(url: str, big_file: Path, small_file: Path) -> None:
-    """The StoRM-like mix: every WebDAV verb from curl, then the same from davix."""
+def webdav_session(url: str, big_file: Path | None, small_file: Path) -> None:
+    """The StoRM-like mix: every WebDAV verb from curl, then the same from davix (17 requests,
+    15 without the big file)."""
     lockinfo = ('<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/>'
                 '</D:lockscope><D:locktype><D:write/></D:locktype></D:lockinfo>')
     curl("-X", "MKCOL", f"{url}/vo/")
-    curl("-T", str(big_file), f"{url}/vo/big.bin")           # 1 GB, with 100-continue
+    if big_file:
+        curl("-T", str(big_file), f"{url}/vo/big.bin")       # 1 GB, with 100-continue
     curl("-T", str(small_file), f"{url}/vo/small.txt")
     curl("-T", str(small_file), "-H", "Transfer-Encoding: chunked", f"{url}/vo/chunked.txt")
     curl(f"{url}/vo/small.txt")
@@ -85,15 +101,16 @@ def webdav_session(url: str, big_file: Path, small_file: Path) -> None:
     curl("-X", "MOVE", "-H", f"Destination: {url}/vo/moved.txt", f"{url}/vo/copy.txt")
     curl("-X", "LOCK", "-H", "Content-Type: text/xml", "--data", lockinfo, f"{url}/vo/lockme.txt")
     curl("-X", "DELETE", f"{url}/vo/moved.txt")
-    curl("-X", "DELETE", f"{url}/vo/big.bin")
+    if big_file:
+        curl("-X", "DELETE", f"{url}/vo/big.bin")
     davix = ["--insecure"]
-    subprocess.run(["davix-mkdir", *davix, f"{url}/dx/"], check=True, capture_output=True, timeout=60)
-    subprocess.run(["davix-put", *davix, str(small_file), f"{url}/dx/d.txt"], check=True,
+    subprocess.run([*ON_CLIENT_CPU, "davix-mkdir", *davix, f"{url}/dx/"], check=True, capture_output=True, timeout=60)
+    subprocess.run([*ON_CLIENT_CPU, "davix-put", *davix, str(small_file), f"{url}/dx/d.txt"], check=True,
                    capture_output=True, timeout=60)
-    subprocess.run(["davix-get", *davix, f"{url}/dx/d.txt", "/dev/null"], check=True,
+    subprocess.run([*ON_CLIENT_CPU, "davix-get", *davix, f"{url}/dx/d.txt", "/dev/null"], check=True,
                    capture_output=True, timeout=60)
-    subprocess.run(["davix-ls", *davix, f"{url}/dx/"], check=True, capture_output=True, timeout=60)
-    subprocess.run(["davix-rm", *davix, f"{url}/dx/d.txt"], check=True, capture_output=True, timeout=60)
+    subprocess.run([*ON_CLIENT_CPU, "davix-ls", *davix, f"{url}/dx/"], check=True, capture_output=True, timeout=60)
+    subprocess.run([*ON_CLIENT_CPU, "davix-rm", *davix, f"{url}/dx/d.txt"], check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +128,17 @@ def files(tmp_path_factory):
 def test_tomcat_webdav_https_every_request_traced(files):
     big, small = files
     with Tomcat() as srv:
+        pin_server(srv.pid)
+        # untraced warm-up (class loading and JIT of a fresh Tomcat take milliseconds that
+        # land on either side of one clock or the other); only what follows is compared
+        curl("-X", "MKCOL", f"{srv.url}/w/")
+        webdav_session(f"{srv.url}/w", None, small)
+        warm = len(srv.wait_access_lines(17))
         before = srv.output_lines()
         p = start_cli(srv.pid)
         try:
             webdav_session(srv.url, big, small)
-            log = srv.wait_access_lines(17)
+            log = srv.wait_access_lines(warm + 17)[warm:]
             time.sleep(1.5)                      # idle report of the last keep-alive requests
         finally:
             traced, err = stop_cli(p)
@@ -137,20 +160,27 @@ def test_tomcat_webdav_https_every_request_traced(files):
 
 def test_jetty_https(files):
     _, small = files
+    def session(prefix: str) -> None:
+        for i in range(3):
+            curl("-T", str(small), f"{srv.url}/{prefix}{i}.txt")
+            curl(f"{srv.url}/{prefix}{i}.txt")
+        curl(f"{srv.url}/{prefix}missing")
+
     with Jetty() as srv:
+        pin_server(srv.pid)
+        session("warm")                          # untraced warm-up, as for Tomcat
+        warm = len(srv.wait_access_lines(8))
         p = start_cli(srv.pid)
         try:
-            for i in range(3):
-                curl("-T", str(small), f"{srv.url}/j{i}.txt")
-                curl(f"{srv.url}/j{i}.txt")
-            curl(f"{srv.url}/missing")
-            log = srv.wait_access_lines(8)
+            session("j")
+            log = srv.wait_access_lines(warm + 7)[warm:]
             time.sleep(1.5)
         finally:
             traced, err = stop_cli(p)
-    problems = matches(log, traced)
+    # Jetty logs whole milliseconds (request time stamp and log time): 1 ms more of tolerance
+    problems = matches(log, traced, resolution_us=1000)
     assert not problems, "\n".join(problems) + err
-    assert len(traced) == len([w for w in log if w["method"] != "null"]) == 7
+    assert len(traced) == len(log) == 7
 
 
 @pytest.mark.parametrize("jdk", ["17", "21"])
