@@ -177,8 +177,10 @@ def test_jetty_https(files):
             time.sleep(1.5)
         finally:
             traced, err = stop_cli(p)
-    # Jetty logs whole milliseconds (request time stamp and log time): 1 ms more of tolerance
-    problems = matches(log, traced, resolution_us=1000)
+    # Jetty's log clock is coarser and starts elsewhere: whole milliseconds of wall time, from
+    # the request's dispatch to a worker (our start is the selector thread's unwrap) to the
+    # completion callback; measured 1-4 ms apart either way, so 3 ms more of tolerance here
+    problems = matches(log, traced, resolution_us=3000)
     assert not problems, "\n".join(problems) + err
     assert len(traced) == len(log) == 7
 
