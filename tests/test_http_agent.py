@@ -126,6 +126,10 @@ def test_agent_prometheus_and_otlp(tmp_path):
             c.request("BREW", "/pot")     # a token method nginx does not know
             c.getresponse().read()
             c.close()
+            # nginx logs a request after its response went out: the last line may lag the read
+            deadline = time.monotonic() + 5
+            while len(n.access_lines()) < 25 and time.monotonic() < deadline:
+                time.sleep(0.05)
             served = len(n.access_lines())
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:

@@ -282,11 +282,24 @@ def test_agent_unit_reads_tls_of_another_users_jvm(installed):
     finally:
         jvm.close()
     # negative control: a fresh JVM, the agent without the capabilities to act as its user
-    # (chown of the agent's directory in the JVM's /tmp first): today the agent does not start
+    # (chown of the agent's directory in the JVM's /tmp first): the agent runs, skips that JVM
+    # with the reason in its log, and its TLS requests are counted as unreadable, never as 200s
     jvm = JvmAsNobody()
     try:
-        sup = agent_with_jvm(installed, jvm, free_port(), drop_caps=("chown", "setuid", "setgid", "kill"))
-        with pytest.raises(RuntimeError, match=r"Operation not permitted: '/proc/\d+/root/tmp/.gridbpf-jvm"):
-            sup.start()
+        port = free_port()
+        sup = agent_with_jvm(installed, jvm, port, drop_caps=("chown", "setuid", "setgid", "kill"))
+        sup.start()
+        try:
+            for _ in range(5):
+                assert jvm.get() == 200
+            deadline = time.monotonic() + 10
+            while not metric_value(port, "gridbpf_http_tls_unreadable_total", timeout=0.2) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert metric_value(port, "gridbpf_http_tls_unreadable_total") >= 1, sup.log()[-1500:]
+            assert not metric_value(port, counted, timeout=0.5)
+            assert "cannot load the Java agent" in sup.log(), sup.log()[-1500:]
+        finally:
+            assert sup.stop() == 0
     finally:
         jvm.close()

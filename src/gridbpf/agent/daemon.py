@@ -9,6 +9,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -234,8 +235,14 @@ class HttpAgent:
         drain = self.cfg.drain_ms
         deadline = time.monotonic() + duration if duration else None
         last_refresh = time.monotonic()
+        warned = 0
         while not self._stop.is_set():
             self.drain(drain)
+            # what the tracer cannot see (a JVM it cannot load the agent into, TLS without a
+            # hookable libssl, ...) goes to the log, once each
+            for w in self.tracer.warnings[warned:]:
+                print(f"gridbpf agent: {w}", file=sys.stderr, flush=True)
+            warned = len(self.tracer.warnings)
             for c in self.collectors:
                 c.poll(0)              # their batches, without waiting: the drain already did
             if self.checksums is not None:
