@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 from .bpf import BpfError, BpfObject
+from .bpf import features
 from .bpf import libbpf as L
 from .bpf.pins import BPFFS
 
@@ -101,9 +102,19 @@ def report() -> dict:
         host = lab.host("probe")
         for kind in ["xdp", "tc", "tracepoint", "raw_tp", "tp_btf", "uprobe", "perf_event", "kprobe", "fentry"]:
             ok, detail = probe_attach(kind, host.netns)
-            out["attach"][kind] = {"works": ok, "detail": detail}
-    out["capabilities"] = {cap: {"ready": all(out["attach"][k]["works"] for k in kinds), "needs": kinds}
-                           for cap, kinds in NEEDS.items()}
+            # kprobe and fentry are reported as found, but no capability uses them
+            out["attach"][kind] = {"works": ok, "detail": detail,
+                                   "needed": any(kind in kinds for kinds in NEEDS.values())}
+    out["kernel_features"] = features.report()
+    out["capabilities"] = {}
+    for cap, kinds in NEEDS.items():
+        mine = [f for f in out["kernel_features"] if any(n.split()[0] == cap for n in f["needed_by"])]
+        out["capabilities"][cap] = {
+            "ready": all(out["attach"][k]["works"] for k in kinds)
+            and all(f["present"] for f in mine if not f["fallback"]),
+            "needs": kinds,
+            "missing": [f["feature"] for f in mine if not f["present"] and not f["fallback"]],
+            "notes": [features.note(f["feature"]) for f in mine if not f["present"] and f["fallback"]]}
     return out
 
 
@@ -124,12 +135,20 @@ def run(args) -> int:
     con.print("tools: " + ", ".join(f"{k}: {v or 'missing'}" for k, v in r["tools"].items()))
     t = Table("hook", "works", "detail")
     for k, v in r["attach"].items():
-        t.add_row(k, "[green]yes[/]" if v["works"] else "[red]no[/]", v["detail"])
+        t.add_row(k, "[green]yes[/]" if v["works"] else "[red]no[/]",
+                  v["detail"] + ("" if v["needed"] else " (gridbpf does not need it)"))
     con.print(t)
+    missing = [f for f in r["kernel_features"] if not f["present"]]
+    con.print(f"kernel features: {len(r['kernel_features']) - len(missing)} of {len(r['kernel_features'])} "
+              "present" + "".join(f"; missing {f['feature']} (Linux {f['since']})" for f in missing))
     t = Table("capability", "ready", "needs")
     for k, v in r["capabilities"].items():
-        t.add_row(k, "[green]yes[/]" if v["ready"] else "[red]no[/]", ", ".join(v["needs"]))
+        t.add_row(k, "[green]yes[/]" if v["ready"] else "[red]no[/]",
+                  ", ".join(v["needs"] + [f"MISSING {m}" for m in v["missing"]]))
     con.print(t)
+    for v in r["capabilities"].values():
+        for n in v["notes"]:
+            con.print(f"note: {n}")
     return 0
 
 
