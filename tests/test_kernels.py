@@ -93,16 +93,20 @@ def test_missing_optional_tracepoint_is_one_line_note_and_the_tracer_still_runs(
     if F.has_tracepoint("sock_send_length"):
         env[F.HIDE_ENV] = "sock:sock_send_length/sock_recv_length"
     prog = tmp_path / "talk.py"
-    prog.write_text(
+    prog.write_text(      # a connection every 0.2 s until killed: the tracer sees some of them
         "import socket, time\n"
-        "ls = socket.socket(); ls.bind(('127.0.0.1', 0)); ls.listen(1); time.sleep(1.5)\n"
-        "s = socket.create_connection(ls.getsockname()); c, _ = ls.accept()\n"
-        "s.sendall(b'x' * 1000); c.recv(1000); s.close(); c.close(); time.sleep(0.5)\n")
+        "ls = socket.socket(); ls.bind(('127.0.0.1', 0)); ls.listen(8)\n"
+        "while True:\n"
+        "    s = socket.create_connection(ls.getsockname()); c, _ = ls.accept()\n"
+        "    s.sendall(b'x' * 1000); c.recv(1000); s.close(); c.close(); time.sleep(0.2)\n")
     p = subprocess.Popen([sys.executable, str(prog)])
-    cli = subprocess.run([sys.executable, "-m", "gridbpf", "trace", "tcp", "--pid", str(p.pid),
-                          "--duration", "3s", "--json"], capture_output=True, text=True, timeout=90,
-                         env=dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"), **env))
-    p.wait(timeout=10)
+    try:
+        cli = subprocess.run([sys.executable, "-m", "gridbpf", "trace", "tcp", "--pid", str(p.pid),
+                              "--duration", "4", "--json"], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"), **env))
+    finally:
+        p.kill()
+        p.wait()
     assert cli.returncode == 0, cli.stderr
     assert cli.stderr.strip().splitlines() == [
         f"gridbpf: note: kernel {platform.release()} lacks sock:sock_send_length/sock_recv_length "
@@ -118,7 +122,7 @@ def test_missing_required_feature_is_one_line_error_not_a_traceback(tmp_path):
     `checksum watch` with one line naming it and the version that added it."""
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent / "src"), **{F.HIDE_ENV: "bpf_loop"})
     cli = subprocess.run([sys.executable, "-m", "gridbpf", "checksum", "watch", "--path", str(tmp_path),
-                          "--duration", "1", "--json"], capture_output=True, text=True, timeout=60, env=env)
+                          "--no-store", "--duration", "1", "--json"], capture_output=True, text=True, timeout=60, env=env)
     assert cli.returncode == 2
     assert cli.stderr.splitlines() == [
         f"gridbpf: error: kernel {platform.release()} lacks bpf_loop (added in Linux 5.17): "

@@ -11,14 +11,18 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /var/tmp
+# the 6.1 kernel's own modules (veth, sch_ingress, ...): modprobe looks in /lib/modules/$(uname -r)
+mount --bind "$MODDIR" /lib/modules
+echo /sbin/modprobe > /proc/sys/kernel/modprobe
+# /var/tmp on ext4 (a loop image in RAM): tmpfs takes user xattrs only from 6.6, checksum needs them
+modprobe loop
+truncate -s 1G /run/vartmp.img && mkfs.ext4 -q -F /run/vartmp.img && mount -o loop /run/vartmp.img /var/tmp \
+  || mount -t tmpfs tmpfs /var/tmp
+chmod 1777 /var/tmp
 mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
-# the 6.1 kernel's own modules (veth, sch_ingress, ...): modprobe looks in /lib/modules/$(uname -r)
-mount --bind "$MODDIR" /lib/modules
-echo /sbin/modprobe > /proc/sys/kernel/modprobe
 ip link set lo up
 hostname gridbpf-vm
 
@@ -26,7 +30,7 @@ echo "gridbpf-vm: uname -r: $(uname -r)"
 cd "$CHECKOUT"
 start=$(date +%s)
 mapfile -t ids < <(grep -v -e '^#' -e '^$' "$TESTS")
-PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m pytest -p no:cacheprovider -rA -v "${ids[@]}"
+PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m pytest -p no:cacheprovider --color=no -rA -v "${ids[@]}"
 rc=$?
 echo "gridbpf-vm: pytest took $(( $(date +%s) - start )) s"
 echo "gridbpf-vm: uname -r: $(uname -r)"
