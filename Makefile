@@ -13,7 +13,7 @@ TEST_OBJS := $(TEST_SRCS:.bpf.c=.bpf.o)
 HEADERS  := $(wildcard bpf/include/gridbpf/*.h) $(VMLINUX)
 CFLAGS_BPF := -target bpf -O2 -g -Wall -Werror -Wno-unused-function -D__TARGET_ARCH_$(ARCH) -Ibpf/include
 
-.PHONY: all setup bpf test demo bench clean
+.PHONY: all setup bpf test test-kernels demo bench clean
 
 all: bpf
 
@@ -35,6 +35,11 @@ bpf: $(BPF_OBJS) $(TEST_OBJS)
 test: setup
 	@$(MAKE) --no-print-directory bpf
 	$(PYTHON) -m pytest -q tests
+
+# the kernel-facing tests inside Debian 12's stock 6.1 kernel in a VM (minutes: not in `make test`)
+test-kernels: setup
+	@$(MAKE) --no-print-directory bpf
+	tools/test-kernels/run
 
 demo: setup
 	@$(MAKE) --no-print-directory bpf

@@ -30,7 +30,7 @@ echo "gridbpf-vm: uname -r: $(uname -r)"
 cd "$CHECKOUT"
 start=$(date +%s)
 mapfile -t ids < <(grep -v -e '^#' -e '^$' "$TESTS")
-PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m pytest -p no:cacheprovider --color=no -rA -v "${ids[@]}"
+PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m pytest -p no:cacheprovider --color=no -rA -v --durations=12 "${ids[@]}"
 rc=$?
 echo "gridbpf-vm: pytest took $(( $(date +%s) - start )) s"
 echo "gridbpf-vm: uname -r: $(uname -r)"
