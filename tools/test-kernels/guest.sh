@@ -33,6 +33,8 @@ mapfile -t ids < <(grep -v -e '^#' -e '^$' "$TESTS")
 PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m pytest -p no:cacheprovider --color=no -rA -v --durations=12 "${ids[@]}"
 rc=$?
 echo "gridbpf-vm: pytest took $(( $(date +%s) - start )) s"
+echo "gridbpf-vm: gridbpf doctor:"
+NO_COLOR=1 COLUMNS=110 PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m gridbpf doctor
 echo "gridbpf-vm: uname -r: $(uname -r)"
 echo "gridbpf-vm: result rc=$rc"
 sync
