@@ -34,7 +34,7 @@ PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m pytest -p no:cacheprovider --color=no -r
 rc=$?
 echo "gridbpf-vm: pytest took $(( $(date +%s) - start )) s"
 echo "gridbpf-vm: gridbpf doctor:"
-NO_COLOR=1 COLUMNS=110 PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m gridbpf doctor
+COLUMNS=110 PYTHONPATH="$CHECKOUT/src" "$PYTHON" -m gridbpf doctor | cat    # not a tty: plain text
 echo "gridbpf-vm: uname -r: $(uname -r)"
 echo "gridbpf-vm: result rc=$rc"
 sync
