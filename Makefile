@@ -13,7 +13,7 @@ TEST_OBJS := $(TEST_SRCS:.bpf.c=.bpf.o)
 HEADERS  := $(wildcard bpf/include/gridbpf/*.h) $(VMLINUX)
 CFLAGS_BPF := -target bpf -O2 -g -Wall -Werror -Wno-unused-function -D__TARGET_ARCH_$(ARCH) -Ibpf/include
 
-.PHONY: all setup bpf java test demo bench clean wheel install-units
+.PHONY: all setup bpf java test test-kernels demo bench clean wheel install-units
 
 all: bpf java
 
@@ -54,6 +54,11 @@ java: $(JAVA_JAR)
 test: setup
 	@$(MAKE) --no-print-directory bpf java
 	$(PYTHON) -m pytest -q tests
+
+# the kernel-facing tests inside Debian 12's stock 6.1 kernel in a VM (minutes: not in `make test`)
+test-kernels: setup
+	@$(MAKE) --no-print-directory bpf
+	tools/test-kernels/run
 
 demo: setup
 	@$(MAKE) --no-print-directory bpf java

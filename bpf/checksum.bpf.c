@@ -1027,7 +1027,7 @@ struct sched_exit_args {
 	char comm[16];
 	__s32 pid;
 	__s32 prio;
-	bool group_dead;
+	/* newer kernels add bool group_dead: not read, 6.1 refuses the access (EACCES at attach) */
 };
 
 /* A dying process closes its files in exit_files(), after this tracepoint, with no close(2). */
@@ -1037,7 +1037,8 @@ int ck_process_exit(struct sched_exit_args *ctx)
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 
-	if (!ctx->group_dead || !is_target())
+	/* group_dead: do_exit() dropped signal->live before this tracepoint */
+	if (BPF_CORE_READ(task, signal, live.counter) != 0 || !is_target())
 		return 0;
 	if (filter_mode == CK_BY_PID)
 		bpf_map_delete_elem(&target_pids, &tgid);

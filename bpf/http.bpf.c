@@ -812,9 +812,11 @@ static long drop_conn_of(struct bpf_map *map, struct http_conn_key *key, struct 
 }
 
 SEC("tp_btf/sched_process_exit")
-int BPF_PROG(http_exit, struct task_struct *p, bool group_dead)
+int BPF_PROG(http_exit, struct task_struct *p)
 {
 	__u32 tgid = p->tgid;
+	/* group_dead is not an argument on older kernels (6.1): do_exit() dropped signal->live before */
+	bool group_dead = BPF_CORE_READ(p, signal, live.counter) == 0;
 
 	/*
 	 * When the last thread of a target exits, forget it and its connections now (rare, so

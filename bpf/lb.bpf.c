@@ -117,6 +117,16 @@ struct lb_pkt {
 	__u8 syn;             /* a TCP SYN without ACK: a new connection, placed by the table */
 };
 
+/*
+ * A byte-swapped 16-bit length, with its bound made visible to the verifier: Linux 6.1's
+ * verifier does not track bounds through a byte swap, and refuses packet-pointer math with it.
+ */
+static __always_inline __u32 u16_bounded(__u32 v)
+{
+	barrier_var(v);
+	return v & 0xffff;
+}
+
 static __always_inline int verdict(__u32 reason, int action)
 {
 	gb_count(&lb_reasons, reason);
@@ -194,7 +204,7 @@ static __always_inline int parse_ipv4(void *data, void *end, struct lb_pkt *p)
 	p->flow.src[0] = ip->saddr;
 	p->flow.dst[0] = ip->daddr;
 	p->tos = ip->tos;
-	p->l3_len = bpf_ntohs(ip->tot_len);
+	p->l3_len = u16_bounded(bpf_ntohs(ip->tot_len));
 	if (ip->frag_off & bpf_htons(GB_IP_MF | GB_IP_OFFSET))
 		return LB_DROP_FRAGMENT;
 	if (ip->ihl != 5)
@@ -260,7 +270,7 @@ static __always_inline int parse_ipv6(void *data, void *end, struct lb_pkt *p)
 	__builtin_memcpy(p->flow.src, &ip6->saddr, 16);
 	__builtin_memcpy(p->flow.dst, &ip6->daddr, 16);
 	p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
-	p->l3_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+	p->l3_len = sizeof(*ip6) + u16_bounded(bpf_ntohs(ip6->payload_len));
 	if (ip6->nexthdr == GB_NEXTHDR_FRAGMENT)
 		return LB_DROP_FRAGMENT;
 	if (gb_ipv6_is_ext(ip6->nexthdr))

@@ -12,3 +12,11 @@ SEC("uprobe") int probe_uprobe(void *ctx) { return 0; }
 SEC("perf_event") int probe_perf_event(void *ctx) { return 0; }
 SEC("kprobe/do_nanosleep") int probe_kprobe(void *ctx) { return 0; }
 SEC("fentry/do_nanosleep") int probe_fentry(u64 *ctx) { return 0; }
+
+/* Helper flags that older kernels refuse at run time (EINVAL), not at load: a test run tells.
+ * IPv4-in-IPv6 decapsulation needs BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (Linux 6.3). Returns the helper's
+ * result: 0 where the flag works. */
+SEC("tc") int probe_adjust_room_decap(struct __sk_buff *skb)
+{
+	return bpf_skb_adjust_room(skb, -40, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
+}

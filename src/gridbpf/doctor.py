@@ -136,6 +136,8 @@ def report() -> dict:
         for kind in HOOKS:
             ok, detail = probe_attach(kind, host.netns)
             out["attach"][kind] = {"works": ok, "detail": detail}
+    from .bpf import features
+    out["kernel_features"] = features.report()
     return _conclude(out)
 
 
@@ -145,12 +147,27 @@ HOOKS = ["xdp", "tc", "tracepoint", "raw_tp", "tp_btf", "uprobe", "perf_event", 
 def _conclude(out: dict) -> dict:
     """Capabilities ready or not, and what is missing on this node with how to fix it."""
     have = set(out["package"]["objects"])
-    out["capabilities"] = {
-        cap: {"ready": all(out["attach"][k]["works"] for k in kinds) and set(OBJECTS[cap]) <= have,
-              "needs": kinds, "objects_missing": sorted(set(OBJECTS[cap]) - have)}
-        for cap, kinds in NEEDS.items()}
+    for kind, v in out["attach"].items():
+        # kprobe and fentry are reported as found, but no capability uses them
+        v["needed"] = any(kind in kinds for kinds in NEEDS.values())
+    feats = out.setdefault("kernel_features", [])
+    out["capabilities"] = {}
+    for cap, kinds in NEEDS.items():
+        mine = [f for f in feats if any(n.split()[0] == cap for n in f["needed_by"])]
+        lacking = [f["feature"] for f in mine if not f["present"] and not f["fallback"]]
+        out["capabilities"][cap] = {
+            "ready": all(out["attach"][k]["works"] for k in kinds) and set(OBJECTS[cap]) <= have
+            and not lacking,
+            "needs": kinds, "objects_missing": sorted(set(OBJECTS[cap]) - have),
+            "missing": lacking,
+            "notes": [_note(f["feature"]) for f in mine if not f["present"] and f["fallback"]]}
     out["missing"] = missing(out)
     return out
+
+
+def _note(feature: str) -> str | None:
+    from .bpf import features
+    return features.note(feature)
 
 
 def missing(r: dict) -> list[dict]:
@@ -186,6 +203,10 @@ def missing(r: dict) -> list[dict]:
         if users and not v["works"] and not v["detail"].startswith("not probed"):
             add(f"{kind} programs ({v['detail']})", ", ".join(users),
                 "a kernel with this hook enabled (see docs/core.md)")
+    for f in r.get("kernel_features", []):
+        if not f["present"] and not f["fallback"]:
+            add(f"kernel feature {f['feature']} (Linux {f['since']})", ", ".join(f["needed_by"]),
+                "a newer kernel (see the kernel table in docs/core.md)")
     if not r["package"]["java_agent"]:
         add("the JVM agent (gridbpf/_java/*.jar)", "HTTPS of Java servers (StoRM WebDAV's JSSE)",
             "a wheel built with the jar, or `make java` in the source tree; plain HTTP and "
@@ -210,12 +231,23 @@ def run(args) -> int:
     con.print(f"package {r['package']['path']}: {len(r['package']['objects'])} BPF objects")
     t = Table("hook", "works", "detail")
     for k, v in r["attach"].items():
-        t.add_row(k, "[green]yes[/]" if v["works"] else "[red]no[/]", v["detail"])
+        t.add_row(k, "[green]yes[/]" if v["works"] else "[red]no[/]",
+                  v["detail"] + ("" if v["needed"] else " (gridbpf does not need it)"))
     con.print(t)
+    feats = r["kernel_features"]
+    lacking = [f for f in feats if not f["present"]]
+    if feats:
+        con.print(f"kernel features: {len(feats) - len(lacking)} of {len(feats)} present"
+                  + "".join(f"; missing {f['feature']} (Linux {f['since']})" for f in lacking))
     t = Table("capability", "ready", "needs")
     for k, v in r["capabilities"].items():
-        t.add_row(k, "[green]yes[/]" if v["ready"] else "[red]no[/]", ", ".join(v["needs"]))
+        t.add_row(k, "[green]yes[/]" if v["ready"] else "[red]no[/]",
+                  ", ".join(v["needs"] + [f"MISSING {m}" for m in v["missing"]]))
     con.print(t)
+    for v in r["capabilities"].values():
+        for n in v["notes"]:
+            if n:
+                con.print(f"note: {n}", highlight=False)
     if not r["missing"]:
         con.print("missing: nothing")
     for m in r["missing"]:

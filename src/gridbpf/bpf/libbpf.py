@@ -117,6 +117,8 @@ bpf_enable_stats = _fn("bpf_enable_stats", i32, i32)
 btf__raw_data = _fn("btf__raw_data", vp, vp, POINTER(u32))
 libbpf_num_possible_cpus = _fn("libbpf_num_possible_cpus", i32)
 libbpf_probe_bpf_prog_type = _fn("libbpf_probe_bpf_prog_type", i32, i32, vp)
+libbpf_probe_bpf_map_type = _fn("libbpf_probe_bpf_map_type", i32, i32, vp)
+libbpf_probe_bpf_helper = _fn("libbpf_probe_bpf_helper", i32, i32, i32, vp)
 libbpf_strerror = _fn("libbpf_strerror", i32, i32, ctypes.c_char_p, c_size_t)
 
 _vsnprintf = _libc.vsnprintf

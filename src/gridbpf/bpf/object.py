@@ -314,9 +314,18 @@ class BpfObject:
         return cls(ptr, path)   # __init__ closes PTR itself if it fails
 
     def load(self) -> "BpfObject":
+        from . import features
+        if features.hidden():           # features a site asked to treat as absent
+            missing = features.missing_for(self)
+            if missing:
+                raise missing
         mark = L.mark_log()
         ret = L.bpf_object__load(self._ptr)
         if ret < 0:
+            # an older kernel lacking a helper, map type or tracepoint: say which, in one line
+            missing = features.missing_for(self)
+            if missing:
+                raise missing
             err = L.last_errno(ret)
             log = L.messages_since(mark)
             cls = VerifierError if any("PROG LOAD LOG" in l for l in log) else BpfError

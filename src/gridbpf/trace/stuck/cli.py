@@ -180,6 +180,9 @@ def cmd_io(args) -> int:
 def cmd_tcp(args) -> int:
     from .tcp import TcpTracer, format_table
     with TcpTracer(spec_from_args(args)) as tr:
+        for note in tr.notes:
+            print(f"gridbpf: note: {note}", file=sys.stderr)
+
         def report():
             peers = tr.peers()
             _out(json.dumps({"peers": peers, "stats": tr.stats()}) if args.json

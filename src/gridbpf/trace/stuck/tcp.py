@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 
 from ...bpf import BpfObject
+from ...bpf.features import drop_missing_tracepoints
 from .offcpu import target_pids
 from ..session import BpfSession
 
@@ -26,12 +27,15 @@ class TcpTracer(BpfSession):
         self.tgids = target_pids(targets)
         self.obj = BpfObject.open("tcp")
         self.links = []
+        # before Linux 6.3 (sock_send_length/sock_recv_length): no byte counts, one-line note
+        self.notes = drop_missing_tracepoints(self.obj)
         try:
             self.obj.load()
             for t in self.tgids:
                 self.obj.map("targets")[t] = 1
             for prog in self.obj.programs.values():
-                self.links.append(prog.attach())
+                if prog.autoload:
+                    self.links.append(prog.attach())
         except BaseException:
             self.close()
             raise
