@@ -49,10 +49,11 @@ def content(path: str) -> int:
         return zlib.adler32(f.read())
 
 
-@pytest.fixture(scope="module", params=["/dev/shm", "/var/tmp"], ids=["tmpfs", "ext4"])
+@pytest.fixture(scope="module", params=[("/dev/shm", "kernel"), ("/var/tmp", "ranges")],
+                ids=["tmpfs-kernel-sum", "ext4-page-cache-sum"])
 def files(request):
-    root = tempfile.mkdtemp(prefix="ck-test-", dir=request.param)
-    w = Watcher([root]).start()
+    root = tempfile.mkdtemp(prefix="ck-test-", dir=request.param[0])
+    w = Watcher([root], sum_mode=request.param[1]).start()
     try:
         yield Files(w, root)
     finally:
@@ -67,6 +68,8 @@ def check_right(files, path, expect_source=None):
     assert r.status == "stored", r
     assert r.adler32 == want, (r, want)
     assert xattr.get(path) == want
+    if expect_source == "kernel":        # followed to the end: summed in the kernel or from the cache
+        expect_source = files.w.followed_source
     if expect_source:
         assert r.source == expect_source, r
     return r
@@ -117,7 +120,7 @@ def test_property_random_writes(files, ops, seed):
     size = os.path.getsize(path)
     tiled = not overlap and sum(e - s for s, e in covered) == size
     if tiled:
-        assert r.source == "kernel", r
+        assert r.source == files.w.followed_source, r
     else:
         assert r.source == "userspace" and r.reasons, r
     os.unlink(path)
@@ -449,7 +452,7 @@ def test_cli_watch_get_verify():
         files_rows = [r for r in rows if "path" in r]
         assert files_rows[-1]["path"] == os.path.join(root, "f")
         assert files_rows[-1]["adler32"] == adler.fmt(zlib.adler32(data))
-        assert files_rows[-1]["source"] == "kernel"
+        assert files_rows[-1]["source"] == "page-cache"      # the default: --sum-in page-cache
         assert set(files_rows[-1]) >= {"path", "size", "adler32", "source", "close_to_stored_ms"}
         assert "stats" in rows[-1]
 
@@ -495,7 +498,7 @@ def test_agent_collector_metrics():
             while len(got) < 4 and time.monotonic() < deadline:
                 got += coll.poll(50)
             files = {c.name: c for c in reg.counters}["gridbpf.checksum.files"].read()
-            assert files == {("kernel", "stored"): 3, ("userspace", "stored"): 1}
+            assert files == {(w.followed_source, "stored"): 3, ("userspace", "stored"): 1}
             kernel = {c.name: c for c in reg.counters}["gridbpf.checksum.kernel"].read()
             assert kernel[("closes",)] == 4 and kernel[("unfollowed",)] == 1
             hist = {h.name: h for h in reg.histograms}["gridbpf.checksum.close_to_stored.duration"]
@@ -521,7 +524,8 @@ def test_cli_watch_serves_metrics():
     root = tempfile.mkdtemp(prefix="ck-metrics-", dir="/dev/shm")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
     proc = subprocess.Popen([sys.executable, "-m", "gridbpf", "checksum", "watch", "--path", root,
-                             "--json", "--metrics-port", "0", "--count", "2", "--duration", "60"],
+                             "--json", "--metrics-port", "0", "--count", "2", "--duration", "60",
+                             "--sum-in", "kernel"],
                             stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = json.loads(proc.stdout.readline())["metrics"]     # printed once attached
@@ -617,4 +621,4 @@ def test_parallel_pwriters(files):
         r = check_right(files, p, "userspace" if overlap else "kernel")
         sources.add(r.source)
         os.unlink(p)
-    assert sources == {"kernel", "userspace"}
+    assert sources == {files.w.followed_source, "userspace"}

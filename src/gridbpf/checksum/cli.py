@@ -20,6 +20,13 @@ def register(subparsers) -> None:
     w.add_argument("--comm", help="only processes with this command name")
     w.add_argument("--cgroup", help="only processes in this cgroup (v2) or below it")
     w.add_argument("--no-store", action="store_true", help="compute and report, do not set the attribute")
+    w.add_argument("--sum-in", choices=("page-cache", "kernel"), default="page-cache",
+                   help="page-cache (default): the kernel keeps the written ranges, we sum them "
+                        "from the page cache while cached (SIMD, off the writer's time); kernel: "
+                        "summed in the writer's syscalls from its buffers")
+    w.add_argument("--no-follow-renames", action="store_true",
+                   help="follow only files opened inside the watched directories (files written "
+                        "elsewhere and moved in then get no attribute)")
     w.add_argument("--duration", type=float, help="stop after this many seconds")
     w.add_argument("--count", type=int, help="stop after this many files")
     w.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -47,7 +54,9 @@ def cmd_watch(args) -> int:
     seen = 0
     deadline = time.monotonic() + args.duration if args.duration else None
     server = None
-    with Watcher(args.path, target, store=not args.no_store) as w:
+    with Watcher(args.path, target, store=not args.no_store,
+                 follow_renames=not args.no_follow_renames,
+                 sum_mode="ranges" if args.sum_in == "page-cache" else "kernel") as w:
         source = w
         if args.metrics_port is not None:
             from ..export.metrics import Registry
