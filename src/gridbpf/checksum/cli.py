@@ -69,8 +69,11 @@ def cmd_watch(args) -> int:
         if not args.json:
             print(f"watching {', '.join(w.dirs)} for {target.description}{where}", file=sys.stderr,
                   flush=True)
-        elif server:
-            print(json.dumps({"metrics": f"http://{server.addr}:{server.port}/metrics"}), flush=True)
+        else:     # one line once attached: callers may wait for it
+            print(json.dumps({"watching": w.dirs, "target": target.description,
+                              "sum_in": w.followed_source, "follow_renames": w.follow_renames}
+                             | ({"metrics": f"http://{server.addr}:{server.port}/metrics"}
+                                if server else {})), flush=True)
         try:
             while not stop and (deadline is None or time.monotonic() < deadline):
                 for r in source.poll(200):
