@@ -1,5 +1,21 @@
 """In-kernel ADLER32, side by side with the userspace way, interleaved rounds, medians.
 
+Parts (CK_BENCH_PARTS, comma-separated; default all): ext4, latency, tmpfs.
+
+ext4 (a scratch ext4 in a loop file; the writer fsyncs before close, as storage servers do):
+(e1) writer throughput: without watch, and watched with each sum mode: page-cache (the kernel
+     keeps ranges, the watcher sums them from the page cache with zlib-ng on another core),
+     kernel (summed in the writer's syscalls), and copy-only (the kernel copies each write into
+     its per-CPU buffer but does not sum: benchmark-only mode). Where the writer's time goes:
+     bookkeeping = page-cache mode vs none, copy = copy-only vs page-cache, sum = kernel vs
+     copy-only (in the writer's CPU seconds and in throughput).
+(e2) first write to attribute stored: watched (page-cache and kernel modes) vs write, then the
+     file's page cache dropped (fadvise DONTNEED after fsync) and the file re-read with
+     zlib.adler32 and the attribute set (StoRM's "late" strategy and partial PUTs).
+latency: close-to-stored under 100 concurrent uploads (PUTs to nginx, temp path beside the
+     watched tree, `gridbpf checksum watch` as its own process): p50/p99 from the watcher's rows,
+     and the share of uploads whose attribute was already there when the client read the 201.
+tmpfs: the earlier measurements, at memory speed (worst case for the in-kernel sum):
 (a) kernel checksum rate: bytes summed / extra CPU time of the writer with the program attached
     (BPF programs run in the writing task, so their cost is in its CPU time; the writer is timed
     around its write loop only), 1 MiB writes to tmpfs, paired rounds; zlib.adler32 on the same
@@ -23,16 +39,18 @@ import time
 import zlib
 
 from gridbpf.checksum import Watcher, adler, xattr
+from gridbpf.checksum.scratchfs import Ext4Scratch
 
 MiB = 1 << 20
 ROUNDS = int(os.environ.get("CK_BENCH_ROUNDS", 5))
 SIZE_A = SIZE_C = 512 * MiB   # (a) and (c) come from the same runs
 SIZE_B = 256 * MiB
 
-# The writer runs as its own process (like a storage server): 1 MiB buffers, write(2), close.
+# The writer runs as its own process (like a storage server): 1 MiB buffers, write(2), [fsync,]
+# close.
 WRITER = r"""
 import os, resource, sys, time
-path, size = sys.argv[1], int(sys.argv[2])
+path, size, sync = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 buf = bytearray(os.urandom(1 << 20))
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -43,6 +61,8 @@ fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
 for i in range(size >> 20):
     buf[0:8] = i.to_bytes(8, "little")
     os.write(fd, buf)
+if sync:
+    os.fsync(fd)
 os.close(fd)
 t1 = time.monotonic_ns()
 print(t0, t1, cpu() - c0)
@@ -52,10 +72,10 @@ print(t0, t1, cpu() - c0)
 _writers: list[subprocess.Popen] = []
 
 
-def write_file(path: str, size: int) -> tuple[int, int, float]:
+def write_file(path: str, size: int, sync: bool = False) -> tuple[int, int, float]:
     """(start ns, end ns, CPU seconds) of the writer's loop. Returns as soon as the writer has
     closed the file (not when its interpreter has exited), like a server that goes on serving."""
-    proc = subprocess.Popen([sys.executable, "-u", "-c", WRITER, path, str(size)],
+    proc = subprocess.Popen([sys.executable, "-u", "-c", WRITER, path, str(size), "1" if sync else "0"],
                             stdout=subprocess.PIPE, text=True)
     out = proc.stdout.readline().split()
     _writers.append(proc)
@@ -82,11 +102,42 @@ def wait_stored(w: Watcher, path: str, timeout: float = 60):
     raise RuntimeError(f"no checksum for {path}")
 
 
+def write_watched(w: Watcher, path: str, size: int, sync: bool = False):
+    """Write PATH in another process while this one keeps polling the watcher, as the watch
+    daemon does (in page-cache mode it sums while the file is written). Returns
+    ((start ns, end ns, CPU s) of the writer, the file's result, ns when it was stored)."""
+    import threading
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("w", write_file(path, size, sync)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for r in w.poll(20):
+            if r.path == path:
+                stored = time.monotonic_ns()
+                t.join()
+                return box["w"], r, stored
+    t.join()
+    raise RuntimeError(f"no checksum for {path}")
+
+
 def med(xs):
     return statistics.median(xs)
 
 
 def run() -> dict:
+    parts = os.environ.get("CK_BENCH_PARTS", "ext4,latency,tmpfs").split(",")
+    res: dict = {"rounds": ROUNDS}
+    if "ext4" in parts:
+        res["ext4"] = run_ext4()
+    if "latency" in parts:
+        res["latency"] = run_latency()
+    if "tmpfs" in parts:
+        res["tmpfs"] = run_tmpfs()
+    return res
+
+
+def run_tmpfs() -> dict:
     base = tempfile.mkdtemp(prefix="ck-bench-", dir="/dev/shm")
     watched, outside = os.path.join(base, "watched"), os.path.join(base, "outside")
     os.mkdir(watched)
@@ -125,7 +176,7 @@ def run() -> dict:
             a_zlib.append(SIZE_A / (time.perf_counter_ns() - z0))
 
         def with_program(rnd):
-            with Watcher([watched]) as w:
+            with Watcher([watched], sum_mode="kernel", follow_renames=False) as w:
                 # (a) and (c) with the program
                 p = os.path.join(watched, f"a-{rnd}")
                 t0, t1, cpu["on"] = write_file(p, SIZE_A)
@@ -179,6 +230,167 @@ def run() -> dict:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return res
+
+
+SIZE_E1 = 512 * MiB
+SIZE_E2 = 256 * MiB
+
+
+def drop_file_cache(path: str) -> None:
+    """Drop one file's pages from the page cache (written back already: the writer fsynced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def run_ext4() -> dict:
+    modes = ["none", "page-cache", "kernel", "copy-only"]
+    tput = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
+    e2 = {"page-cache": [], "kernel": [], "reread": []}
+    e2_after = {"page-cache": [], "kernel": [], "reread": []}
+    losses: dict = {}
+    with Ext4Scratch(2048, prefix="ck-bench-ext4-") as fs:
+        watched = os.path.join(fs.mountpoint, "data")
+        os.mkdir(watched)
+
+        def writer(mode, rnd):
+            p = os.path.join(watched, f"e1-{mode}-{rnd}")
+            if mode == "none":
+                t0, t1, c = write_file(p, SIZE_E1, sync=True)
+            else:
+                sum_mode = {"page-cache": "ranges"}.get(mode, mode)
+                with Watcher([watched], sum_mode=sum_mode, store=mode != "copy-only") as w:
+                    (t0, t1, c), r, _ = write_watched(w, p, SIZE_E1, sync=True)
+                    if mode != "copy-only":
+                        assert r.source in ("kernel", "page-cache") and not r.reasons, r
+                    for k, v in w.stats().items():
+                        if k.endswith("_lost") or k.endswith("_full"):
+                            losses[k] = losses.get(k, 0) + v
+            tput[mode].append(SIZE_E1 / (t1 - t0))
+            cpu[mode].append(c)
+            os.unlink(p)
+
+        def first_write_to_stored(mode, rnd):
+            p = os.path.join(watched, f"e2-{mode}-{rnd}")
+            if mode == "reread":
+                t0, t1, _ = write_file(p, SIZE_E2, sync=True)
+                drop_file_cache(p)
+                value, _ = adler.file_adler32(p, zlib.adler32)
+                xattr.store(p, value)
+                t2 = time.monotonic_ns()
+                e2[mode].append((t2 - t0) / 1e6)
+                e2_after[mode].append((t2 - t1) / 1e6)
+            else:
+                with Watcher([watched], sum_mode={"page-cache": "ranges"}.get(mode, mode)) as w:
+                    (t0, t1, _), r, t2 = write_watched(w, p, SIZE_E2, sync=True)
+                assert r.source == mode and not r.reasons, r
+                e2[mode].append((t2 - t0) / 1e6)
+                e2_after[mode].append(r.close_to_stored_ms)
+            os.unlink(p)
+
+        for rnd in range(ROUNDS):
+            order = modes if rnd % 2 == 0 else modes[::-1]     # load drifts on this shared box
+            for m in order:
+                writer(m, rnd)
+                reap()
+            for m in (["reread", "page-cache", "kernel"] if rnd % 2 == 0 else ["kernel", "page-cache", "reread"]):
+                first_write_to_stored(m, rnd)
+                reap()
+    c = {m: med(v) for m, v in cpu.items()}
+    return {
+        "size_MiB": SIZE_E1 // MiB,
+        "writer_GBps": {m: round(med(v), 3) for m, v in tput.items()},
+        "writer_ratio_vs_unwatched": {m: round(med(tput[m]) / med(tput["none"]), 3) for m in modes[1:]},
+        "writer_cpu_s": {m: round(v, 3) for m, v in c.items()},
+        "writer_extra_cpu_s": {
+            "bookkeeping (page-cache mode)": round(c["page-cache"] - c["none"], 3),
+            "copy into per-CPU buffer": round(c["copy-only"] - c["page-cache"], 3),
+            "sum (kernel loop)": round(c["kernel"] - c["copy-only"], 3),
+        },
+        "first_write_to_stored_ms": {m: round(med(v), 1) for m, v in e2.items()},
+        "close_to_stored_ms": {m: round(med(v), 2) for m, v in e2_after.items()},
+        "speedup_first_write_to_stored_vs_reread": {
+            m: round(med(e2["reread"]) / med(e2[m]), 2) for m in ("page-cache", "kernel")},
+        "e2_size_MiB": SIZE_E2 // MiB,
+        "losses": losses,
+        "raw": {"writer_GBps": {m: [round(x, 3) for x in v] for m, v in tput.items()},
+                "first_write_to_stored_ms": {m: [round(x, 1) for x in v] for m, v in e2.items()}},
+    }
+
+
+UPLOADER = r"""
+import http.client, json, os, sys, threading, time
+port, root, n_clients, per_client, size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+body = os.urandom(size)
+present, total, errors = [0], [0], []
+lock = threading.Lock()
+def client(k):
+    conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=120)
+    for i in range(per_client):
+        name = f"c{k}/u{i}"
+        conn.request("PUT", "/" + name, body=body)
+        resp = conn.getresponse(); resp.read()
+        # What StoRM would answer to FTS's HEAD Want-Digest right after the 201: the attribute.
+        try:
+            ok = os.getxattr(os.path.join(root, name), "user.storm.checksum.adler32") is not None
+        except OSError:
+            ok = False
+        with lock:
+            total[0] += 1; present[0] += ok
+            if resp.status not in (201, 204):
+                errors.append(resp.status)
+threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
+t0 = time.monotonic()
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"uploads": total[0], "present_at_201": present[0], "errors": errors[:5],
+                  "seconds": time.monotonic() - t0}))
+"""
+
+
+def run_latency(clients: int = 100, per_client: int = 10, size: int = MiB) -> dict:
+    """100 concurrent uploads to nginx (temp path beside the tree) with the watch CLI running."""
+    import json
+    from gridbpf.checksum.demo import DavServer
+    out = {"clients": clients, "uploads_per_client": per_client, "size": size}
+    with Ext4Scratch(4096, prefix="ck-bench-lat-") as fs:
+        for sum_in in ("page-cache", "kernel"):
+            base = tempfile.mkdtemp(prefix="site-", dir=fs.mountpoint)
+            os.mkdir(os.path.join(base, "body"))
+            with DavServer(base, temp_dir=os.path.join(base, "body")) as dav:
+                for k in range(clients):
+                    os.makedirs(dav.root / f"c{k}", exist_ok=True)
+                env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+                watch = subprocess.Popen([sys.executable, "-m", "gridbpf", "checksum", "watch", "--json",
+                                          "--path", str(dav.root), "--pid", str(dav.proc.pid),
+                                          "--sum-in", sum_in], stdout=subprocess.PIPE, text=True, env=env)
+                watch.stdout.readline()              # attached
+                up = subprocess.run([sys.executable, "-c", UPLOADER, str(dav.port), str(dav.root),
+                                     str(clients), str(per_client), str(size)],
+                                    capture_output=True, text=True, check=True)
+                client = json.loads(up.stdout)
+                time.sleep(1.0)
+                watch.terminate()
+                rows = [json.loads(l) for l in watch.communicate(timeout=60)[0].splitlines() if l.strip()]
+            lat = sorted(r["close_to_stored_ms"] for r in rows if r.get("close_to_stored_ms") is not None)
+            stats = rows[-1].get("stats", {})
+            out[sum_in] = {
+                "stored": len(lat), "right_source": sum(r.get("source") == sum_in for r in rows),
+                "close_to_stored_ms_p50": round(lat[len(lat) // 2], 2) if lat else None,
+                "close_to_stored_ms_p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else None,
+                "close_to_stored_ms_max": round(lat[-1], 2) if lat else None,
+                "present_when_client_read_201": f"{client['present_at_201']}/{client['uploads']}",
+                "upload_errors": client["errors"], "uploads_seconds": round(client["seconds"], 2),
+                "losses": {k: v for k, v in stats.items() if k.endswith("_lost") or k.endswith("_full")},
+                "watch_stats": stats,
+                "statuses": sorted({(r.get("status"), r.get("source"), tuple(r.get("reasons", []))) for r in rows if "path" in r}),
+            }
+            shutil.rmtree(base, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":

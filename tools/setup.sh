@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx-mod-http-dav-ext
               wrk openjdk-17-jdk-headless tshark procps gcc libc6-dev
               haproxy nftables    # lb benchmark baselines
-              openssl util-linux) # trace tests: certificates for HTTPS servers, setpriv
+              openssl util-linux  # trace tests: certificates for HTTPS servers, setpriv
+              gfal2-util-scripts gfal2-plugin-http gfal2-plugin-file python-is-python3 e2fsprogs)
+              # ^ checksum tests: the grid's client (gfal-copy, gfal-sum), scratch ext4 in a loop file
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -37,7 +37,7 @@ OUTSIDE_MAX = 65536           # files closed outside the watched trees kept at o
 RECENT_MAX = 4096             # finished files remembered (a rename of one needs nothing)
 MOVED_IN_DELAY = 0.3          # an unknown file moved in: wait this long for its close record
 MOVED_IN_REASON = "moved-in-not-followed"
-PROGRESS_BYTES = 1 << 20      # sum mode "ranges": the kernel reports the running segment this often
+PROGRESS_BYTES = 256 << 10     # sum mode "ranges": the kernel reports the running segment this often
 SUM_MODES = {"kernel": 0, "ranges": 1, "copy-only": 2}   # enum sum_mode in checksum.bpf.c
 
 
