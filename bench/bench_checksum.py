@@ -323,7 +323,7 @@ def run_ext4() -> dict:
 
 
 UPLOADER = r"""
-import http.client, json, os, sys, threading, time
+import http.client, json, os, sys, threading, time, zlib
 port, root, n_clients, per_client, size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 body = os.urandom(size)
 present, total, errors = [0], [0], []
@@ -348,6 +348,7 @@ t0 = time.monotonic()
 for t in threads: t.start()
 for t in threads: t.join()
 print(json.dumps({"uploads": total[0], "present_at_201": present[0], "errors": errors[:5],
+                  "adler32": "%08x" % zlib.adler32(body),
                   "seconds": time.monotonic() - t0}))
 """
 
@@ -358,7 +359,8 @@ def run_latency(clients: int = 100, per_client: int = 10, size: int = MiB) -> di
     from gridbpf.checksum.demo import DavServer
     out = {"clients": clients, "uploads_per_client": per_client, "size": size}
     with Ext4Scratch(4096, prefix="ck-bench-lat-") as fs:
-        for sum_in in ("page-cache", "kernel"):
+        for sum_in, realtime in (("page-cache", False), ("kernel", False),
+                                 ("page-cache", True), ("kernel", True)):
             base = tempfile.mkdtemp(prefix="site-", dir=fs.mountpoint)
             os.mkdir(os.path.join(base, "body"))
             with DavServer(base, temp_dir=os.path.join(base, "body")) as dav:
@@ -367,27 +369,34 @@ def run_latency(clients: int = 100, per_client: int = 10, size: int = MiB) -> di
                 env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
                 watch = subprocess.Popen([sys.executable, "-m", "gridbpf", "checksum", "watch", "--json",
                                           "--path", str(dav.root), "--pid", str(dav.proc.pid),
-                                          "--sum-in", sum_in], stdout=subprocess.PIPE, text=True, env=env)
+                                          "--sum-in", sum_in] + (["--realtime"] if realtime else []),
+                                         stdout=subprocess.PIPE, text=True, env=env)
                 watch.stdout.readline()              # attached
                 up = subprocess.run([sys.executable, "-c", UPLOADER, str(dav.port), str(dav.root),
                                      str(clients), str(per_client), str(size)],
                                     capture_output=True, text=True, check=True)
                 client = json.loads(up.stdout)
-                time.sleep(1.0)
+                deadline = time.monotonic() + 30     # every upload's row, then stop the watcher
+                while time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    if all(xattr.get(dav.root / f"c{k}" / f"u{i}") for k in range(clients)
+                           for i in range(per_client)):
+                        break
                 watch.terminate()
                 rows = [json.loads(l) for l in watch.communicate(timeout=60)[0].splitlines() if l.strip()]
             lat = sorted(r["close_to_stored_ms"] for r in rows if r.get("close_to_stored_ms") is not None)
             stats = rows[-1].get("stats", {})
-            out[sum_in] = {
+            out[sum_in + (" realtime" if realtime else "")] = {
                 "stored": len(lat), "right_source": sum(r.get("source") == sum_in for r in rows),
+                "right_value": sum(r.get("adler32") == client["adler32"] for r in rows),
                 "close_to_stored_ms_p50": round(lat[len(lat) // 2], 2) if lat else None,
                 "close_to_stored_ms_p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else None,
                 "close_to_stored_ms_max": round(lat[-1], 2) if lat else None,
                 "present_when_client_read_201": f"{client['present_at_201']}/{client['uploads']}",
                 "upload_errors": client["errors"], "uploads_seconds": round(client["seconds"], 2),
                 "losses": {k: v for k, v in stats.items() if k.endswith("_lost") or k.endswith("_full")},
-                "watch_stats": stats,
-                "statuses": sorted({(r.get("status"), r.get("source"), tuple(r.get("reasons", []))) for r in rows if "path" in r}),
+                "statuses": sorted({(r.get("status"), r.get("source"), tuple(r.get("reasons", [])))
+                                    for r in rows if "path" in r}),
             }
             shutil.rmtree(base, ignore_errors=True)
     return out

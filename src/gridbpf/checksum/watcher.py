@@ -339,9 +339,23 @@ class Watcher:
         closed = self._pending.pop(key, None)
         if closed:
             return [self._finish(closed, name)]
-        if not self._in_watched_tree(name) or not stat.S_ISREG(st.st_mode):
+        if not self._in_watched_tree(name):
             return []
-        closed = self._outside.pop(key, None)
+        if stat.S_ISDIR(st.st_mode):
+            # A directory moved in: each file below it, as if moved in by itself.
+            return [r for f in _files_below(name) for r in self._moved_in_file(f)]
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        return self._moved_in_file(name, key)
+
+    def _moved_in_file(self, name: str, key=None) -> list[Result]:
+        if key is None:
+            try:
+                st = os.stat(name)
+            except OSError:
+                return []
+            key = (_kernel_dev(st.st_dev), st.st_ino)
+        closed = self._pending.pop(key, None) or self._outside.pop(key, None)
         if closed:
             return [self._finish(closed, name)]
         if self.follow_renames:
@@ -498,6 +512,15 @@ class Watcher:
 
 def dict_closed(closed: _Closed, ev: dict) -> _Closed:
     return _Closed(ev, closed.ranges, closed.path, closed.deadline, closed.summed)
+
+
+def _files_below(top: str, limit: int = 100_000) -> list[str]:
+    out = []
+    for dirpath, _dirs, names in os.walk(top):
+        out += (os.path.join(dirpath, n) for n in names)
+        if len(out) > limit:
+            break
+    return out
 
 
 def _kernel_dev(st_dev: int) -> int:
