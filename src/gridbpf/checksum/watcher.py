@@ -108,6 +108,7 @@ class Watcher:
         self._outside: dict[tuple[int, int], _Closed] = {}    # closed outside, may move in
         self._recent: dict[tuple[int, int], tuple[int, int]] = {}   # finished: (size, mtime)
         self._moved_in: list[tuple[float, str]] = []          # (check after, path)
+        self._lost_checked, self._lost_seen = 0.0, 0
         self._counts = {"outside_closed": 0, "outside_unlinked": 0, "outside_never_moved_in": 0,
                         "moved_in_not_followed": 0}
         self.obj: BpfObject | None = None
@@ -251,7 +252,31 @@ class Watcher:
                 out.extend(self._on_rename(rec))
         out.extend(self._expire())
         out.extend(self._check_moved_in())
+        out.extend(self._check_lost_renames())
         return out
+
+    def _check_lost_renames(self) -> list[Result]:
+        """A lost rename record may have been a file of ours moving in: look for every file
+        closed outside the trees in the trees themselves (one walk), about once a second."""
+        now = time.monotonic()
+        if not self._outside or now < self._lost_checked + 1.0:
+            return []
+        self._lost_checked = now
+        lost = int(self.obj.map("stats").sum(self._stats["rename_lost"]) or 0) + int(self.rb.lost)
+        if lost == self._lost_seen:
+            return []
+        self._lost_seen = lost
+        found = []
+        for top in self.dirs:
+            for path in _files_below(top, limit=1_000_000):
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                key = (_kernel_dev(st.st_dev), st.st_ino)
+                if key in self._outside:
+                    found.append(self._finish(self._outside.pop(key), path))
+        return found
 
     def drain(self, seconds: float = 0.5) -> list[Result]:
         """Poll until nothing arrives for SECONDS (tests and one-shot use)."""
