@@ -702,74 +702,62 @@ static long sum_step(__u32 i, void *data)
 	return 0;
 }
 
-static __always_inline void emit_range(struct fstate *st)
+/* One range record of ST: [START, START + LEN) with its ADLER (sum mode kernel), and a writer's
+ * descriptor on the file (sum mode page-cache reads it through /proc/TGID/fd/FD). */
+static __always_inline bool send_range(struct fstate *st, __u32 type, __u64 start, __u64 len,
+				       __u32 adler, __u32 tgid, __s32 fd)
 {
-	struct range_event *r;
+	struct range_event *r = gb_ringbuf_reserve(events, sizeof(*r));
 
-	if (st->seg_end == st->seg_start)
-		return;
-	r = gb_ringbuf_reserve(events, sizeof(*r));
-	if (!r) {
-		stat_add(ST_RANGE_LOST, 1);
-		mark(st, R_RANGE_LOST);
-		return;
-	}
-	r->type = EV_RANGE;
-	r->adler = st->seg_adler;
+	if (!r)
+		return false;
+	r->type = type;
+	r->adler = adler;
 	r->session = st->session;
-	r->start = st->seg_start;
-	r->len = st->seg_end - st->seg_start;
-	r->tgid = st->last_tgid;
-	r->fd = st->last_fd;
+	r->start = start;
+	r->len = len;
+	r->tgid = tgid;
+	r->fd = fd;
 	r->ino = st->ino;
 	r->dev = st->dev;
 	bpf_ringbuf_submit(r, 0);
-	__sync_fetch_and_add(&st->ranges, 1);
+	return true;
+}
+
+static __always_inline void range_sent(struct fstate *st, bool sent)
+{
+	if (sent) {
+		__sync_fetch_and_add(&st->ranges, 1);
+	} else {
+		stat_add(ST_RANGE_LOST, 1);
+		mark(st, R_RANGE_LOST);
+	}
+}
+
+/* The running segment is left for a write elsewhere. */
+static __always_inline void emit_range(struct fstate *st)
+{
+	if (st->seg_end == st->seg_start)
+		return;
+	range_sent(st, send_range(st, EV_RANGE, st->seg_start, st->seg_end - st->seg_start,
+				  st->seg_adler, st->last_tgid, st->last_fd));
 }
 
 /* A write that overlapped others in time: its own range, the shared segment untouched. */
 static __always_inline void emit_write(struct fstate *st, __u64 off, __u64 len, __u32 adler,
 				       __s32 fd)
 {
-	struct range_event *r = gb_ringbuf_reserve(events, sizeof(*r));
-
-	if (!r) {
-		stat_add(ST_RANGE_LOST, 1);
-		mark(st, R_RANGE_LOST);
-		return;
-	}
-	r->type = EV_RANGE;
-	r->adler = adler;
-	r->session = st->session;
-	r->start = off;
-	r->len = len;
-	r->tgid = bpf_get_current_pid_tgid() >> 32;
-	r->fd = fd;
-	r->ino = st->ino;
-	r->dev = st->dev;
-	bpf_ringbuf_submit(r, 0);
-	__sync_fetch_and_add(&st->ranges, 1);
+	range_sent(st, send_range(st, EV_RANGE, off, len, adler, bpf_get_current_pid_tgid() >> 32, fd));
 }
 
 /* SUM_RANGES: the running segment has grown; userspace can sum it while it is cached. */
 static __always_inline void emit_progress(struct fstate *st)
 {
-	struct range_event *r = gb_ringbuf_reserve(events, sizeof(*r));
-
-	if (!r) {
-		stat_add(ST_PROGRESS_LOST, 1);   /* not fatal: the bytes are summed at close */
+	if (!send_range(st, EV_PROGRESS, st->seg_start, st->seg_end - st->seg_start, 0,
+			st->last_tgid, st->last_fd)) {
+		stat_add(ST_PROGRESS_LOST, 1);   /* not fatal: the bytes are read at close */
 		return;
 	}
-	r->type = EV_PROGRESS;
-	r->adler = 0;
-	r->session = st->session;
-	r->start = st->seg_start;
-	r->len = st->seg_end - st->seg_start;
-	r->tgid = st->last_tgid;
-	r->fd = st->last_fd;
-	r->ino = st->ino;
-	r->dev = st->dev;
-	bpf_ringbuf_submit(r, 0);
 	st->progress_end = st->seg_end;
 }
 

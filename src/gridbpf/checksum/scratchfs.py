@@ -4,8 +4,7 @@
         fs.mountpoint                         # a real ext4 (user xattrs, page cache, fsync)
     # unmounted, loop device released, temp dir removed
 
-A filesystem of its own keeps "anywhere on the watched filesystem" to files we write, and
-dropping its page cache (drop_caches) is exact for what we measure.
+A filesystem of its own keeps "anywhere on the watched filesystem" to files we write.
 """
 from __future__ import annotations
 
@@ -47,8 +46,13 @@ class Ext4Scratch:
             shutil.rmtree(self.base, ignore_errors=True)
         self.base = self.mountpoint = None
 
-    def drop_caches(self) -> None:
-        """Write back and drop the page cache (the whole machine's: there is no per-fs knob)."""
+    def settle(self) -> None:
+        """Write everything back and drop the image file's pages from the page cache (a loop
+        device caches its data twice: in the filesystem and in the backing file): the next
+        writer then finds memory as the previous one did, with no reclaim to do in its place."""
         os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
+        fd = os.open(os.path.join(self.base, "fs.img"), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
