@@ -316,31 +316,38 @@ def run_ext4() -> dict:
             for m in (["reread", "page-cache", "kernel"] if rnd % 2 == 0 else ["kernel", "page-cache", "reread"]):
                 first_write_to_stored(m, rnd)
                 reap()
-    c = {m: med(v) for m, v in loop_cpu.items()}
-    wall_none = SIZE_E1 / med(tput["none"]) / 1e9          # seconds, write + fsync + close
+    # The disk (a loop file on the VM's disk, shared with other jobs) swings the wall time 3-10x
+    # between rounds, and the CPU time of the same write loop varies 5x (steal time on this
+    # shared VM is charged to whoever runs). Our programs run inside the writer's syscalls, so
+    # their cost is in its CPU time: the least disturbed run of each mode (min) shows it.
+    c = {m: min(v) for m, v in loop_cpu.items()}
+    extra = {m: max(0.0, c[m] - c["none"]) for m in modes[1:]}
+    fastest_none = SIZE_E1 / max(tput["none"]) / 1e9        # seconds, write + fsync + close
+    median_none = SIZE_E1 / med(tput["none"]) / 1e9
     paired = {m: [a / b for a, b in zip(tput[m], tput["none"])] for m in modes[1:]}
     return {
         "size_MiB": SIZE_E1 // MiB,
-        "writer_GBps_write_fsync_close": {m: round(med(v), 3) for m, v in tput.items()},
-        "writer_ratio_vs_unwatched_measured": {m: round(med(v), 3) for m, v in paired.items()},
-        # The disk (a loop file on the VM's disk, shared with other jobs) makes the wall time
-        # swing 3x between rounds; the writer's CPU time in its write loop does not wait for the
-        # disk, and includes our programs (they run in its syscalls): the cost, more steadily.
-        "writer_loop_cpu_s": {m: round(v, 3) for m, v in c.items()},
+        "writer_GBps_write_fsync_close_median": {m: round(med(v), 3) for m, v in tput.items()},
+        "writer_ratio_vs_unwatched_measured_median_of_rounds": {m: round(med(v), 3) for m, v in paired.items()},
+        "writer_loop_cpu_s_min": {m: round(v, 3) for m, v in c.items()},
+        "writer_loop_cpu_s_median": {m: round(med(v), 3) for m, v in loop_cpu.items()},
         "writer_extra_cpu_s": {
-            "bookkeeping (page-cache mode)": round(c["page-cache"] - c["none"], 3),
-            "copy into per-CPU buffer": round(c["copy-only"] - c["page-cache"], 3),
-            "sum (kernel loop)": round(c["kernel"] - c["copy-only"], 3),
-            "total (kernel mode)": round(c["kernel"] - c["none"], 3),
+            "bookkeeping (page-cache mode - none)": round(c["page-cache"] - c["none"], 3),
+            "copy into per-CPU buffer (copy-only - page-cache)": round(c["copy-only"] - c["page-cache"], 3),
+            "sum (kernel - copy-only)": round(c["kernel"] - c["copy-only"], 3),
         },
-        # the writer's time plus its extra CPU, against its time unwatched
-        "writer_ratio_vs_unwatched_from_cpu": {
-            m: round(wall_none / (wall_none + max(0.0, c[m] - c["none"])), 3) for m in modes[1:]},
-        "writer_GBps_loop_only": {m: round(med(v), 3) for m, v in loop_tput.items()},
+        # the writer's unwatched time plus the extra CPU our programs add to it
+        "writer_ratio_from_cpu_at_fastest_unwatched": {
+            m: round(fastest_none / (fastest_none + extra[m]), 3) for m in modes[1:]},
+        "writer_ratio_from_cpu_at_median_unwatched": {
+            m: round(median_none / (median_none + extra[m]), 3) for m in modes[1:]},
+        "writer_GBps_fastest": {m: round(max(v), 3) for m, v in tput.items()},
         "first_write_to_stored_ms": {m: round(med(v), 1) for m, v in e2.items()},
         "close_to_stored_ms": {m: round(med(v), 2) for m, v in e2_after.items()},
         "speedup_first_write_to_stored_vs_reread": {
             m: round(med(e2["reread"]) / med(e2[m]), 2) for m in ("page-cache", "kernel")},
+        "speedup_first_write_to_stored_vs_reread_median_of_rounds": {
+            m: round(med([b / a for a, b in zip(e2[m], e2["reread"])]), 2) for m in ("page-cache", "kernel")},
         "e2_size_MiB": SIZE_E2 // MiB,
         "losses": losses,
         "raw": {"writer_GBps": {m: [round(x, 3) for x in v] for m, v in tput.items()},
