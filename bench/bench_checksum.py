@@ -257,6 +257,7 @@ def run_ext4() -> dict:
     cpu = {m: [] for m in modes}
     loop_cpu = {m: [] for m in modes}     # CPU of the write loop alone (no fsync)
     loop_tput = {m: [] for m in modes}
+    watcher_cpu = {m: [] for m in modes[1:]}   # this process: polling, and in page-cache mode the sum
     e2 = {"page-cache": [], "kernel": [], "reread": []}
     e2_after = {"page-cache": [], "kernel": [], "reread": []}
     losses: dict = {}
@@ -272,7 +273,9 @@ def run_ext4() -> dict:
             else:
                 sum_mode = {"page-cache": "ranges"}.get(mode, mode)
                 with Watcher([watched], sum_mode=sum_mode, store=mode != "copy-only") as w:
+                    w0 = time.process_time()
                     (t0, t1, c), r, _ = write_watched(w, p, SIZE_E1, sync=True)
+                    watcher_cpu[mode].append(time.process_time() - w0)
                     if mode != "copy-only":
                         assert r.source in ("kernel", "page-cache") and not r.reasons, r
                     for k, v in w.stats().items():
@@ -342,6 +345,7 @@ def run_ext4() -> dict:
         "writer_ratio_from_cpu_at_median_unwatched": {
             m: round(median_none / (median_none + extra[m]), 3) for m in modes[1:]},
         "writer_GBps_fastest": {m: round(max(v), 3) for m, v in tput.items()},
+        "watcher_cpu_s_median": {m: round(med(v), 3) for m, v in watcher_cpu.items()},
         "first_write_to_stored_ms": {m: round(med(v), 1) for m, v in e2.items()},
         "close_to_stored_ms": {m: round(med(v), 2) for m, v in e2_after.items()},
         "speedup_first_write_to_stored_vs_reread": {

@@ -36,6 +36,7 @@ OUTSIDE_SECONDS = 600.0       # how long a file closed outside the watched trees
 OUTSIDE_MAX = 65536           # files closed outside the watched trees kept at once
 RECENT_MAX = 4096             # finished files remembered (a rename of one needs nothing)
 MOVED_IN_DELAY = 0.3          # an unknown file moved in: wait this long for its close record
+MOVED_IN_QUIET = 2.0          # ... and read it once unmodified for this long (not being written)
 MOVED_IN_REASON = "moved-in-not-followed"
 PROGRESS_BYTES = 256 << 10     # sum mode "ranges": the kernel reports the running segment this often
 SUM_MODES = {"kernel": 0, "ranges": 1, "copy-only": 2}   # enum sum_mode in checksum.bpf.c
@@ -418,6 +419,9 @@ class Watcher:
                 continue                     # finished by us, unchanged: its attribute moved with it
             if self._followed.get({"ino": st.st_ino, "dev": key[0]}) is not None:
                 continue                     # still open: its close will report it
+            if time.time_ns() - st.st_mtime_ns < MOVED_IN_QUIET * 1e9:
+                later.append((now + MOVED_IN_QUIET, name))   # still being written: not yet
+                continue
             self._counts["moved_in_not_followed"] += 1
             ev = {"flags": 0, "size": st.st_size, "ino": st.st_ino, "dev": key[0], "tgid": 0,
                   "comm": "", "writes": 0, "bytes": 0, "ranges": 0, "first_write_ns": 0,
