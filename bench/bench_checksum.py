@@ -279,22 +279,28 @@ def run_ext4() -> dict:
         watched = os.path.join(fs.mountpoint, "data")
         os.mkdir(watched)
 
+        def watched_write(mode, p, size, cpu_of=None):
+            """Write P with the watcher in MODE attached: ((t0, t1, cpu), result, stored ns)."""
+            sum_mode = {"page-cache": "ranges"}.get(mode, mode)
+            with Watcher([watched], sum_mode=sum_mode, store=mode != "copy-only") as w:
+                w0 = time.process_time()
+                out = write_watched(w, p, size, sync=True)
+                if cpu_of is not None:
+                    cpu_of.append(time.process_time() - w0)
+                if mode != "copy-only":
+                    assert out[1].source == mode and not out[1].reasons, out[1]
+                for k, v in w.stats().items():
+                    if k.endswith("_lost") or k.endswith("_full"):
+                        losses[k] = losses.get(k, 0) + v
+            return out
+
         def writer(mode, rnd):
             fs.settle()
             p = os.path.join(watched, f"e1-{mode}-{rnd}")
             if mode == "none":
                 t0, t1, c = write_polling(p, SIZE_E1, sync=True)
             else:
-                sum_mode = {"page-cache": "ranges"}.get(mode, mode)
-                with Watcher([watched], sum_mode=sum_mode, store=mode != "copy-only") as w:
-                    w0 = time.process_time()
-                    (t0, t1, c), r, _ = write_watched(w, p, SIZE_E1, sync=True)
-                    watcher_cpu[mode].append(time.process_time() - w0)
-                    if mode != "copy-only":
-                        assert r.source in ("kernel", "page-cache") and not r.reasons, r
-                    for k, v in w.stats().items():
-                        if k.endswith("_lost") or k.endswith("_full"):
-                            losses[k] = losses.get(k, 0) + v
+                (t0, t1, c), _r, _ = watched_write(mode, p, SIZE_E1, watcher_cpu[mode])
             tput[mode].append(SIZE_E1 / (t1 - t0))
             cpu[mode].append(c)
             loop_cpu[mode].append(LAST_LOOP["cpu"])
@@ -313,16 +319,13 @@ def run_ext4() -> dict:
                 e2[mode].append((t2 - t0) / 1e6)
                 e2_after[mode].append((t2 - t1) / 1e6)
             else:
-                with Watcher([watched], sum_mode={"page-cache": "ranges"}.get(mode, mode)) as w:
-                    (t0, t1, _), r, t2 = write_watched(w, p, SIZE_E2, sync=True)
-                assert r.source == mode and not r.reasons, r
+                (t0, t1, _), r, t2 = watched_write(mode, p, SIZE_E2)
                 e2[mode].append((t2 - t0) / 1e6)
                 e2_after[mode].append(r.close_to_stored_ms)
             os.unlink(p)
 
         for rnd in range(ROUNDS):
-            # The first writer after the previous round's steps paid 3x the CPU in its write
-            # loop (whatever the mode): an unmeasured write first puts every mode on equal terms.
+            # An unmeasured write first: every measured writer then follows another writer.
             write_file(os.path.join(watched, "warm-up"), SIZE_E1 // 4, sync=True)
             reap()
             os.unlink(os.path.join(watched, "warm-up"))
