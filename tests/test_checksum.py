@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import gridbpf_cli
 from gridbpf.checksum import Watcher, adler, xattr
+from gridbpf.checksum.scratchfs import Ext4Scratch, TmpfsScratch
 from gridbpf.checksum.targets import TargetError, select
 
 MiB = 1 << 20
@@ -49,16 +50,20 @@ def content(path: str) -> int:
         return zlib.adler32(f.read())
 
 
-@pytest.fixture(scope="module", params=[("/dev/shm", "kernel"), ("/var/tmp", "ranges")],
+@pytest.fixture(scope="module", params=[(TmpfsScratch, "kernel"), (Ext4Scratch, "ranges")],
                 ids=["tmpfs-kernel-sum", "ext4-page-cache-sum"])
 def files(request):
-    root = tempfile.mkdtemp(prefix="ck-test-", dir=request.param[0])
-    w = Watcher([root], sum_mode=request.param[1]).start()
-    try:
-        yield Files(w, root)
-    finally:
-        w.close()
-        shutil.rmtree(root, ignore_errors=True)
+    # A filesystem of our own: the watcher follows every file written on a watched filesystem
+    # (it may be moved into the tree), and /dev/shm or / hold other sessions' files too.
+    scratch, sum_mode = request.param
+    with scratch(1024) as fs:
+        root = os.path.join(fs.mountpoint, "ck-test")
+        os.mkdir(root)
+        w = Watcher([root], sum_mode=sum_mode).start()
+        try:
+            yield Files(w, root)
+        finally:
+            w.close()
 
 
 def check_right(files, path, expect_source=None):

@@ -56,3 +56,29 @@ class Ext4Scratch:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+class TmpfsScratch:
+    """A tmpfs of its own (user xattrs need Linux 6.6+): files written elsewhere in /dev/shm by
+    other processes are then not on the watched filesystem."""
+
+    def __init__(self, size_mib: int = 2048, parent: str = "/var/tmp", prefix: str = "gridbpf-tmpfs-"):
+        self.size_mib, self.parent, self.prefix = size_mib, parent, prefix
+        self.mountpoint: str | None = None
+
+    def __enter__(self) -> "TmpfsScratch":
+        self.mountpoint = tempfile.mkdtemp(prefix=self.prefix, dir=self.parent)
+        try:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size_mib}m", "tmpfs",
+                            self.mountpoint], check=True, capture_output=True)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mountpoint and os.path.ismount(self.mountpoint):
+            subprocess.run(["umount", self.mountpoint], capture_output=True)
+        if self.mountpoint:
+            shutil.rmtree(self.mountpoint, ignore_errors=True)
+        self.mountpoint = None
