@@ -57,7 +57,14 @@ enum unfollowed_reason {
 	R_MISSED_EXIT = 1 << 14, /* a write entered but its exit was never seen */
 };
 
-enum event_type { EV_RANGE = 1, EV_CLOSE = 2, EV_RENAME = 3 };
+enum event_type { EV_RANGE = 1, EV_CLOSE = 2, EV_RENAME = 3, EV_PROGRESS = 4 };
+
+/* Where the bytes are summed (rodata sum_mode). */
+enum sum_mode {
+	SUM_KERNEL = 0,          /* here, from the user buffer, in the writer's syscall */
+	SUM_RANGES = 1,          /* here only the written ranges; userspace sums them from the page cache */
+	SUM_COPY_ONLY = 2,       /* benchmark only: copy into the per-CPU buffer, no sum (values wrong) */
+};
 
 enum stat_index {
 	ST_OPENS = 0,        /* opens of files under watched directories, now followed */
@@ -71,6 +78,8 @@ enum stat_index {
 	ST_BYTES,            /* bytes summed */
 	ST_UNFOLLOWED,       /* files marked unfollowed */
 	ST_CLOSES,           /* close records sent */
+	ST_PROGRESS_LOST,    /* progress records lost (userspace sums those bytes at close instead) */
+	ST_RENAMES,          /* rename records sent */
 	ST_MAX,
 };
 
@@ -81,6 +90,11 @@ const volatile char target_comm[16] = {};
 const volatile __u64 target_cgroup_id = 0;
 const volatile __u32 target_cgroup_level = 0;
 const volatile __u64 rename_window_ns = 30000000000ULL; /* report renames this long after a close */
+const volatile __u32 sum_mode = SUM_KERNEL;
+/* Follow files opened anywhere on the watched directories' filesystems (they may be moved into a
+ * watched tree later, before or after close), and report every rename by a target. */
+const volatile __u32 follow_renames = 1;
+const volatile __u64 progress_bytes = 4 << 20;  /* SUM_RANGES: tell userspace every this many bytes */
 
 __u64 next_session = 0;
 
@@ -112,7 +126,10 @@ struct fstate {
 	__u64 last_write_ns;
 	__u64 size_at_open;
 	__u32 opener_tgid;
+	__u32 last_tgid;         /* the last writer and its descriptor (SUM_RANGES: userspace reads */
+	__s32 last_fd;           /* the file through /proc/TGID/fd/FD while it is written) */
 	__u32 pad;
+	__u64 progress_end;      /* SUM_RANGES: segment end last reported */
 };
 
 struct tracked_file {
@@ -132,7 +149,7 @@ struct pending_write {
 	__u32 append;
 	__s32 nr;                /* syscall number: the exit must be of the same syscall */
 	__u32 concurrent;        /* overlapped another write in time: sent as its own range */
-	__u32 pad;
+	__s32 fd;
 };
 
 struct pending_rename {
@@ -142,11 +159,16 @@ struct pending_rename {
 };
 
 struct range_event {
-	__u32 type;              /* EV_RANGE */
-	__u32 adler;
+	__u32 type;              /* EV_RANGE, or EV_PROGRESS: the running segment so far */
+	__u32 adler;             /* SUM_KERNEL only */
 	__u64 session;
 	__u64 start;
 	__u64 len;
+	__u32 tgid;              /* a writer of the file and its descriptor */
+	__s32 fd;
+	__u64 ino;               /* the file (userspace checks the descriptor is still it) */
+	__u32 dev;
+	__u32 pad;
 };
 
 struct close_event {
@@ -172,7 +194,9 @@ struct close_event {
 	__u32 mtime_nsec;
 	__u32 tgid;
 	__u32 path_len;          /* bytes used in path */
-	__u32 path_complete;     /* 1 if the walk reached the watched directory */
+	__u32 path_complete;     /* 1 if the walk reached a watched directory ... */
+	__u32 path_dir;          /* ... this one (index) */
+	__u32 path_outside;      /* 1 if the walk reached the filesystem's root instead */
 	__u64 size_at_open;
 	char comm[16];
 	char path[GB_PATH_MAX + GB_NAME_MAX];
@@ -204,6 +228,7 @@ struct rename_event *_rename_event_type;
 enum unfollowed_reason *_reason_type;
 enum stat_index *_stat_type;
 enum event_type *_event_type;
+enum sum_mode *_sum_mode_type;
 
 /*
  * Per-CPU work area of one write's sum. The loop state lives here, not on the stack: map memory
@@ -227,10 +252,26 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);       /* s_dev of a watched directory's filesystem */
+	__type(value, __u8);
+} watched_devs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, __u8);
 } target_pids SEC(".maps");
+
+/* The inodes followed now, by device and number: userspace asks whether a file moved into a
+ * watched tree is still open (its close will report it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct dir_key);
+	__type(value, __u64);     /* session */
+} followed SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -469,7 +510,8 @@ static __always_inline int on_open_exit(long ret)
 		return 0;
 	dev = BPF_CORE_READ(inode, i_sb, s_dev);
 	dir = watched_dir(BPF_CORE_READ(f, f_path.dentry), dev);
-	if (dir < 0)
+	/* Elsewhere on a watched filesystem: it may be moved into a watched tree later. */
+	if (dir < 0 && !(follow_renames && bpf_map_lookup_elem(&watched_devs, &dev)))
 		return 0;
 
 	fkey = (__u64)f;
@@ -496,6 +538,8 @@ static __always_inline int on_open_exit(long ret)
 			stat_add(ST_STATE_FULL, 1);
 			return 0;
 		}
+		struct dir_key id = { .ino = st->ino, .dev = dev };
+		bpf_map_update_elem(&followed, &id, &st->session, BPF_ANY);
 	}
 	struct tracked_file tf = { .inode = ikey, .session = st->session };
 	if (bpf_map_update_elem(&files, &fkey, &tf, BPF_ANY)) {
@@ -560,6 +604,7 @@ static __always_inline int on_write_enter(struct trace_event_raw_sys_enter *ctx,
 		return 0;
 
 	p.file = (__u64)f;
+	p.fd = ctx->args[0];
 	p.buf = ctx->args[1];
 	p.count = ctx->args[2];
 	p.kind = kind;
@@ -647,7 +692,8 @@ static long sum_step(__u32 i, void *data)
 	pad = (GB_ADLER_BLOCK - (n & (GB_ADLER_BLOCK - 1))) & (GB_ADLER_BLOCK - 1);
 	if (pad)
 		bpf_probe_read_kernel(&sc->buf[n], pad, zeros);
-	bpf_loop((n + pad) / GB_ADLER_BLOCK, block_step, NULL, 0);
+	if (sum_mode != SUM_COPY_ONLY)
+		bpf_loop((n + pad) / GB_ADLER_BLOCK, block_step, NULL, 0);
 	gb_adler_unpad(&c->s, pad);
 	gb_adler_reduce(&c->s);
 	c->base += n;
@@ -656,44 +702,63 @@ static long sum_step(__u32 i, void *data)
 	return 0;
 }
 
-static __always_inline void emit_range(struct fstate *st)
-{
-	struct range_event *r;
-
-	if (st->seg_end == st->seg_start)
-		return;
-	r = gb_ringbuf_reserve(events, sizeof(*r));
-	if (!r) {
-		stat_add(ST_RANGE_LOST, 1);
-		mark(st, R_RANGE_LOST);
-		return;
-	}
-	r->type = EV_RANGE;
-	r->adler = st->seg_adler;
-	r->session = st->session;
-	r->start = st->seg_start;
-	r->len = st->seg_end - st->seg_start;
-	bpf_ringbuf_submit(r, 0);
-	__sync_fetch_and_add(&st->ranges, 1);
-}
-
-/* A write that overlapped others in time: its own range, the shared segment untouched. */
-static __always_inline void emit_write(struct fstate *st, __u64 off, __u64 len, __u32 adler)
+/* One range record of ST: [START, START + LEN) with its ADLER (sum mode kernel), and a writer's
+ * descriptor on the file (sum mode page-cache reads it through /proc/TGID/fd/FD). */
+static __always_inline bool send_range(struct fstate *st, __u32 type, __u64 start, __u64 len,
+				       __u32 adler, __u32 tgid, __s32 fd)
 {
 	struct range_event *r = gb_ringbuf_reserve(events, sizeof(*r));
 
-	if (!r) {
-		stat_add(ST_RANGE_LOST, 1);
-		mark(st, R_RANGE_LOST);
-		return;
-	}
-	r->type = EV_RANGE;
+	if (!r)
+		return false;
+	r->type = type;
 	r->adler = adler;
 	r->session = st->session;
-	r->start = off;
+	r->start = start;
 	r->len = len;
+	r->tgid = tgid;
+	r->fd = fd;
+	r->ino = st->ino;
+	r->dev = st->dev;
 	bpf_ringbuf_submit(r, 0);
-	__sync_fetch_and_add(&st->ranges, 1);
+	return true;
+}
+
+static __always_inline void range_sent(struct fstate *st, bool sent)
+{
+	if (sent) {
+		__sync_fetch_and_add(&st->ranges, 1);
+	} else {
+		stat_add(ST_RANGE_LOST, 1);
+		mark(st, R_RANGE_LOST);
+	}
+}
+
+/* The running segment is left for a write elsewhere. */
+static __always_inline void emit_range(struct fstate *st)
+{
+	if (st->seg_end == st->seg_start)
+		return;
+	range_sent(st, send_range(st, EV_RANGE, st->seg_start, st->seg_end - st->seg_start,
+				  st->seg_adler, st->last_tgid, st->last_fd));
+}
+
+/* A write that overlapped others in time: its own range, the shared segment untouched. */
+static __always_inline void emit_write(struct fstate *st, __u64 off, __u64 len, __u32 adler,
+				       __s32 fd)
+{
+	range_sent(st, send_range(st, EV_RANGE, off, len, adler, bpf_get_current_pid_tgid() >> 32, fd));
+}
+
+/* SUM_RANGES: the running segment has grown; userspace can sum it while it is cached. */
+static __always_inline void emit_progress(struct fstate *st)
+{
+	if (!send_range(st, EV_PROGRESS, st->seg_start, st->seg_end - st->seg_start, 0,
+			st->last_tgid, st->last_fd)) {
+		stat_add(ST_PROGRESS_LOST, 1);   /* not fatal: the bytes are read at close */
+		return;
+	}
+	st->progress_end = st->seg_end;
 }
 
 static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
@@ -743,6 +808,10 @@ static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 		off = p.pos;
 	}
 
+	if (sum_mode == SUM_RANGES) {
+		adler = 0;         /* userspace sums the range from the page cache */
+		goto summed;
+	}
 	sc = bpf_map_lookup_elem(&scratch, &zero);
 	if (!sc) {
 		mark(st, R_CLOBBERED);
@@ -777,11 +846,12 @@ static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 		goto done;
 	}
 	adler = (__u32)(c->s.b << 16 | c->s.a);
-
+summed:
 	if (p.concurrent) {
-		emit_write(st, off, ret, adler);   /* overlaps are found in userspace */
+		emit_write(st, off, ret, adler, p.fd);   /* overlaps are found in userspace */
 	} else if ((__u64)off == st->seg_end) {
-		st->seg_adler = gb_adler_combine(st->seg_adler, adler, ret);
+		if (sum_mode == SUM_KERNEL)
+			st->seg_adler = gb_adler_combine(st->seg_adler, adler, ret);
 		st->seg_end += ret;
 	} else if ((__u64)off < st->seg_end && (__u64)off + ret > st->seg_start) {
 		mark(st, R_OVERLAP);
@@ -791,6 +861,13 @@ static __always_inline int on_write_exit(struct trace_event_raw_sys_exit *ctx)
 		st->seg_start = off;
 		st->seg_end = off + ret;
 		st->seg_adler = adler;
+		st->progress_end = off;
+	}
+	if (!p.concurrent) {
+		st->last_tgid = bpf_get_current_pid_tgid() >> 32;
+		st->last_fd = p.fd;
+		if (sum_mode == SUM_RANGES && st->seg_end - st->progress_end >= progress_bytes)
+			emit_progress(st);
 	}
 	__sync_fetch_and_add(&st->writes, 1);
 	__sync_fetch_and_add(&st->bytes, ret);
@@ -851,7 +928,11 @@ static __always_inline __u32 build_path(struct close_event *ev, struct dentry *d
 	__u32 off = 0;
 	long n;
 
+	__u32 *idx;
+
 	ev->path_complete = 0;
+	ev->path_outside = 0;
+	ev->path_dir = ~0U;
 	for (int i = 0; i < GB_MAX_DEPTH; i++) {
 		n = bpf_probe_read_kernel_str(&ev->path[off & (GB_PATH_MAX - 1)], GB_NAME_MAX,
 					      BPF_CORE_READ(d, d_name.name));
@@ -859,11 +940,15 @@ static __always_inline __u32 build_path(struct close_event *ev, struct dentry *d
 			break;
 		off += n;
 		parent = BPF_CORE_READ(d, d_parent);
-		if (!parent || parent == d)
+		if (!parent || parent == d) {
+			ev->path_outside = 1;   /* the filesystem's root: not in a watched tree */
 			break;
+		}
 		k.ino = BPF_CORE_READ(parent, d_inode, i_ino);
-		if (bpf_map_lookup_elem(&dirs, &k)) {
+		idx = bpf_map_lookup_elem(&dirs, &k);
+		if (idx) {
 			ev->path_complete = 1;
+			ev->path_dir = *idx;
 			break;
 		}
 		if (off > GB_PATH_MAX - GB_NAME_MAX)
@@ -940,6 +1025,10 @@ static __always_inline void file_released(struct file *f)
 		stat_add(ST_CLOSES, 1);
 	bpf_map_update_elem(&recent_close, &tgid, &ev->close_ns, BPF_ANY);
 out:
+	{
+		struct dir_key id = { .ino = st->ino, .dev = st->dev };
+		bpf_map_delete_elem(&followed, &id);
+	}
 	bpf_map_delete_elem(&inodes, &ikey);
 }
 
@@ -1184,9 +1273,10 @@ static __always_inline int on_rename_enter(__s64 newdfd, __u64 newname)
 
 	if (!is_target())
 		return 0;
-	/* Only processes that closed a followed file lately: userspace may still look for it. */
+	/* Only processes that closed a followed file lately: userspace may still look for it.
+	 * Following renames, every rename by a target: a file moved into a watched tree. */
 	t = bpf_map_lookup_elem(&recent_close, &tgid);
-	if (!t || bpf_ktime_get_ns() - *t > rename_window_ns)
+	if (!follow_renames && (!t || bpf_ktime_get_ns() - *t > rename_window_ns))
 		return 0;
 	bpf_map_update_elem(&pending_renames, &tid, &r, BPF_ANY);
 	return 0;
@@ -1229,6 +1319,8 @@ static __always_inline int on_rename_exit(long ret)
 			ev->len = n;
 			if (gb_ringbuf_output(events, ev, offsetof(struct rename_event, newname) + n, 0))
 				stat_add(ST_RENAME_LOST, 1);
+			else
+				stat_add(ST_RENAMES, 1);
 		}
 	}
 	bpf_map_delete_elem(&pending_renames, &tid);

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from conftest import gridbpf_cli
 from gridbpf.checksum import Watcher, adler, xattr
+from gridbpf.checksum.scratchfs import Ext4Scratch, TmpfsScratch
 from gridbpf.checksum.targets import TargetError, select
 
 MiB = 1 << 20
@@ -49,15 +50,20 @@ def content(path: str) -> int:
         return zlib.adler32(f.read())
 
 
-@pytest.fixture(scope="module", params=["/dev/shm", "/var/tmp"], ids=["tmpfs", "ext4"])
+@pytest.fixture(scope="module", params=[(TmpfsScratch, "kernel"), (Ext4Scratch, "ranges")],
+                ids=["tmpfs-kernel-sum", "ext4-page-cache-sum"])
 def files(request):
-    root = tempfile.mkdtemp(prefix="ck-test-", dir=request.param)
-    w = Watcher([root]).start()
-    try:
-        yield Files(w, root)
-    finally:
-        w.close()
-        shutil.rmtree(root, ignore_errors=True)
+    # A filesystem of our own: the watcher follows every file written on a watched filesystem
+    # (it may be moved into the tree), and /dev/shm or / hold other sessions' files too.
+    scratch, sum_mode = request.param
+    with scratch(1024) as fs:
+        root = os.path.join(fs.mountpoint, "ck-test")
+        os.mkdir(root)
+        w = Watcher([root], sum_mode=sum_mode).start()
+        try:
+            yield Files(w, root)
+        finally:
+            w.close()
 
 
 def check_right(files, path, expect_source=None):
@@ -67,6 +73,8 @@ def check_right(files, path, expect_source=None):
     assert r.status == "stored", r
     assert r.adler32 == want, (r, want)
     assert xattr.get(path) == want
+    if expect_source == "kernel":        # followed to the end: summed in the kernel or from the cache
+        expect_source = files.w.followed_source
     if expect_source:
         assert r.source == expect_source, r
     return r
@@ -117,7 +125,7 @@ def test_property_random_writes(files, ops, seed):
     size = os.path.getsize(path)
     tiled = not overlap and sum(e - s for s, e in covered) == size
     if tiled:
-        assert r.source == "kernel", r
+        assert r.source == files.w.followed_source, r
     else:
         assert r.source == "userspace" and r.reasons, r
     os.unlink(path)
@@ -428,19 +436,11 @@ def test_cli_watch_get_verify():
         proc = subprocess.Popen([sys.executable, "-m", "gridbpf", "checksum", "watch", "--path", root,
                                  "--json", "--count", "2", "--duration", "60"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        # Wait until attached: the program counts our probe file's open.
-        deadline = time.monotonic() + 30
-        probe = os.path.join(root, "probe")
-        lines = []
-        while True:
-            with open(probe, "wb") as f:
-                f.write(b"p")
-            time.sleep(0.2)
-            import select as sel
-            if sel.select([proc.stdout], [], [], 0)[0]:
-                lines.append(proc.stdout.readline())
-                break
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        # One line once attached, then one per closed file.
+        lines = [proc.stdout.readline()]
+        assert json.loads(lines[0])["watching"] == [os.path.realpath(root)], lines
+        with open(os.path.join(root, "probe"), "wb") as f:
+            f.write(b"p")
         data = os.urandom(MiB + 5)
         with open(os.path.join(root, "f"), "wb") as f:
             f.write(data)
@@ -449,7 +449,7 @@ def test_cli_watch_get_verify():
         files_rows = [r for r in rows if "path" in r]
         assert files_rows[-1]["path"] == os.path.join(root, "f")
         assert files_rows[-1]["adler32"] == adler.fmt(zlib.adler32(data))
-        assert files_rows[-1]["source"] == "kernel"
+        assert files_rows[-1]["source"] == "page-cache"      # the default: --sum-in page-cache
         assert set(files_rows[-1]) >= {"path", "size", "adler32", "source", "close_to_stored_ms"}
         assert "stats" in rows[-1]
 
@@ -495,7 +495,7 @@ def test_agent_collector_metrics():
             while len(got) < 4 and time.monotonic() < deadline:
                 got += coll.poll(50)
             files = {c.name: c for c in reg.counters}["gridbpf.checksum.files"].read()
-            assert files == {("kernel", "stored"): 3, ("userspace", "stored"): 1}
+            assert files == {(w.followed_source, "stored"): 3, ("userspace", "stored"): 1}
             kernel = {c.name: c for c in reg.counters}["gridbpf.checksum.kernel"].read()
             assert kernel[("closes",)] == 4 and kernel[("unfollowed",)] == 1
             hist = {h.name: h for h in reg.histograms}["gridbpf.checksum.close_to_stored.duration"]
@@ -521,7 +521,8 @@ def test_cli_watch_serves_metrics():
     root = tempfile.mkdtemp(prefix="ck-metrics-", dir="/dev/shm")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
     proc = subprocess.Popen([sys.executable, "-m", "gridbpf", "checksum", "watch", "--path", root,
-                             "--json", "--metrics-port", "0", "--count", "2", "--duration", "60"],
+                             "--json", "--metrics-port", "0", "--count", "2", "--duration", "60",
+                             "--sum-in", "kernel"],
                             stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = json.loads(proc.stdout.readline())["metrics"]     # printed once attached
@@ -617,4 +618,4 @@ def test_parallel_pwriters(files):
         r = check_right(files, p, "userspace" if overlap else "kernel")
         sources.add(r.source)
         os.unlink(p)
-    assert sources == {"kernel", "userspace"}
+    assert sources == {files.w.followed_source, "userspace"}

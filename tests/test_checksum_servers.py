@@ -59,7 +59,7 @@ def test_nginx_webdav_put_1gb_and_1000_small(nginx):
         assert resp.status == 201
         big = str(nginx.base / "root/big/one-gigabyte.bin")
         r = wait_results(w, {big}, 60)[big]
-        assert r.status == "stored" and r.source == "kernel", r
+        assert r.status == "stored" and r.source == w.followed_source, r
         assert r.adler32 == adler.fmt(expected) == xattr.get(big)
 
         # 1,000 small files on one keep-alive connection (sizes 0 B to 64 KiB).
@@ -76,7 +76,7 @@ def test_nginx_webdav_put_1gb_and_1000_small(nginx):
         assert {p: got[p].adler32 for p in want} == want
         assert all(xattr.get(p) == v for p, v in want.items())
         sources = {got[p].source for p in want}
-        assert sources == {"kernel"}, [got[p] for p in want if got[p].source != "kernel"][:3]
+        assert sources == {w.followed_source}, [got[p] for p in want if got[p].source != w.followed_source][:3]
         stats = w.stats()
         for k in ("state_full", "files_full", "pending_full", "close_lost", "range_lost", "ring_lost"):
             assert stats[k] == 0, stats
@@ -136,7 +136,7 @@ def test_java_filechannel_writer(tmp_path):
                                   str(64 * MiB + 12345)], check=True, capture_output=True, text=True)
             jvm_value = out.stdout.strip()
             r = wait_results(w, {str(final)}, 30)[str(final)]
-        assert r.status == "stored" and r.source == "kernel", r
+        assert r.status == "stored" and r.source == w.followed_source, r
         assert r.adler32 == jvm_value == xattr.get(final) == adler.fmt(adler.file_adler32(final)[0])
         assert r.size == 64 * MiB + 12345
     finally:
@@ -150,4 +150,4 @@ def test_demo_uploads():
     out = io.StringIO()
     assert uploads(Console(file=out, width=120), sizes=(0, 4096, 3 * MiB)) == 0
     table = out.getvalue()
-    assert table.count("kernel") == 3 and " NO " not in table
+    assert table.count("page-cache") == 3 and " NO " not in table

@@ -12,6 +12,8 @@ APT_PACKAGES=(clang llvm libbpf-dev bpftool iproute2 ethtool curl nginx libnginx
               bird2               # lb: BGP speaker of the balancer nodes and the lab router
               openssl util-linux  # trace tests: certificates for HTTPS servers, setpriv
               tomcat10 jetty9 davix  # Java TLS agent tests: JVM HTTPS servers, WebDAV client
+              gfal2-util-scripts gfal2-plugin-http gfal2-plugin-file python-is-python3 e2fsprogs
+              # ^ checksum tests: the grid's client (gfal-copy, gfal-sum), scratch ext4 in a loop file
               prometheus)         # packaging tests: a real Prometheus and promtool
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

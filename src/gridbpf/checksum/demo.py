@@ -26,17 +26,21 @@ DAV_MODULE = "/usr/lib/nginx/modules/ngx_http_dav_ext_module.so"
 
 class DavServer:
     """nginx with WebDAV PUT into BASE/root; request bodies are buffered in BASE/tmp, so both the
-    temporary file and the final name lie under BASE (the directory to watch)."""
+    temporary file and the final name lie under BASE (the directory to watch). With TEMP_DIR,
+    they are buffered there instead, as in a stock nginx (/var/lib/nginx/body)."""
 
-    def __init__(self, base: str | os.PathLike, addr: str = "127.0.0.1"):
+    def __init__(self, base: str | os.PathLike, addr: str = "127.0.0.1",
+                 temp_dir: str | os.PathLike | None = None, methods: str = "PUT DELETE MKCOL"):
         self.base = Path(base)
+        self.root = self.base / "root"
         with socket.socket() as s:
             s.bind((addr, 0))
             self.port = s.getsockname()[1]
         (self.base / "root").mkdir(exist_ok=True)
         (self.base / "tmp").mkdir(exist_ok=True)
         conf = self.base / "nginx.conf"
-        temp_paths = "".join(f"{k}_temp_path {self.base}/tmp; "
+        temp = temp_dir or self.base / "tmp"
+        temp_paths = "".join(f"{k}_temp_path {temp}; "
                              for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf.write_text(textwrap.dedent(f"""\
             load_module {DAV_MODULE};
@@ -55,7 +59,7 @@ class DavServer:
                     root {self.base}/root;
                     client_max_body_size 0;
                     location / {{
-                        dav_methods PUT DELETE MKCOL;
+                        dav_methods {methods};
                         create_full_put_path on;
                     }}
                 }}

@@ -1,20 +1,29 @@
 """Follow writes in the kernel, finish each closed file in userspace, store the attribute.
 
-The kernel (bpf/checksum.bpf.c) sends three kinds of records on one ring buffer, read in bulk:
-  range   a summed segment of a file that was left for a write elsewhere (start, length, adler)
-  close   the last close of a followed file: final segment, size, mtime, path, unfollowed reasons
-  rename  a rename by a process that lately closed a followed file (for temp-name-then-rename)
-Python runs once per closed file (plus once per discontinuity), never per write.
+The kernel (bpf/checksum.bpf.c) sends four kinds of records on one ring buffer, read in bulk:
+  range     a segment of a file that was left for a write elsewhere (start, length, adler)
+  progress  sum mode "ranges": the running segment so far, every few MiB
+  close     the last close of a followed file: final segment, size, mtime, path, unfollowed reasons
+  rename    a rename by a target process (a file moved into a watched tree)
+Python runs once per closed file (plus once per discontinuity or progress step), never per write.
+
+Files are followed from their open anywhere on the watched directories' filesystems (with
+follow_renames, the default): a temporary file elsewhere that is moved into a watched tree,
+before or after its close, gets its attribute; one that never enters a watched tree is dropped
+(counted). A file moved in that was not followed (opened before we started, or its record
+expired) is read in userspace and marked so.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
 from ..bpf import BpfObject, RingBuffer
 from . import adler, xattr
+from .pagecache import PageCacheSummer
 from .targets import Target
 
 AT_FDCWD = -100
@@ -23,6 +32,14 @@ AT_FDCWD = -100
 MISSED_RUNS_REASON = "kernel-skipped-program-runs"   # set in userspace, from recursion_misses
 
 PENDING_SECONDS = 10.0        # how long a closed file may stay missing, waiting for its rename
+OUTSIDE_SECONDS = 600.0       # how long a file closed outside the watched trees may still move in
+OUTSIDE_MAX = 65536           # files closed outside the watched trees kept at once
+RECENT_MAX = 4096             # finished files remembered (a rename of one needs nothing)
+MOVED_IN_DELAY = 0.3          # an unknown file moved in: wait this long for its close record
+MOVED_IN_QUIET = 2.0          # ... and read it once unmodified for this long (not being written)
+MOVED_IN_REASON = "moved-in-not-followed"
+PROGRESS_BYTES = 256 << 10     # sum mode "ranges": the kernel reports the running segment this often
+SUM_MODES = {"kernel": 0, "ranges": 1, "copy-only": 2}   # enum sum_mode in checksum.bpf.c
 
 
 def _enum(btf, name: str, prefix: str) -> dict[str, int]:
@@ -37,7 +54,7 @@ class Result:
     path: str | None
     size: int
     adler32: str | None
-    source: str                   # "kernel" or "userspace"
+    source: str                   # "kernel", "page-cache" or "userspace"
     stored: bool
     status: str                   # stored | unlinked | gone | not-stored
     reasons: list[str] = field(default_factory=list)
@@ -56,15 +73,17 @@ class Result:
 @dataclass
 class _Closed:
     ev: dict
-    ranges: list
+    ranges: list | None           # None in sum mode "ranges": see summed
     path: str | None
     deadline: float
+    summed: tuple | None = None   # sum mode "ranges": (ranges, error) from the page cache
 
 
 class Watcher:
     """Load, configure and attach the checksum program; poll() returns finished files."""
 
-    def __init__(self, paths: list[str], target: Target | None = None, store: bool = True):
+    def __init__(self, paths: list[str], target: Target | None = None, store: bool = True,
+                 follow_renames: bool = True, sum_mode: str = "ranges"):
         if not paths:
             raise ValueError("give at least one directory to watch")
         self.dirs = []
@@ -78,13 +97,31 @@ class Watcher:
             self.dirs.append(real)
         if len(self.dirs) > 64:
             raise ValueError("at most 64 watched directories")
+        if sum_mode not in SUM_MODES:
+            raise ValueError(f"sum mode {sum_mode!r}: one of {', '.join(SUM_MODES)}")
+        if sum_mode == "copy-only" and store:
+            raise ValueError("sum mode copy-only is for benchmarks (its values are wrong): use --no-store")
         self.target = target or Target()
         self.store = store
+        self.follow_renames = follow_renames
+        self.sum_mode = sum_mode
+        self.summer = PageCacheSummer() if sum_mode == "ranges" else None
+        self._outside: dict[tuple[int, int], _Closed] = {}    # closed outside, may move in
+        self._recent: dict[tuple[int, int], tuple[int, int]] = {}   # finished: (size, mtime)
+        self._moved_in: list[tuple[float, str]] = []          # (check after, path)
+        self._lost_checked, self._lost_seen = 0.0, 0
+        self._counts = {"outside_closed": 0, "outside_unlinked": 0, "outside_never_moved_in": 0,
+                        "moved_in_not_followed": 0}
         self.obj: BpfObject | None = None
         self.links = []
         self.rb: RingBuffer | None = None
         self._ranges: dict[int, list] = {}
         self._pending: dict[tuple[int, int], _Closed] = {}
+
+    @property
+    def followed_source(self) -> str:
+        """The source of values from files followed to the end: "kernel" or "page-cache"."""
+        return "page-cache" if self.summer else "kernel"
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -104,21 +141,28 @@ class Watcher:
         self._stats = {k: v for k, v in _enum(obj.btf, "stat_index", "ST_").items() if k != "max"}
         ev = _enum(obj.btf, "event_type", "EV_")
         self._ev_range, self._ev_close, self._ev_rename = ev["range"], ev["close"], ev["rename"]
+        self._ev_progress = ev["progress"]
         t = self.target
         obj.rodata["filter_mode"] = t.mode
         if t.comm:
             obj.rodata["target_comm"] = list(t.comm.encode().ljust(16, b"\0"))
         obj.rodata["target_cgroup_id"] = t.cgroup_id
         obj.rodata["target_cgroup_level"] = t.cgroup_level
+        obj.rodata["sum_mode"] = SUM_MODES[self.sum_mode]
+        obj.rodata["follow_renames"] = int(self.follow_renames)
+        obj.rodata["progress_bytes"] = PROGRESS_BYTES
         obj.load()
-        dirs = obj.map("dirs")
+        dirs, devs = obj.map("dirs"), obj.map("watched_devs")
         for i, d in enumerate(self.dirs):
             st = os.stat(d)
             dirs[{"ino": st.st_ino, "dev": _kernel_dev(st.st_dev)}] = i
+            devs[_kernel_dev(st.st_dev)] = 1
+        self._followed = obj.map("followed")
         pids = obj.map("target_pids")
         for pid in t.pids:
             pids[pid] = 1
         self._btf_types = {self._ev_range: obj.btf.struct("range_event"),
+                           self._ev_progress: obj.btf.struct("range_event"),
                            self._ev_close: obj.btf.struct("close_event"),
                            self._ev_rename: obj.btf.struct("rename_event")}
         self.rb = RingBuffer(obj, "events")
@@ -126,7 +170,9 @@ class Watcher:
         progs = sorted(obj.programs.values(), key=lambda p: not p.name.startswith("ck_exit_"))
         for prog in progs:
             self.links.append(prog.attach())
-        self._prog_fds = [p.fd for p in obj.programs.values()]
+        # fdinfo kept open and re-read with pread: opening 40 of them per batch cost ~3 ms
+        self._fdinfo = [os.open(f"/proc/self/fdinfo/{p.fd}", os.O_RDONLY | os.O_CLOEXEC)
+                        for p in obj.programs.values()]
         self._miss_windows: list[tuple[int, int]] = []
         self._miss_read_ns = time.monotonic_ns()
         self._miss_count = self._misses()
@@ -135,6 +181,11 @@ class Watcher:
         for link in reversed(self.links):     # enters first, exits last
             link.detach()
         self.links = []
+        if self.summer is not None:
+            self.summer.close_all()
+        for fd in getattr(self, "_fdinfo", []):
+            os.close(fd)
+        self._fdinfo = []
         if self.rb is not None:
             self.rb.close()
             self.rb = None
@@ -156,11 +207,11 @@ class Watcher:
     def _misses(self) -> int:
         """Runs of our programs the kernel skipped (a BPF program already running on that CPU)."""
         total = 0
-        for fd in self._prog_fds:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("recursion_misses:"):
-                        total += int(line.split()[1])
+        for fd in self._fdinfo:
+            text = os.pread(fd, 4096, 0)
+            at = text.find(b"\nrecursion_misses:")
+            if at >= 0:
+                total += int(text[at + 18:text.index(b"\n", at + 1)])
         return total
 
     def _check_misses(self) -> None:
@@ -186,8 +237,14 @@ class Watcher:
             if ctype is None:
                 continue
             rec = ctype.from_buffer_copy(raw.ljust(ctypes.sizeof(ctype), b"\0"))
-            if kind == self._ev_range:
-                self._ranges.setdefault(rec.session, []).append((rec.start, rec.len, rec.adler))
+            if kind == self._ev_progress:
+                if self.summer is not None:
+                    self.summer.progress(rec)
+            elif kind == self._ev_range:
+                if self.summer is not None:
+                    self.summer.range(rec)
+                else:
+                    self._ranges.setdefault(rec.session, []).append((rec.start, rec.len, rec.adler))
             elif kind == self._ev_close:
                 r = self._on_close(rec)
                 if r:
@@ -195,7 +252,32 @@ class Watcher:
             else:
                 out.extend(self._on_rename(rec))
         out.extend(self._expire())
+        out.extend(self._check_moved_in())
+        out.extend(self._check_lost_renames())
         return out
+
+    def _check_lost_renames(self) -> list[Result]:
+        """A lost rename record may have been a file of ours moving in: look for every file
+        closed outside the trees in the trees themselves (one walk), about once a second."""
+        now = time.monotonic()
+        if not self._outside or now < self._lost_checked + 1.0:
+            return []
+        self._lost_checked = now
+        lost = int(self.obj.map("stats").sum(self._stats["rename_lost"]) or 0) + int(self.rb.lost)
+        if lost == self._lost_seen:
+            return []
+        self._lost_seen = lost
+        found = []
+        for top in self.dirs:
+            for path in _files_below(top, limit=1_000_000):
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                key = (_kernel_dev(st.st_dev), st.st_ino)
+                if key in self._outside:
+                    found.append(self._finish(self._outside.pop(key), path))
+        return found
 
     def drain(self, seconds: float = 0.5) -> list[Result]:
         """Poll until nothing arrives for SECONDS (tests and one-shot use)."""
@@ -213,6 +295,10 @@ class Watcher:
         counters["ring_lost"] = int(self.rb.lost)
         counters["program_runs_skipped"] = self._misses()
         counters["waiting_for_rename"] = len(self._pending)
+        counters["outside_waiting"] = len(self._outside)
+        counters.update(self._counts)
+        if self.summer is not None:
+            counters["page_cache_bytes_read"] = self.summer.bytes_read
         return counters
 
     def _on_close(self, ev) -> Result | None:
@@ -224,14 +310,36 @@ class Watcher:
             off = type(ev).path.offset            # (slicing a char array stops at the first NUL)
             parts = bytes(ev)[off:off + ev.path_len].split(b"\0")
             parts = [os.fsdecode(p) for p in parts if p]
-            path = os.path.join(self.dirs[ev.dir_index], *reversed(parts))
+            # The watched directory the walk up from the final name reached: the file may
+            # have been opened under another one, or outside, and renamed since.
+            path = os.path.join(self.dirs[ev.path_dir], *reversed(parts))
         d = {name: getattr(ev, name) for name, *_ in ev._fields_ if name not in ("path",)}
         if self._missed_during(ev):
             d["flags"] |= self._missed_bit
         d["comm"] = bytes(ev.comm).split(b"\0")[0].decode(errors="replace")
         closed = _Closed(d, ranges, path, time.monotonic() + PENDING_SECONDS)
+        if self.summer is not None:
+            closed.ranges = None      # summed from the page cache in _finish
+            if ev.nlink == 0 or d["flags"]:
+                self.summer.forget(ev.session)
+            else:
+                # Sum the rest now, while cached, through our descriptor if we hold one.
+                at = path if path is not None and _same_inode(path, d) else None
+                closed.summed = self.summer.close(ev.session, ev.dev, ev.ino, ev.seg_start,
+                                                  ev.seg_end, at)
+        if ev.path_outside and ev.nlink == 0:
+            self._counts["outside_unlinked"] += 1     # a temporary file removed: nothing to store
+            return None
         if ev.nlink == 0:
             return self._result(closed, None, "unlinked", stored=False)
+        if ev.path_outside:
+            # Closed outside the watched trees: kept until it is moved in (rename record).
+            self._counts["outside_closed"] += 1
+            closed.deadline = time.monotonic() + OUTSIDE_SECONDS
+            self._outside[(d["dev"], d["ino"])] = closed
+            while len(self._outside) > OUTSIDE_MAX:
+                self._drop_outside(next(iter(self._outside)))
+            return None
         if path is None or not _same_inode(path, d):
             # Renamed after close (or while open, out of our sight): wait for its rename record.
             self._pending[(d["dev"], d["ino"])] = closed
@@ -239,7 +347,7 @@ class Watcher:
         return self._finish(closed, path)
 
     def _on_rename(self, ev) -> list[Result]:
-        if not self._pending:
+        if not (self._pending or self._outside or self.follow_renames):
             return []
         off = type(ev).newname.offset
         name = os.fsdecode(bytes(ev)[off:off + max(ev.len - 1, 0)])
@@ -253,7 +361,77 @@ class Watcher:
             st = os.stat(name)
         except OSError:
             return []
-        closed = self._pending.pop((_kernel_dev(st.st_dev), st.st_ino), None)
+        key = (_kernel_dev(st.st_dev), st.st_ino)
+        closed = self._pending.pop(key, None)
+        if closed:
+            return [self._finish(closed, name)]
+        if not self._in_watched_tree(name):
+            return []
+        if stat.S_ISDIR(st.st_mode):
+            # A directory moved in: each file below it, as if moved in by itself.
+            return [r for f in _files_below(name) for r in self._moved_in_file(f)]
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        return self._moved_in_file(name, key)
+
+    def _moved_in_file(self, name: str, key=None) -> list[Result]:
+        if key is None:
+            try:
+                st = os.stat(name)
+            except OSError:
+                return []
+            key = (_kernel_dev(st.st_dev), st.st_ino)
+        closed = self._pending.pop(key, None) or self._outside.pop(key, None)
+        if closed:
+            return [self._finish(closed, name)]
+        if self.follow_renames:
+            # Still open (its close will report it), or finished already? Ask again a little
+            # later: its close record may be on its way.
+            self._moved_in.append((time.monotonic() + MOVED_IN_DELAY, name))
+        return []
+
+    def _drop_outside(self, key) -> None:
+        closed = self._outside.pop(key)
+        self._counts["outside_never_moved_in"] += 1
+        if self.summer is not None:
+            self.summer.forget(closed.ev["session"])
+
+    def _in_watched_tree(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return any(real.startswith(d.rstrip("/") + "/") for d in self.dirs)
+
+    def _check_moved_in(self) -> list[Result]:
+        """Files moved into a watched tree that no close record accounts for: read them here."""
+        now, out, later = time.monotonic(), [], []
+        for when, name in self._moved_in:
+            if when > now:
+                later.append((when, name))
+                continue
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            key = (_kernel_dev(st.st_dev), st.st_ino)
+            if key in self._pending or key in self._outside:
+                out.extend(self._on_rename_path(key, name))
+                continue
+            if self._recent.get(key) == (st.st_size, st.st_mtime_ns):
+                continue                     # finished by us, unchanged: its attribute moved with it
+            if self._followed.get({"ino": st.st_ino, "dev": key[0]}) is not None:
+                continue                     # still open: its close will report it
+            if time.time_ns() - st.st_mtime_ns < MOVED_IN_QUIET * 1e9:
+                later.append((now + MOVED_IN_QUIET, name))   # still being written: not yet
+                continue
+            self._counts["moved_in_not_followed"] += 1
+            ev = {"flags": 0, "size": st.st_size, "ino": st.st_ino, "dev": key[0], "tgid": 0,
+                  "comm": "", "writes": 0, "bytes": 0, "ranges": 0, "first_write_ns": 0,
+                  "close_ns": time.monotonic_ns(), "mtime_sec": 0, "mtime_nsec": 0}
+            out.append(self._finish(_Closed(ev, [], name, now), name, why=[MOVED_IN_REASON]))
+        self._moved_in = later
+        return out
+
+    def _on_rename_path(self, key, name) -> list[Result]:
+        closed = self._pending.pop(key, None) or self._outside.pop(key, None)
         return [self._finish(closed, name)] if closed else []
 
     def _expire(self) -> list[Result]:
@@ -266,6 +444,9 @@ class Watcher:
                 path = self._find_inode(*key)
                 out.append(self._finish(closed, path) if path else
                            self._result(closed, None, "gone", stored=False))
+        for key, closed in list(self._outside.items()):
+            if now > closed.deadline:
+                self._drop_outside(key)
         return out
 
     def _find_inode(self, dev: int, ino: int, limit: int = 200_000) -> str | None:
@@ -285,13 +466,23 @@ class Watcher:
                     return None
         return None
 
-    def _finish(self, closed: _Closed, path: str) -> Result:
+    def _finish(self, closed: _Closed, path: str, why: list[str] | None = None) -> Result:
         ev = closed.ev
-        why = self.reasons(ev["flags"])
+        forced = why is not None
+        why = why if forced else self.reasons(ev["flags"])
         value = None
-        if not why:
+        ranges = closed.ranges
+        if not why and ranges is None:
+            # Sum mode "ranges": summed from the page cache at close, or now by the final path.
+            ranges, err = closed.summed if closed.summed else (None, None)
+            if ranges is None and err is None:
+                ranges, err = self.summer.close(ev["session"], ev["dev"], ev["ino"],
+                                                ev["seg_start"], ev["seg_end"], path)
+            if err:
+                why = [err]
+        if not why and not forced:
             try:
-                value = adler.combine_ranges(closed.ranges, ev["size"])
+                value = adler.combine_ranges(ranges, ev["size"])
             except adler.NotTiled as e:
                 why = [f"ranges: {e}"]
         if value is not None and not _same_file(path, ev):
@@ -306,7 +497,9 @@ class Watcher:
                                     value=value, why=why)
             if not _same_file(path, ev):
                 value, why = None, why + ["changed after close"]
-        source = "kernel" if value is not None else "userspace"
+        # kernel: summed in the kernel; page-cache: the kernel's ranges, summed here while cached;
+        # userspace: the file read whole here (reasons say why)
+        source = self.followed_source if value is not None else "userspace"
         if value is None:
             try:
                 before = os.stat(path)
@@ -321,6 +514,13 @@ class Watcher:
             except OSError as e:
                 return self._result(closed, path, f"not-stored: {e.strerror}", stored=False,
                                     source=source, why=why)
+        try:
+            st = os.stat(path)
+            self._recent[(ev["dev"], ev["ino"])] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+        while len(self._recent) > RECENT_MAX:
+            self._recent.pop(next(iter(self._recent)))
         return self._result(dict_closed(closed, ev), path, "stored" if self.store else "computed",
                             stored=self.store, value=value, source=source, why=why)
 
@@ -340,7 +540,16 @@ class Watcher:
 
 
 def dict_closed(closed: _Closed, ev: dict) -> _Closed:
-    return _Closed(ev, closed.ranges, closed.path, closed.deadline)
+    return _Closed(ev, closed.ranges, closed.path, closed.deadline, closed.summed)
+
+
+def _files_below(top: str, limit: int = 100_000) -> list[str]:
+    out = []
+    for dirpath, _dirs, names in os.walk(top):
+        out += (os.path.join(dirpath, n) for n in names)
+        if len(out) > limit:
+            break
+    return out
 
 
 def _kernel_dev(st_dev: int) -> int:
