@@ -211,7 +211,7 @@ def test_prometheus_scrapes_agent_and_balancer(tmp_path):
             assert len(per_backend) == 2 and all(v > 0 for v in per_backend.values()), per_backend
             files = prom.wait('gridbpf_checksum_files_total{job="gridbpf-agent"}',
                               lambda r: sum(r.values()) >= 4)
-            assert one(files, source="kernel", status="stored") == 4
+            assert one(files, source="page-cache", status="stored") == 4   # the default sum mode
             assert subprocess.run([sys.executable, "-m", "gridbpf", "checksum", "verify",
                                    *[str(n.root / "atlas" / f"up{i}.bin") for i in range(4)]],
                                   capture_output=True).returncode == 0
