@@ -412,6 +412,8 @@ int BPF_PROG(offcpu_waking, struct task_struct *p)
 	b->waker_tgid = id >> 32;
 	bpf_get_current_comm(b->waker_comm, sizeof(b->waker_comm));
 	b->waker_kstack = bpf_get_stackid(ctx, &stacks, 0);
+	if (b->waker_kstack < 0)
+		gb_count(&stats, OFFCPU_KSTACK_ERR);
 	b->waker_ustack = -1;
 	if (user_stacks && b->waker_tgid) {
 		struct task_struct *cur = bpf_get_current_task_btf();
@@ -419,6 +421,8 @@ int BPF_PROG(offcpu_waking, struct task_struct *p)
 		struct waker_mem *w;
 
 		b->waker_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+		if (b->waker_ustack < 0)      /* a bucket taken by another stack: counted, never wrong */
+			gb_count(&stats, OFFCPU_USTACK_ERR);
 		if (!regs || (cur->flags & 0x00200000 /* PF_KTHREAD */))
 			return 0;
 		w = bpf_map_lookup_elem(&waker_mem, &tid);

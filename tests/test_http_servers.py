@@ -9,7 +9,8 @@ import time
 import pytest
 
 from gridbpf.trace.http.tracer import HttpTracer
-from gridbpf.trace.http.lab import JdkHttpsServer, JdkServer, PythonHttps
+from gridbpf.trace.http.jvm_servers import JdkHttps
+from gridbpf.trace.http.lab import JdkServer, PythonHttps
 from gridbpf.trace.targets import TargetSpec
 
 # method, path, body size
@@ -126,7 +127,9 @@ def test_python_https_through_libssl():
 def test_jvm_tls_reported_unreadable():
     """The negative control of test_http_jvm_tls.py: without the Java agent a JVM's TLS is
     counted and reported unreadable, never parsed."""
-    with JdkHttpsServer() as srv, HttpTracer(TargetSpec(pids=[srv.pid]), java_agent=False) as t:
+    with JdkHttps() as srv, HttpTracer(TargetSpec(pids=[srv.pid]), java_agent=False) as t:
+        for name in ("x", "y"):
+            (srv.root / name).write_text("ok\n")
         out = subprocess.run(["curl", "-sk", f"{srv.url}/x", f"{srv.url}/y"], capture_output=True,
                              text=True, timeout=30)
         assert out.stdout == "ok\nok\n"

@@ -239,10 +239,7 @@ class StuckMonitor:
         """Put threads already off CPU into `blocked` with their start estimated from the
         scheduler's last run time, so they are reported like the others (without stacks from
         the kernel: /proc gives their kernel stack, and a scan of their user stack)."""
-        now_rq = _own_exec_start_ns()
-        if now_rq is None:
-            return
-        now_mono = time.monotonic_ns()
+        clocks: dict = {}           # cpu -> (its scheduler clock, monotonic) read together
         m = self.tracer.obj.map("blocked")
         known = {int(k) for k in m.keys()}
         for tgid in self.tracer.tgids:
@@ -256,6 +253,13 @@ class StuckMonitor:
                     continue
                 last = _exec_start_ns(tgid, tid)
                 if last is None or tid in known:
+                    continue
+                cpu = _last_cpu(tgid, tid)
+                if cpu not in clocks:
+                    now_rq = _own_exec_start_ns(cpu)
+                    clocks[cpu] = (now_rq, time.monotonic_ns())
+                now_rq, now_mono = clocks[cpu]
+                if now_rq is None:
                     continue
                 start = now_mono - max(0, now_rq - last)
                 sc = _proc_syscall(tgid, tid)
@@ -467,10 +471,32 @@ def _exec_start_ns(tgid: int, tid: int) -> int | None:
     return None
 
 
-def _own_exec_start_ns() -> int | None:
-    """The scheduler clock now, roughly: our own last-run time right after a reschedule."""
-    os.sched_yield()
-    return _exec_start_ns(os.getpid(), _gettid())
+def _own_exec_start_ns(cpu: int | None = None) -> int | None:
+    """The scheduler clock of CPU now, roughly: our own last-run time right after a
+    reschedule there. Each CPU has its own clock, and they drift apart on VMs (measured here:
+    0.64 s between the two vCPUs after an hour), so a thread's last-run time is compared with
+    the clock of the CPU it last ran on."""
+    if cpu is None:
+        os.sched_yield()
+        return _exec_start_ns(os.getpid(), _gettid())
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        os.sched_yield()
+        return _exec_start_ns(os.getpid(), _gettid())
+    except OSError:
+        return None
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
+def _last_cpu(tgid: int, tid: int) -> int | None:
+    """The CPU a thread last ran on (field 39 of its stat)."""
+    text = _read(f"/proc/{tgid}/task/{tid}/stat")
+    try:
+        return int(text.rsplit(")", 1)[1].split()[36])
+    except (AttributeError, IndexError, ValueError):
+        return None
 
 
 def _gettid() -> int:
