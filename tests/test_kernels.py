@@ -149,3 +149,17 @@ def test_doctor_reports_kernel_features_and_optional_hooks():
         assert r["attach"][hook]["needed"] is False
     assert all(r["attach"][k]["needed"] for k in ("xdp", "tc", "tp_btf", "uprobe"))
     assert all(c["ready"] for c in r["capabilities"].values()), r["capabilities"]
+
+
+def test_vm_test_list_names_existing_tests():
+    """tools/test-kernels/tests.txt is run in the 6.1 VM: a renamed test must fail here, on the
+    host, rather than only in `make test-kernels`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    ids = [l.strip() for l in (root / "tools" / "test-kernels" / "tests.txt").read_text().splitlines()
+           if l.strip() and not l.startswith("#")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", *ids], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
