@@ -3,6 +3,8 @@
 1. HTTPS small GETs (wrk, keep-alive) to Tomcat 10's WebDAV servlet, in interleaved rounds:
      untraced  before any agent was loaded (measured first: the agent cannot be unloaded)
      inactive  agent loaded, no tracer holding a lease (what a JVM carries between tracers)
+     floor     the tracer's syscall hook filtering by pid only, agent inactive: what any
+               syscall-tracepoint tracer costs (every syscall of the box takes the slow path)
      traced    the tracer with the agent active, drained and aggregated as the agent does
    Reported: throughput ratios (medians of rounds), Tomcat CPU time per request, its increase.
 2. How a record reaches BPF without kprobes (bench/cprogs/jvm_transport.c): ns per record for
@@ -45,6 +47,8 @@ TRANSPORT_OBJ = HERE.parent / "tests" / "bpf" / "jvm_transport.bpf.o"
 
 def tomcat_round(srv: Tomcat, url: str, mode: str) -> dict:
     tracer, stop, drainer, drained = None, threading.Event(), None, [0]
+    if mode == "floor":
+        tracer = HttpTracer(TargetSpec(pids=[srv.pid]), floor=True)
     if mode == "traced":
         # the last request of each keep-alive connection is reported when Tomcat closes it or,
         # if it has not yet, from the connection table after 0.5 s idle
@@ -76,7 +80,7 @@ def tomcat_round(srv: Tomcat, url: str, mode: str) -> dict:
             stats = tracer.stats()
             tracer.close()
     r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6}
-    if tracer:
+    if mode == "traced":
         r.update(traced=drained[0], lost=stats["events_lost"], unlinked=stats["jvm_unlinked"])
     return r
 
@@ -89,14 +93,16 @@ def tomcat_bench() -> dict:
         # cold Tomcat made no request in 8 s here)
         subprocess.run(["curl", "-sk", "-o", "/dev/null", url], check=True, timeout=60)
         wrk(url, 8)                                   # TLS and JIT warm-up
-        rounds = {m: [] for m in ("untraced", "inactive", "traced")}
+        rounds = {m: [] for m in ("untraced", "inactive", "floor", "traced")}
         for _ in range(max(2, ROUNDS // 2)):
             rounds["untraced"].append(tomcat_round(srv, url, "untraced"))
         with HttpTracer(TargetSpec(pids=[srv.pid])) as t:   # loads the agent, then lets go
             assert t.jvm_agents, t.warnings
         time.sleep(6)                                 # the lease expires: agent inactive
+        modes = ["inactive", "floor", "traced"]
         for i in range(ROUNDS):
-            for mode in (("inactive", "traced") if i % 2 == 0 else ("traced", "inactive")):
+            # rotate the order so drift over time does not favour one mode
+            for mode in modes[i % 3:] + modes[:i % 3]:
                 rounds[mode].append(tomcat_round(srv, url, mode))
     med = lambda m, k: statistics.median(r[k] for r in rounds[m])
     ratio = statistics.median(t["rps"] / o["rps"] for t, o in zip(rounds["traced"], rounds["inactive"]))
@@ -105,6 +111,9 @@ def tomcat_bench() -> dict:
         "rps_untraced": round(med("untraced", "rps")), "rps_inactive": round(med("inactive", "rps")),
         "rps_traced": round(med("traced", "rps")),
         "throughput_ratio_traced_vs_inactive": round(ratio, 3),
+        "throughput_ratio_floor_vs_inactive": round(statistics.median(
+            f["rps"] / o["rps"] for f, o in zip(rounds["floor"], rounds["inactive"])), 3),
+        "tomcat_cpu_us_per_req_floor": round(med("floor", "cpu_us_per_req"), 1),
         "throughput_ratio_inactive_vs_untraced": round(med("inactive", "rps") / med("untraced", "rps"), 3),
         "tomcat_cpu_us_per_req_untraced": round(med("untraced", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_inactive": round(med("inactive", "cpu_us_per_req"), 1),
