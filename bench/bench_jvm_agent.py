@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from gridbpf.trace.http import jvm_agent
-from gridbpf.trace.http.jvm_servers import keystore
+from gridbpf.trace.http.jvm_servers import compile_with_engine_pair, keystore
 
 SECONDS = int(os.environ.get("BENCH_JVM_AGENT_SECONDS", 4))     # per phase
 PHASES = int(os.environ.get("BENCH_JVM_AGENT_PHASES", 6))        # inactive/active alternations
@@ -33,27 +33,14 @@ def _wait_active(agent: jvm_agent.JvmAgent, want: bool) -> None:
 ENGINE_LOOP = """\
 import java.io.*;
 import java.nio.ByteBuffer;
-import java.security.KeyStore;
-import java.security.cert.X509Certificate;
 import javax.net.ssl.*;
 
 /** Two SSLEngines talking in memory: per iteration a 200-byte request and a 300-byte response,
  *  i.e. 4 hooked calls (2 wrap, 2 unwrap). Prints the iterations of each second. */
 public class GbEngineLoop {
     public static void main(String[] a) throws Exception {
-        KeyStore ks = KeyStore.getInstance("PKCS12");
-        ks.load(new FileInputStream(a[0]), "secret".toCharArray());
-        KeyManagerFactory kmf = KeyManagerFactory.getInstance("SunX509");
-        kmf.init(ks, "secret".toCharArray());
-        SSLContext sctx = SSLContext.getInstance("TLS");
-        sctx.init(kmf.getKeyManagers(), null, null);
-        TrustManager[] all = { new X509TrustManager() {
-            public void checkClientTrusted(X509Certificate[] c, String t) {}
-            public void checkServerTrusted(X509Certificate[] c, String t) {}
-            public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; } } };
-        SSLContext cctx = SSLContext.getInstance("TLS");
-        cctx.init(null, all, null);
-        SSLEngine c = cctx.createSSLEngine("127.0.0.1", 443), s = sctx.createSSLEngine();
+        SSLEngine[] pair = GbEnginePair.create(a[0], 443);
+        SSLEngine c = pair[0], s = pair[1];
         c.setUseClientMode(true); s.setUseClientMode(false);
         int net = 1 << 17;
         ByteBuffer c2s = ByteBuffer.allocate(net), s2c = ByteBuffer.allocate(net);
@@ -96,8 +83,7 @@ public class GbEngineLoop {
 def run(seconds_per_phase: int = SECONDS, phases: int = PHASES) -> dict:
     d = Path(tempfile.mkdtemp(prefix="gb-engloop-"))
     ks = keystore(d / "ks.p12")
-    (d / "GbEngineLoop.java").write_text(ENGINE_LOOP)
-    subprocess.run(["javac", "--release", "17", "-d", str(d), str(d / "GbEngineLoop.java")], check=True)
+    compile_with_engine_pair(d, "GbEngineLoop", ENGINE_LOOP)
     proc = subprocess.Popen(["java", "-Xmx128m", "-cp", str(d), "GbEngineLoop", str(ks)],
                             stdout=subprocess.PIPE, text=True, cwd=d)
     samples: list[tuple[str, int]] = []

