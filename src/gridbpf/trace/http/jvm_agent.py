@@ -285,6 +285,9 @@ class JvmAgent:
     lease_id: str
     dir: Path                    # the agent's directory, reached from here
     info: dict = field(default_factory=dict)
+    # how this tracer reads the records: "write" (write(2) to /dev/null, seen by the syscall
+    # hook) or "recv" (read(2) of the record on an empty socket, seen at sock_recv_length)
+    transport: str = "write"
     _stop: threading.Event | None = field(default=None, repr=False)
 
     @property
@@ -297,8 +300,10 @@ class JvmAgent:
 
     @property
     def bridge_fd(self) -> int:
-        """The fd whose write(2)s carry the records, in the JVM process (-1 if not installed)."""
-        return int(self.info.get("bridge_fd", -1))
+        """The fd whose system calls carry the records to this tracer, in the JVM process:
+        write(2)s to /dev/null or reads of the empty socket (-1 if not installed)."""
+        key = "bridge_recv_fd" if self.transport == "recv" else "bridge_fd"
+        return int(self.info.get(key, -1))
 
     @property
     def installed(self) -> bool:
@@ -314,7 +319,7 @@ class JvmAgent:
         try:
             os.utime(p)
         except FileNotFoundError:
-            p.touch()
+            p.write_text(self.transport)      # the agent reads which transport this lease wants
 
     def keep_alive(self, interval: float = 1.0) -> None:
         """Renews the lease from a daemon thread until release()."""
@@ -344,13 +349,18 @@ class JvmAgent:
         deadline = time.monotonic() + min(timeout, 3.0)
         while True:
             try:
-                if self.read_info().get("active"):
+                info = self.read_info()
+                if info.get("active") and info.get(f"via_{self.transport}", True):
                     return
             except (OSError, ValueError):
                 pass                  # agent.json being replaced: read again
             if time.monotonic() > deadline:
                 self.release()
                 raise JvmAttachError(f"pid {self.pid}: the loaded agent did not become active")
+            if self.bridge_fd < 0 and self.info.get("installed"):
+                self.release()
+                why = self.info.get("skipped", {}).get("transport recv", "loaded by an older gridbpf")
+                raise JvmAttachError(f"pid {self.pid}: the loaded agent has no {self.transport} transport ({why})")
             time.sleep(0.02)
 
     def read_info(self) -> dict:
@@ -382,14 +392,18 @@ def loaded_agent_info(jvm: JvmProcess) -> dict | None:
 
 
 def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = ATTACH_TIMEOUT,
-           jar_dir: Path | None = None, reload: bool = False, test_fail: str | None = None) -> JvmAgent:
+           jar_dir: Path | None = None, reload: bool = False, test_fail: str | None = None,
+           transport: str = "write") -> JvmAgent:
     """Loads the agent into JVM pid, or re-uses the one loaded there, and takes a lease.
     A JVM whose agent.json shows an installed agent (same JVM start time) is not attached again:
     only the lease file is added (on JDK 21+ every dynamic load prints a warning to the service's
     stderr). reload=True attaches anyway (the agent then only rewrites agent.json).
     sink: tests only, a path inside the JVM's namespace where records are appended instead of
     /dev/null (honoured by the first load only); test_fail: tests only, the install stage the
-    agent fails at (bridge, dryrun, retransform). Raises JvmAttachError with a one-line reason."""
+    agent fails at (bridge, dryrun, retransform); transport: how the caller reads records
+    ("write" or "recv", see JvmAgent). Raises JvmAttachError with a one-line reason."""
+    if transport not in ("write", "recv"):
+        raise ValueError(f"bad transport {transport!r}")
     if not lease_id or "/" in lease_id or "," in lease_id:
         raise ValueError(f"bad lease id {lease_id!r}")
     if sink and "," in sink:
@@ -398,22 +412,22 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
     try:
         existing = None if reload else loaded_agent_info(jvm)
         if existing is not None:
-            agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing)
+            agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing, transport)
             agent.renew()
             agent.wait_active(timeout)
             return agent
-        return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail)
+        return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail, transport)
     except OSError as e:         # e.g. EPERM without CAP_CHOWN/CAP_KILL for another user's JVM
         raise JvmAttachError(f"pid {pid}: cannot load the Java agent ({e.strerror or e})") from None
 
 
 def _load(jvm: JvmProcess, lease_id: str, sink: str | None, timeout: float, jar_dir: Path | None,
-          test_fail: str | None) -> JvmAgent:
+          test_fail: str | None, transport: str) -> JvmAgent:
     pid = jvm.pid
     if not jvm.host_path(f"/tmp/.java_pid{jvm.nspid}").is_socket():
         check_attachable(jvm)     # before leaving any file in the JVM's /tmp
     d = install_jars(jvm, jar_dir)
-    agent = JvmAgent(jvm, lease_id, d)
+    agent = JvmAgent(jvm, lease_id, d, transport=transport)
     agent.renew()                 # the lease exists before the load: active from the first call
     info = d / "agent.json"
     before = info.stat().st_mtime_ns if info.exists() else 0

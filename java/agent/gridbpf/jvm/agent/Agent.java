@@ -5,6 +5,9 @@ import java.io.FileDescriptor;
 import java.io.InputStream;
 import java.lang.instrument.ClassFileTransformer;
 import java.lang.instrument.Instrumentation;
+import java.lang.invoke.MethodHandle;
+import java.lang.invoke.MethodHandles;
+import java.lang.invoke.MethodType;
 import java.lang.reflect.Field;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
@@ -35,6 +38,9 @@ public final class Agent {
     private static final Map<String, String> skipped = new LinkedHashMap<>();
     private static String failure = "";
     private static int bridgeFd = -1;
+    /** The recv transport's socket (kept reachable: its cleaner would close the fd) and fd number. */
+    private static java.nio.channels.DatagramChannel recvChannel;
+    private static int recvFd = -1;
     private static String sinkPath = "/dev/null";
     private static Thread leaseThread;
     /** Tests only: a stage (bridge, dryrun, retransform) where install fails on purpose. */
@@ -83,7 +89,8 @@ public final class Agent {
         Module self = Agent.class.getModule();
         inst.redefineModule(javaBase, Set.of(),
                 Map.of("jdk.internal.org.objectweb.asm", Set.of(self)),
-                Map.of(Control.PACKAGE, Set.of(self), "java.io", Set.of(self)), Set.of(), Map.of());
+                Map.of(Control.PACKAGE, Set.of(self), "java.io", Set.of(self), "sun.nio.ch", Set.of(self)),
+                Set.of(), Map.of());
 
         // 2. the bridge defined, linked and initialised, its entry points checked
         Control.defineBridge();
@@ -92,6 +99,7 @@ public final class Agent {
         // 3. the record sink and its fd number (what the BPF side watches)
         sinkPath = Control.openSink(sinkPath);
         bridgeFd = fdOf(Control.sinkDescriptor());
+        openRecvTransport();
 
         // 4. dry run on every target class's bytes: all hooks must apply, else nothing changes
         List<String> targets = Hooks.targetClasses();
@@ -129,6 +137,29 @@ public final class Agent {
         }
         skipped.putAll(Hooks.notImplemented());
         Control.markInstalled();
+    }
+
+    /**
+     * The recv transport: an unbound, non-blocking UDP socket (nothing can ever arrive on it, so
+     * every read fails with EAGAIN and copies nothing) and the JDK's own read0 native, which
+     * reads into an address and reports EAGAIN as a status, not an exception. If any part is
+     * missing the write transport still works: the reason goes to agent.json.
+     */
+    private static void openRecvTransport() {
+        try {
+            java.nio.channels.DatagramChannel ch = java.nio.channels.DatagramChannel.open();
+            ch.configureBlocking(false);
+            FileDescriptor fd = (FileDescriptor) Class.forName("sun.nio.ch.SelChImpl")
+                    .getMethod("getFD").invoke(ch);
+            Class<?> dispatcher = Class.forName("sun.nio.ch.FileDispatcherImpl");
+            MethodHandle read0 = MethodHandles.privateLookupIn(dispatcher, MethodHandles.lookup())
+                    .findStatic(dispatcher, "read0", MethodType.methodType(int.class, FileDescriptor.class, long.class, int.class));
+            Control.openRecv(fd, read0);
+            recvChannel = ch;
+            recvFd = fdOf(fd);
+        } catch (Throwable t) {
+            skipped.put("transport recv", "not available: " + oneLine(t));
+        }
     }
 
     private static void injectFailure(String stage) {
@@ -199,18 +230,20 @@ public final class Agent {
      */
     private static void leaseLoop() {
         long lastRecords = -1, lastErrors = -1, lastWrite = 0;
-        boolean lastActive = false;
+        int lastState = 0;
         while (true) {
             try {
                 Thread.sleep(200);
                 String d;
                 synchronized (Agent.class) { d = dir; }
                 boolean active = Control.refreshLease(d);
+                // a tracer waits for agent.json to show active with its transport: write at once
+                int state = (active ? 1 : 0) | (Control.flag("viaWrite") ? 2 : 0) | (Control.flag("viaRecv") ? 4 : 0);
                 long r = Control.records(), e = Control.errors(), now = System.nanoTime();
                 boolean counts = (r != lastRecords || e != lastErrors) && now - lastWrite >= 1_000_000_000L;
-                if (active != lastActive || counts) {
+                if (state != lastState || counts) {
                     synchronized (Agent.class) { writeInfo(); }
-                    lastRecords = r; lastErrors = e; lastActive = active; lastWrite = now;
+                    lastRecords = r; lastErrors = e; lastState = state; lastWrite = now;
                 }
             } catch (InterruptedException ie) {
                 return;
@@ -228,6 +261,10 @@ public final class Agent {
         j.append(", \"pid\": ").append(ProcessHandle.current().pid());
         j.append(", \"starttime\": ").append(procStartTime());
         j.append(", \"bridge_fd\": ").append(bridgeFd);
+        j.append(", \"bridge_recv_fd\": ").append(recvFd);
+        j.append(", \"via_write\": ").append(Control.flag("viaWrite"));
+        j.append(", \"via_recv\": ").append(Control.flag("viaRecv"));
+        j.append(", \"recv_unexpected\": ").append(Control.recvUnexpected());
         j.append(", \"java_version\": ").append(quote(System.getProperty("java.version", "")));
         j.append(", \"vm\": ").append(quote(System.getProperty("java.vm.name", "")));
         j.append(", \"hooks\": [");

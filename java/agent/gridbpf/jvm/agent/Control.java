@@ -4,7 +4,10 @@ import java.io.File;
 import java.io.FileDescriptor;
 import java.io.FileOutputStream;
 import java.io.InputStream;
+import java.lang.invoke.MethodHandle;
 import java.lang.invoke.MethodHandles;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
 import java.lang.reflect.Field;
 import java.lang.reflect.Method;
 import java.lang.reflect.Modifier;
@@ -85,6 +88,11 @@ final class Control {
         return (String) bridge.getMethod("open", String.class).invoke(null, path);
     }
 
+    /** The recv transport: hands the bridge the socket's descriptor and sun.nio.ch's read0. */
+    static void openRecv(FileDescriptor fd, MethodHandle read0) throws Exception {
+        bridge.getMethod("openRecv", FileDescriptor.class, MethodHandle.class).invoke(null, fd, read0);
+    }
+
     static FileDescriptor sinkDescriptor() throws Exception {
         return ((FileOutputStream) bridge.getMethod("sink").invoke(null)).getFD();
     }
@@ -100,27 +108,53 @@ final class Control {
 
     static void markInstalled() throws Exception { setBoolean("installed", true); }
 
-    /** active = some lease-* file in dir modified within the last 5 s; sets the bridge's flag. */
+    /**
+     * active = some lease-* file in dir modified within the last 5 s; sets the bridge's flags.
+     * A lease holds the transport its tracer reads ("recv" or "write"; empty: write): records go
+     * by every transport a fresh lease asks for.
+     */
     static boolean refreshLease(String dir) {
-        boolean active = false;
+        boolean active = false, write = false, recv = false;
         File[] files = dir == null ? null : new File(dir).listFiles();
         if (files != null) {
             long now = System.currentTimeMillis();
             for (File f : files) {
                 if (f.getName().startsWith("lease-") && now - f.lastModified() < LEASE_FRESH_MS) {
                     active = true;
-                    break;
+                    if (leaseWantsRecv(f)) recv = true;
+                    else write = true;
                 }
             }
         }
         try {
             if (bridge == null) return false;
             active = active && installed();
+            if (active) {
+                trySetBoolean("viaWrite", write);
+                trySetBoolean("viaRecv", recv);
+            }
             setBoolean("active", active);
             return active;
         } catch (Throwable t) {
             return false;
         }
+    }
+
+    private static boolean leaseWantsRecv(File lease) {
+        try {
+            return new String(Files.readAllBytes(lease.toPath()), StandardCharsets.US_ASCII).trim().equals("recv");
+        } catch (Throwable t) {
+            return false;
+        }
+    }
+
+    /** A bridge defined by an older agent may lack the field: then it keeps its only transport. */
+    private static void trySetBoolean(String field, boolean value) {
+        try { setBoolean(field, value); } catch (Throwable ignored) { }
+    }
+
+    static boolean flag(String field) {
+        try { return bridge != null && (Boolean) get(field); } catch (Throwable t) { return false; }
     }
 
     static boolean installed() {
@@ -133,6 +167,10 @@ final class Control {
 
     static long records() {
         try { return bridge == null ? 0 : ((AtomicLong) get("records")).get(); } catch (Throwable t) { return 0; }
+    }
+
+    static long recvUnexpected() {
+        try { return bridge == null ? 0 : ((AtomicLong) get("recvUnexpected")).get(); } catch (Throwable t) { return 0; }
     }
 
     static long errors() {

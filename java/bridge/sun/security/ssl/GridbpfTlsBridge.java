@@ -1,6 +1,8 @@
 package sun.security.ssl;
 
+import java.io.FileDescriptor;
 import java.io.FileOutputStream;
+import java.lang.invoke.MethodHandle;
 import java.net.InetAddress;
 import java.nio.ByteBuffer;
 import java.util.concurrent.atomic.AtomicLong;
@@ -16,9 +18,15 @@ import javax.net.ssl.SSLSocket;
  * into the service's stderr). Every entry point catches every Throwable: the service never sees
  * an exception from us.
  *
- * Each hook call that moved plaintext becomes one record written with ONE write(2) on a
- * FileOutputStream (normally /dev/null); the BPF side reads the record at sys_exit of that
- * write. Layout: docs/jvm-agent-notes.md and bpf/include/gridbpf/http.h (struct http_jvm_record).
+ * Each hook call that moved plaintext becomes one record handed to the kernel with ONE system
+ * call, by the transport(s) the tracers' leases ask for:
+ *  - write: write(2) on a FileOutputStream (normally /dev/null); the BPF side reads the record at
+ *    sys_exit of that write (kernels without the socket tracepoints: the syscall hook).
+ *  - recv: read(2) of the record's own buffer on a non-blocking, unbound UDP socket, which has
+ *    nothing to deliver and fails at once with EAGAIN, copying nothing; the BPF side reads the
+ *    buffer at the socket layer's sock_recv_length tracepoint (Linux 6.3+). No syscall
+ *    tracepoint is needed, so the rest of the box stays off the syscall slow path.
+ * Layout: docs/jvm-agent-notes.md and bpf/include/gridbpf/http.h (struct http_jvm_record).
  *
  * Hot path: when no tracer holds a lease, every hook returns after one volatile read. When
  * active, nothing is allocated per record: each thread owns a preallocated GridbpfTlsState.
@@ -39,6 +47,12 @@ public final class GridbpfTlsBridge {
 
     static volatile FileOutputStream out;
     static volatile String outPath;
+    /** Which transports the fresh leases ask for (set by the agent's lease thread). */
+    public static volatile boolean viaWrite = true, viaRecv;
+    /** The recv transport: the socket's descriptor, and sun.nio.ch's read0(fd, address, len). */
+    static volatile FileDescriptor recvFd;
+    static volatile MethodHandle read0;
+    public static final AtomicLong recvUnexpected = new AtomicLong();
     public static final AtomicLong records = new AtomicLong();
     public static final AtomicLong errors = new AtomicLong();
     public static volatile String lastError = "";
@@ -57,6 +71,17 @@ public final class GridbpfTlsBridge {
     }
 
     public static FileOutputStream sink() { return out; }
+
+    /**
+     * Sets up the recv transport once: fd is a non-blocking socket that never has data (the
+     * agent keeps its channel reachable), read0 is (FileDescriptor, long, int) -> int.
+     */
+    public static synchronized void openRecv(FileDescriptor fd, MethodHandle read) {
+        if (recvFd == null) {
+            read0 = read;
+            recvFd = fd;
+        }
+    }
 
     static void fail(Throwable t) {
         errors.incrementAndGet();
@@ -275,7 +300,6 @@ public final class GridbpfTlsBridge {
     /** Fills the 48-byte header (data already in place) and writes the record with one write(2). */
     private static void emit(GridbpfTlsState s, int len, int copied, int headLen, int dir) {
         FileOutputStream o = out;
-        if (o == null) return;
         byte[] r = s.rec;
         // magic "\0GRBJVM1"
         r[0] = 0; r[1] = 'G'; r[2] = 'R'; r[3] = 'B'; r[4] = 'J'; r[5] = 'V'; r[6] = 'M'; r[7] = '1';
@@ -290,10 +314,23 @@ public final class GridbpfTlsBridge {
         putShort(r, 28, s.family);
         putShort(r, 30, 0);
         System.arraycopy(s.addr, 0, r, 32, 16);
+        int n = HEADER + copied;
         try {
-            o.write(r, 0, HEADER + copied);
+            if (viaRecv) recv(s, r, n);
+            if (viaWrite && o != null) o.write(r, 0, n);
             records.incrementAndGet();
         } catch (Throwable t) { fail(t); }
+    }
+
+    /** The record copied to this thread's direct buffer and offered as read(2)'s destination. */
+    private static void recv(GridbpfTlsState s, byte[] r, int n) throws Throwable {
+        FileDescriptor fd = recvFd;
+        MethodHandle read = read0;
+        if (fd == null || read == null) return;
+        s.direct.put(0, r, 0, n);
+        // EAGAIN comes back as IOStatus.UNAVAILABLE (-2), no exception: nothing was read
+        int got = (int) read.invokeExact(fd, s.directAddress, n);
+        if (got != -2) recvUnexpected.incrementAndGet();
     }
 
     private static void putInt(byte[] r, int at, int v) {
