@@ -12,7 +12,6 @@ import java.lang.reflect.Field;
 import java.lang.reflect.Method;
 import java.lang.reflect.Modifier;
 import java.nio.ByteBuffer;
-import java.util.concurrent.atomic.AtomicLong;
 import javax.net.ssl.SSLEngineResult;
 
 /**
@@ -166,15 +165,15 @@ final class Control {
     }
 
     static long records() {
-        try { return bridge == null ? 0 : ((AtomicLong) get("records")).get(); } catch (Throwable t) { return 0; }
+        try { return bridge == null ? 0 : ((Number) get("records")).longValue(); } catch (Throwable t) { return 0; }
     }
 
     static long recvUnexpected() {
-        try { return bridge == null ? 0 : ((AtomicLong) get("recvUnexpected")).get(); } catch (Throwable t) { return 0; }
+        try { return bridge == null ? 0 : ((Number) get("recvUnexpected")).longValue(); } catch (Throwable t) { return 0; }
     }
 
     static long errors() {
-        try { return bridge == null ? 0 : ((AtomicLong) get("errors")).get(); } catch (Throwable t) { return 0; }
+        try { return bridge == null ? 0 : ((Number) get("errors")).longValue(); } catch (Throwable t) { return 0; }
     }
 
     static String lastError() {

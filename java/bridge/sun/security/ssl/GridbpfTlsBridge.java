@@ -6,6 +6,7 @@ import java.lang.invoke.MethodHandle;
 import java.net.InetAddress;
 import java.nio.ByteBuffer;
 import java.util.concurrent.atomic.AtomicLong;
+import java.util.concurrent.atomic.LongAdder;
 import javax.net.ssl.SSLEngine;
 import javax.net.ssl.SSLEngineResult;
 import javax.net.ssl.SSLSocket;
@@ -52,8 +53,9 @@ public final class GridbpfTlsBridge {
     /** The recv transport: the socket's descriptor, and sun.nio.ch's read0(fd, address, len). */
     static volatile FileDescriptor recvFd;
     static volatile MethodHandle read0;
-    public static final AtomicLong recvUnexpected = new AtomicLong();
-    public static final AtomicLong records = new AtomicLong();
+    public static final LongAdder recvUnexpected = new LongAdder();
+    /** Striped: every record counts here, from threads on every CPU (an AtomicLong's line would bounce). */
+    public static final LongAdder records = new LongAdder();
     public static final AtomicLong errors = new AtomicLong();
     public static volatile String lastError = "";
 
@@ -318,7 +320,7 @@ public final class GridbpfTlsBridge {
         try {
             if (viaRecv) recv(s, r, n);
             if (viaWrite && o != null) o.write(r, 0, n);
-            records.incrementAndGet();
+            records.increment();
         } catch (Throwable t) { fail(t); }
     }
 
@@ -330,7 +332,7 @@ public final class GridbpfTlsBridge {
         s.direct.put(0, r, 0, n);
         // EAGAIN comes back as IOStatus.UNAVAILABLE (-2), no exception: nothing was read
         int got = (int) read.invokeExact(fd, s.directAddress, n);
-        if (got != -2) recvUnexpected.incrementAndGet();
+        if (got != -2) recvUnexpected.increment();
     }
 
     private static void putInt(byte[] r, int at, int v) {
