@@ -8,9 +8,11 @@
      traced    the tracer with the agent active, drained and aggregated as the agent does
    Reported: throughput ratios (medians of rounds), Tomcat CPU time per request, its increase.
 2. How a record reaches BPF without kprobes (bench/cprogs/jvm_transport.c): ns per record for
-   write(2) to /dev/null (the agent's choice), ioctl(-1, MAGIC, &rec) and a uprobed no-op
-   function, each with and without its BPF receiver (tests/bpf/jvm_transport.bpf.c), which
-   reads the record header as the tracer does. Checked: the receiver counted every call.
+   write(2) to /dev/null (the agent's transport under the syscall hook), read(2) of the record
+   on an empty UDP socket (its transport at the socket tracepoints), ioctl(-1, MAGIC, &rec) and
+   a uprobed no-op function, each with and without its BPF receiver
+   (tests/bpf/jvm_transport.bpf.c), which reads the record header as the tracer does. Checked:
+   the receiver counted every call.
 """
 from __future__ import annotations
 
@@ -134,7 +136,8 @@ def transport_round(binary: Path, mode: str, with_bpf: bool, n: int) -> tuple[fl
     try:
         fd = int(p.stdout.readline().split()[1])
         if with_bpf:
-            prog = {"write": "via_write", "ioctl": "via_ioctl", "uprobe": "via_uprobe"}[mode]
+            prog = {"write": "via_write", "ioctl": "via_ioctl", "uprobe": "via_uprobe",
+                    "recv": "via_recv"}[mode]
             obj = BpfObject.open(TRANSPORT_OBJ)
             for name, pr in obj.programs.items():
                 pr.autoload = name == prog
@@ -147,7 +150,7 @@ def transport_round(binary: Path, mode: str, with_bpf: bool, n: int) -> tuple[fl
             elif mode == "ioctl":
                 link = pr.attach_tracepoint("syscalls", "sys_enter_ioctl")
             else:
-                link = pr.attach_trace()
+                link = pr.attach_trace()      # tp_btf: sys_exit (write), sock_recv_length (recv)
         p.stdin.write("go\n")
         p.stdin.flush()
         ns = float(p.stdout.readline())
@@ -169,7 +172,7 @@ def transport_bench() -> dict:
         subprocess.run(["gcc", "-O2", "-g", "-o", str(binary), str(HERE / "cprogs" / "jvm_transport.c")],
                        check=True)
         out, all_counted = {}, True
-        for mode in ("write", "ioctl", "uprobe"):
+        for mode in ("write", "recv", "ioctl", "uprobe"):
             n = 200_000 if mode != "uprobe" else 50_000
             bare, hooked = [], []
             for _ in range(ROUNDS):

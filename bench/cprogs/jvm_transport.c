@@ -3,6 +3,8 @@
  *   write   write(2) of the record to /dev/null (what the agent does)
  *   ioctl   ioctl(-1, MAGIC, &record): fails with EBADF before any driver
  *   uprobe  a call of the no-op marker function jvm_record_marker(&record)
+ *   recv    read(2) of the record on an unbound non-blocking UDP socket: EAGAIN, nothing
+ *           copied (the agent's transport where the socket tracepoints exist)
  * Usage: jvm_transport MODE N   (prints "ready FD" on stdout and waits for a line on stdin)
  */
 #include <fcntl.h>
@@ -11,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -27,10 +30,14 @@ int main(int argc, char **argv)
 	uint64_t magic = MAGIC;
 	struct timespec a, b;
 	char line[16];
-	int fd = open("/dev/null", O_WRONLY);
 	long n = argc > 2 ? atol(argv[2]) : 1000000;
+	int fd;
 
-	if (argc < 2 || fd < 0)
+	if (argc < 2)
+		return 2;
+	fd = argv[1][0] == 'r' ? socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0)
+			       : open("/dev/null", O_WRONLY);
+	if (fd < 0)
 		return 2;
 	memcpy(rec, &magic, 8);
 	printf("ready %d\n", fd);
@@ -41,6 +48,8 @@ int main(int argc, char **argv)
 	for (long i = 0; i < n; i++) {
 		if (argv[1][0] == 'w')
 			write(fd, rec, sizeof(rec));
+		else if (argv[1][0] == 'r')
+			read(fd, rec, sizeof(rec));
 		else if (argv[1][0] == 'i')
 			ioctl(-1, (unsigned long)MAGIC, rec);
 		else

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Receivers of the three JVM record transports compared by bench/bench_jvm.py: each reads the
+/* Receivers of the JVM record transports compared by bench/bench_jvm.py: each reads the
  * 48-byte record header from user memory and counts it, as the tracer's bridge does. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -52,5 +52,20 @@ SEC("uprobe")
 int BPF_KPROBE(via_uprobe, void *rec)
 {
 	take((__u64)rec);
+	return 0;
+}
+
+/* the socket layer's tracepoint (6.3+): fires for socket reads only, the failed one included */
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(via_recv, struct sock *sk, int ret, int flags)
+{
+	struct pt_regs *regs;
+
+	if (ret != -11 || (bpf_get_current_pid_tgid() >> 32) != target_tgid)
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	if (regs->di != bridge_fd)
+		return 0;
+	take(regs->si);
 	return 0;
 }

@@ -27,7 +27,7 @@ import javax.net.ssl.SSLSocket;
  *    nothing to deliver and fails at once with EAGAIN, copying nothing; the BPF side reads the
  *    buffer at the socket layer's sock_recv_length tracepoint (Linux 6.3+). No syscall
  *    tracepoint is needed, so the rest of the box stays off the syscall slow path.
- * Layout: docs/jvm-agent-notes.md and bpf/include/gridbpf/http.h (struct http_jvm_record).
+ * Layout: docs/tracing.md and bpf/include/gridbpf/http.h (struct http_jvm_record).
  *
  * Hot path: when no tracer holds a lease, every hook returns after one volatile read. When
  * active, nothing is allocated per record: each thread owns a preallocated GridbpfTlsState.
