@@ -732,28 +732,40 @@ int BPF_PROG(http_sock_send, struct sock *sk, int ret, int flags)
 }
 
 /*
- * close(2) of a followed connection: the TCP state changes inside the closing task (deferred
- * fput runs before the return to user space, with the close's registers). Fires per TCP state
- * change of any socket, so per connection, not per syscall.
+ * close(2) of a followed connection, in the closing task (the deferred fput runs before the
+ * return to user space, with the close's registers): its TCP state changes there
+ * (inet_sock_set_state), or, if a reset already closed it, the socket is destroyed there
+ * (tcp_destroy_sock). Both fire per connection, not per syscall; in any other task or in
+ * softirq the registers are not a close of ours and the sock does not match.
  */
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
+static __always_inline void sock_closed(struct sock *sk)
 {
-	struct pt_regs *regs;
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	struct http_conn_key key;
 	struct http_conn *c;
 
-	if (newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK && newstate != TCP_CLOSE &&
-	    newstate != TCP_FIN_WAIT2)
-		return 0;
-	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	if (regs->orig_ax != NR_close)
-		return 0;
+		return;
 	key.tgid = bpf_get_current_pid_tgid() >> 32;
 	key.fd = regs->di;
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (c && c->sk == (__u64)sk)
 		on_close(&key, c);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
+{
+	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK || newstate == TCP_CLOSE ||
+	    newstate == TCP_FIN_WAIT2)
+		sock_closed(sk);
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(http_sock_destroy, struct sock *sk)
+{
+	sock_closed(sk);
 	return 0;
 }
 

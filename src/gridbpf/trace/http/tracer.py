@@ -33,7 +33,8 @@ DRAIN_MS = 50      # how often the ring is drained (records are sent without wak
 HOOK_ENV = "GRIDBPF_HTTP_HOOK"        # auto (default), sock or syscall: what HttpTracer uses
 HOOKS = ("auto", "sock", "syscall")
 # the programs of each hook (besides fork/exec/exit, shared by all)
-HOOK_PROGRAMS = {"sock": ("http_sock_recv", "http_sock_send", "http_sock_state"),
+HOOK_PROGRAMS = {"sock": ("http_sock_recv", "http_sock_send", "http_sock_state",
+                          "http_sock_destroy"),
                  "syscall": ("http_sys_exit",), "floor": ("http_floor_sys_exit",)}
 
 
