@@ -662,6 +662,25 @@ static __always_inline struct http_conn *sock_adopt(struct http_conn_key *key, s
 	return c;
 }
 
+/*
+ * The JVM agent's recv transport: a read of an empty UDP socket that fails with EAGAIN, the
+ * record in its buffer. Told by the record's magic in a target process (not by the fd: the
+ * agent may replace a channel that an interrupted thread closed).
+ */
+static __always_inline void sock_bridge_record(__u64 pid_tgid, long nr, __u64 buf, __u64 len)
+{
+	__u32 tgid = pid_tgid >> 32;
+	__u64 magic = 0;
+
+	if (nr != NR_recvfrom && nr != NR_read)
+		return;
+	if (!bpf_map_lookup_elem(&targets, &tgid))
+		return;
+	if (bpf_probe_read_user(&magic, sizeof(magic), (void *)buf) || magic != HTTP_JVM_MAGIC)
+		return;
+	on_jvm_record(pid_tgid, buf, len);
+}
+
 static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int is_send)
 {
 	struct task_struct *task;
@@ -682,17 +701,16 @@ static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int 
 	if (!is_sock_nr(nr))
 		return 0;       /* not a syscall we know the arguments of (io_uring, the kernel's own) */
 	pid_tgid = bpf_get_current_pid_tgid();
+	arg1 = regs->si;
+	arg2 = regs->dx;
+	if (ret < 0) {
+		sock_bridge_record(pid_tgid, nr, arg1, arg2);
+		return 0;
+	}
 	key.tgid = pid_tgid >> 32;
 	/* splice(fd_in, off_in, fd_out, ...): the socket is fd_out when it sends */
 	key.fd = nr == NR_splice ? (is_send ? (__u32)regs->dx : (__u32)-1) : regs->di;
-	arg1 = regs->si;
-	arg2 = regs->dx;
 	c = bpf_map_lookup_elem(&conns, &key);
-	if (ret < 0) {
-		if (c && c->bridge && (nr == NR_recvfrom || nr == NR_read))
-			on_jvm_record(pid_tgid, arg1, arg2);
-		return 0;
-	}
 	if (c && c->sk != (__u64)sk) {
 		if (c->bridge)
 			return 0;
@@ -777,23 +795,11 @@ SEC("tp_btf/sock_recv_length")
 int BPF_PROG(http_sock_bridge, struct sock *sk, int ret, int flags)
 {
 	struct pt_regs *regs;
-	struct http_conn_key key;
-	struct http_conn *c;
-	__u64 pid_tgid;
-	long nr;
 
 	if (ret != -EAGAIN || sk->sk_type != SOCK_DGRAM)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	nr = regs->orig_ax;
-	if (nr != NR_recvfrom && nr != NR_read)
-		return 0;
-	pid_tgid = bpf_get_current_pid_tgid();
-	key.tgid = pid_tgid >> 32;
-	key.fd = regs->di;
-	c = bpf_map_lookup_elem(&conns, &key);
-	if (c && c->bridge)
-		on_jvm_record(pid_tgid, regs->si, regs->dx);
+	sock_bridge_record(bpf_get_current_pid_tgid(), regs->orig_ax, regs->si, regs->dx);
 	return 0;
 }
 

@@ -301,6 +301,11 @@ class JvmAgent:
         return int(self.info.get("bridge_fd", -1))
 
     @property
+    def transport(self) -> str:
+        """write (records written to the bridge fd) or recv (EAGAIN reads of a UDP socket)."""
+        return self.info.get("transport", "write")
+
+    @property
     def installed(self) -> bool:
         return bool(self.info.get("installed"))
 
@@ -382,14 +387,18 @@ def loaded_agent_info(jvm: JvmProcess) -> dict | None:
 
 
 def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = ATTACH_TIMEOUT,
-           jar_dir: Path | None = None, reload: bool = False, test_fail: str | None = None) -> JvmAgent:
+           jar_dir: Path | None = None, reload: bool = False, test_fail: str | None = None,
+           transport: str = "write") -> JvmAgent:
     """Loads the agent into JVM pid, or re-uses the one loaded there, and takes a lease.
     A JVM whose agent.json shows an installed agent (same JVM start time) is not attached again:
     only the lease file is added (on JDK 21+ every dynamic load prints a warning to the service's
     stderr). reload=True attaches anyway (the agent then only rewrites agent.json).
     sink: tests only, a path inside the JVM's namespace where records are appended instead of
     /dev/null (honoured by the first load only); test_fail: tests only, the install stage the
-    agent fails at (bridge, dryrun, retransform). Raises JvmAttachError with a one-line reason."""
+    agent fails at (bridge, dryrun, retransform). transport: how records reach the kernel, "write"
+    (to /dev/null, seen at sys_exit) or "recv" (EAGAIN reads of an empty UDP socket, seen at
+    sock_recv_length, Linux 6.3+); the first load decides, a sink implies write.
+    Raises JvmAttachError with a one-line reason."""
     if not lease_id or "/" in lease_id or "," in lease_id:
         raise ValueError(f"bad lease id {lease_id!r}")
     if sink and "," in sink:
@@ -402,13 +411,13 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
             agent.renew()
             agent.wait_active(timeout)
             return agent
-        return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail)
+        return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail, transport)
     except OSError as e:         # e.g. EPERM without CAP_CHOWN/CAP_KILL for another user's JVM
         raise JvmAttachError(f"pid {pid}: cannot load the Java agent ({e.strerror or e})") from None
 
 
 def _load(jvm: JvmProcess, lease_id: str, sink: str | None, timeout: float, jar_dir: Path | None,
-          test_fail: str | None) -> JvmAgent:
+          test_fail: str | None, transport: str = "write") -> JvmAgent:
     pid = jvm.pid
     if not jvm.host_path(f"/tmp/.java_pid{jvm.nspid}").is_socket():
         check_attachable(jvm)     # before leaving any file in the JVM's /tmp
@@ -417,7 +426,8 @@ def _load(jvm: JvmProcess, lease_id: str, sink: str | None, timeout: float, jar_
     agent.renew()                 # the lease exists before the load: active from the first call
     info = d / "agent.json"
     before = info.stat().st_mtime_ns if info.exists() else 0
-    options = f"dir={jvm.agent_dir}" + (f",sink={sink}" if sink else "") + (f",test_fail={test_fail}" if test_fail else "")
+    options = f"dir={jvm.agent_dir}" + (f",sink={sink}" if sink else "") + (f",test_fail={test_fail}" if test_fail else "") \
+        + (f",transport={transport}" if transport != "write" and not sink else "")
     try:
         load_agent(jvm, options, timeout)
         deadline = time.monotonic() + timeout

@@ -347,7 +347,7 @@ class HttpTracer:
             elif pid not in self.jvm_skipped and _maps_libjvm(pid):
                 from . import jvm_agent
                 try:
-                    agent = jvm_agent.attach(pid, self._lease)
+                    agent = jvm_agent.attach(pid, self._lease, transport=self.jvm_transport)
                 except jvm_agent.JvmNotReady:
                     continue            # a JVM still starting: next refresh
                 except (jvm_agent.JvmAttachError, OSError) as exc:
@@ -357,10 +357,21 @@ class HttpTracer:
                     self.jvm_skipped[pid] = why
                     self.warnings.append(f"{why}: its TLS requests are not traced")
                     continue
-                # the agent's /dev/null fd becomes a bridge entry of the connection table: the
-                # syscall hook's one lookup finds its records (no extra cost for other writes)
-                self.obj.map("conns")[{"tgid": pid, "fd": agent.bridge_fd}] = {
-                    "ev": {"pid": pid, "fd": agent.bridge_fd}, "bridge": 1}
+                if agent.transport == "write" and self.hook == "sock":
+                    # an agent loaded before transports followed the kernel: its writes to
+                    # /dev/null never reach a socket tracepoint
+                    agent.release()
+                    why = (f"pid {pid}: its Java agent writes records to /dev/null, which only "
+                           f"the syscall hook sees ({HOOK_ENV}=syscall, or restart the JVM)")
+                    self.jvm_skipped[pid] = why
+                    self.warnings.append(f"{why}: its TLS requests are not traced")
+                    continue
+                if agent.transport == "write":
+                    # the agent's /dev/null fd becomes a bridge entry of the connection table:
+                    # the syscall hook's one lookup finds its records (no extra cost for other
+                    # writes). The recv transport needs no entry: the record's magic tells it.
+                    self.obj.map("conns")[{"tgid": pid, "fd": agent.bridge_fd}] = {
+                        "ev": {"pid": pid, "fd": agent.bridge_fd}, "bridge": 1}
                 self.jvm_agents[pid] = agent
 
     def _sweep(self, live: set[int]) -> None:

@@ -36,6 +36,8 @@ public final class Agent {
     private static String failure = "";
     private static int bridgeFd = -1;
     private static String sinkPath = "/dev/null";
+    /** write (to sinkPath) or recv (an empty UDP socket: Linux 6.3+); chosen by the first load. */
+    private static String transport = "write";
     private static Thread leaseThread;
     /** Tests only: a stage (bridge, dryrun, retransform) where install fails on purpose. */
     private static String testFail = "";
@@ -56,6 +58,7 @@ public final class Agent {
                     failure = "bridge already defined by an earlier agent load: hooks left as they are";
                 } else {
                     if (opts.containsKey("sink")) sinkPath = opts.get("sink");
+                    else if ("recv".equals(opts.get("transport"))) transport = "recv";
                     testFail = opts.getOrDefault("test_fail", "");
                     try {
                         install(inst);
@@ -90,8 +93,13 @@ public final class Agent {
         injectFailure("bridge");
 
         // 3. the record sink and its fd number (what the BPF side watches)
-        sinkPath = Control.openSink(sinkPath);
-        bridgeFd = fdOf(Control.sinkDescriptor());
+        if (transport.equals("recv")) {
+            sinkPath = "";
+            bridgeFd = Control.openRecv();
+        } else {
+            sinkPath = Control.openSink(sinkPath);
+            bridgeFd = fdOf(Control.sinkDescriptor());
+        }
 
         // 4. dry run on every target class's bytes: all hooks must apply, else nothing changes
         List<String> targets = Hooks.targetClasses();
@@ -242,6 +250,7 @@ public final class Agent {
         j.append(", \"active\": ").append(Control.active());
         j.append(", \"attaches\": ").append(attaches);
         j.append(", \"sink\": ").append(quote(sinkPath));
+        j.append(", \"transport\": ").append(quote(transport));
         j.append(", \"records\": ").append(Control.records());
         j.append(", \"errors\": ").append(Control.errors());
         j.append(", \"last_error\": ").append(quote(Control.lastError()));

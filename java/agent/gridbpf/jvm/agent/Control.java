@@ -85,6 +85,10 @@ final class Control {
         return (String) bridge.getMethod("open", String.class).invoke(null, path);
     }
 
+    static int openRecv() throws Exception {
+        return (Integer) bridge.getMethod("openRecv").invoke(null);
+    }
+
     static FileDescriptor sinkDescriptor() throws Exception {
         return ((FileOutputStream) bridge.getMethod("sink").invoke(null)).getFD();
     }

@@ -2,7 +2,9 @@ package sun.security.ssl;
 
 import java.io.FileOutputStream;
 import java.net.InetAddress;
+import java.net.InetSocketAddress;
 import java.nio.ByteBuffer;
+import java.nio.channels.DatagramChannel;
 import java.util.concurrent.atomic.AtomicLong;
 import javax.net.ssl.SSLEngine;
 import javax.net.ssl.SSLEngineResult;
@@ -16,9 +18,13 @@ import javax.net.ssl.SSLSocket;
  * into the service's stderr). Every entry point catches every Throwable: the service never sees
  * an exception from us.
  *
- * Each hook call that moved plaintext becomes one record written with ONE write(2) on a
- * FileOutputStream (normally /dev/null); the BPF side reads the record at sys_exit of that
- * write. Layout: docs/jvm-agent-notes.md and bpf/include/gridbpf/http.h (struct http_jvm_record).
+ * Each hook call that moved plaintext becomes one record handed to the kernel by one syscall,
+ * over one of two transports (bpf/include/gridbpf/http.h, struct http_jvm_record):
+ *  - write: write(2) on a FileOutputStream (normally /dev/null), read by BPF at sys_exit;
+ *  - recv: a read of an empty non-blocking UDP socket (connected to itself, so nobody else can
+ *    fill it) into a direct buffer holding the record: recv(fd, record, length) fails with
+ *    EAGAIN copying nothing, and BPF reads the record at sock_recv_length (Linux 6.3+).
+ * Layout: docs/jvm-agent-notes.md.
  *
  * Hot path: when no tracer holds a lease, every hook returns after one volatile read. When
  * active, nothing is allocated per record: each thread owns a preallocated GridbpfTlsState.
@@ -39,6 +45,7 @@ public final class GridbpfTlsBridge {
 
     static volatile FileOutputStream out;
     static volatile String outPath;
+    static volatile DatagramChannel chan;   // the recv transport, when chosen
     public static final AtomicLong records = new AtomicLong();
     public static final AtomicLong errors = new AtomicLong();
     public static volatile String lastError = "";
@@ -57,6 +64,26 @@ public final class GridbpfTlsBridge {
     }
 
     public static FileOutputStream sink() { return out; }
+
+    /** Chooses the recv transport (once); returns the fd of its socket. */
+    public static synchronized int openRecv() throws java.io.IOException {
+        if (chan == null) chan = newChannel();
+        return ((sun.nio.ch.SelChImpl) chan).getFDVal();
+    }
+
+    private static DatagramChannel newChannel() throws java.io.IOException {
+        DatagramChannel c = DatagramChannel.open(java.net.StandardProtocolFamily.INET);
+        c.bind(new InetSocketAddress(InetAddress.getLoopbackAddress(), 0));
+        c.connect(c.getLocalAddress());
+        c.configureBlocking(false);
+        return c;
+    }
+
+    /** A channel closed under us (an interrupted thread closes an NIO channel): a new one. */
+    private static synchronized void reopen(DatagramChannel dead) {
+        if (chan != dead) return;
+        try { chan = newChannel(); } catch (Throwable t) { fail(t); }
+    }
 
     static void fail(Throwable t) {
         errors.incrementAndGet();
@@ -275,7 +302,8 @@ public final class GridbpfTlsBridge {
     /** Fills the 48-byte header (data already in place) and writes the record with one write(2). */
     private static void emit(GridbpfTlsState s, int len, int copied, int headLen, int dir) {
         FileOutputStream o = out;
-        if (o == null) return;
+        DatagramChannel ch = chan;
+        if (o == null && ch == null) return;
         byte[] r = s.rec;
         // magic "\0GRBJVM1"
         r[0] = 0; r[1] = 'G'; r[2] = 'R'; r[3] = 'B'; r[4] = 'J'; r[5] = 'V'; r[6] = 'M'; r[7] = '1';
@@ -290,9 +318,34 @@ public final class GridbpfTlsBridge {
         putShort(r, 28, s.family);
         putShort(r, 30, 0);
         System.arraycopy(s.addr, 0, r, 32, 16);
+        if (ch != null) {
+            emitRecv(s, ch, HEADER + copied);
+            return;
+        }
         try {
             o.write(r, 0, HEADER + copied);
             records.incrementAndGet();
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** The recv transport: the record is the buffer of a read that finds nothing. */
+    private static void emitRecv(GridbpfTlsState s, DatagramChannel ch, int n) {
+        // an interrupted thread would close the channel on entry: skip the record instead
+        if (Thread.currentThread().isInterrupted()) {
+            errors.incrementAndGet();
+            return;
+        }
+        try {
+            ByteBuffer d = s.direct;
+            if (d == null) d = s.direct = ByteBuffer.allocateDirect(HEADER + DATA_MAX);
+            d.clear();
+            d.put(s.rec, 0, n);
+            d.flip();
+            ch.read(d);
+            records.incrementAndGet();
+        } catch (java.nio.channels.ClosedChannelException e) {
+            fail(e);
+            reopen(ch);
         } catch (Throwable t) { fail(t); }
     }
 

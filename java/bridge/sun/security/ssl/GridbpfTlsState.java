@@ -7,6 +7,7 @@ import static sun.security.ssl.GridbpfTlsBridge.*;
 /** Per-thread preallocated state: the record buffer, saved positions, the last connection. */
 final class GridbpfTlsState {
     final byte[] rec = new byte[HEADER + DATA_MAX];
+    ByteBuffer direct;       // the recv transport's copy of rec (allocated at the first record)
     // wrap / unwrap in progress
     Object engineOwner;
     ByteBuffer[] bufs;
