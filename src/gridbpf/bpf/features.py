@@ -71,11 +71,10 @@ FEATURES = [
     Feature("tcp:tcp_retransmit_skb/tcp_send_reset/tcp_receive_reset", "tracepoint", "4.15",
             ("trace tcp",), ("tcp_retransmit_skb",)),
     Feature("sock:inet_sock_set_state", "tracepoint", "4.16", ("trace tcp",), ("inet_sock_set_state",)),
-    Feature("sock:sock_send_length/sock_recv_length", "tracepoint", "6.3", ("trace tcp", "trace http"),
+    Feature("sock:sock_send_length/sock_recv_length", "tracepoint", "6.3", ("trace tcp",),
             ("sock_send_length", "sock_recv_length"),
             without="trace tcp counts no bytes each way and learns a socket's owner only from its "
-                    "state changes; trace http hooks sys_exit instead (every syscall of every "
-                    "task pays, not only socket I/O)"),
+                    "state changes"),
 ]
 
 BY_NAME = {f.name: f for f in FEATURES}
