@@ -35,7 +35,11 @@ char LICENSE[] SEC("license") = "GPL";
 #define NR_recvfrom 45
 #define NR_sendmsg 46
 #define NR_recvmsg 47
+#define NR_splice 275
 #define NR_accept4 288
+
+#define EAGAIN 11
+#define SOCK_DGRAM 2
 
 /*
  * Set by userspace before load for automatic SciTags tagging: also send a record when a
@@ -450,7 +454,7 @@ static __always_inline void on_close(struct http_conn_key *key, struct http_conn
 		emit(c, HTTP_F_CLOSED);
 	else if (c->state == HTTP_CS_REQ)
 		emit(c, HTTP_F_CLOSED | HTTP_F_NO_RESPONSE);
-	if (emit_request_start) {
+	if (emit_request_start && !c->ignored) {
 		c->ev.kind = HTTP_EV_CONN_CLOSE;
 		c->ev.start_ns = bpf_ktime_get_ns();     /* the entry goes away: reuse it */
 		gb_ringbuf_output(events, &c->ev, sizeof(c->ev), BPF_RB_NO_WAKEUP);
@@ -481,14 +485,76 @@ static __always_inline void note_last_conn(__u32 tid, struct http_conn_key *key,
 
 static __always_inline void on_jvm_record(__u64 pid_tgid, __u64 buf, long n);
 
+/*
+ * A read or write of NR on a followed connection, after the hook found its entry: the part
+ * shared by the syscall hook and the socket hook. RET > 0 (bytes moved); ARG1/ARG2 are the
+ * syscall's second and third arguments (buffer or iovec, length).
+ */
+static __always_inline void on_io(struct http_conn_key *key, struct http_conn *c, __u64 pid_tgid,
+				  long nr, long ret, __u64 arg1, __u64 arg2, int peek)
+{
+	__u64 buf = 0, seglen = 0, now;
+	__u32 tid = pid_tgid;
+
+	if (c->tls) {
+		/* ciphertext: only note which socket an SSL call in flight on this thread uses */
+		struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
+		if (call)
+			call->fd = key->fd;
+		note_last_conn(tid, key, c);
+		return;
+	}
+	now = bpf_ktime_get_ns();
+	if (nr == NR_sendfile || nr == NR_splice) {
+		if (c->state == HTTP_CS_REQ) {
+			c->state = HTTP_CS_RESP;
+			c->ev.ttfb_ns = now;
+		}
+		if (c->state == HTTP_CS_RESP) {
+			c->ev.resp_bytes += ret;
+			c->ev.end_ns = now;
+		}
+		return;
+	}
+	/* MSG_PEEK (nginx peeks at the first byte to tell TLS from plain HTTP): read again later */
+	if (peek)
+		return;
+	if (first_segment(nr, arg1, arg2, &buf, &seglen))
+		return;
+	if (nr == NR_read || nr == NR_readv || nr == NR_recvfrom || nr == NR_recvmsg) {
+		if (!c->seen && looks_like_tls(buf)) {
+			c->tls = 1;
+			gb_count(&stats, HTTP_ST_TLS_CONNS);
+			c->ev.kind = HTTP_EV_TLS_CONN;
+			c->ev.start_ns = now;
+			c->ev.tid = tid;
+			gb_ringbuf_output(events, &c->ev, sizeof(c->ev), BPF_RB_NO_WAKEUP);
+			struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
+			if (call)
+				call->fd = key->fd;
+			note_last_conn(tid, key, c);
+			return;
+		}
+		c->seen = 1;
+		on_read(c, pid_tgid, buf, seglen, ret, now);
+	} else {
+		on_write(c, buf, seglen, ret, now, -1);
+	}
+}
+
+/*
+ * The syscall hook, for kernels without the socket tracepoints (before 6.3): sys_exit of every
+ * syscall of every task (the tracepoint puts them all on the slow path).
+ */
 SEC("tp_btf/sys_exit")
 int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 {
 	long nr = regs->orig_ax;
 	struct http_conn_key key;
 	struct http_conn *c;
-	__u64 pid_tgid, buf = 0, seglen = 0, now, arg0, arg1, arg2;
+	__u64 pid_tgid, arg0, arg1, arg2;
 	__u32 tgid;
+	int peek;
 
 	/* failed calls (EAGAIN reads of non-blocking servers) change nothing: no lookup at all */
 	if (!is_traced_nr(nr) || ret < 0)
@@ -524,53 +590,216 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 	}
 	if (ret == 0)
 		return 0;
-	if (c->tls) {
-		/* ciphertext: only note which socket an SSL call in flight on this thread uses */
-		__u32 tid = pid_tgid;
-		struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
-		if (call)
-			call->fd = key.fd;
-		note_last_conn(tid, &key, c);
-		return 0;
+	peek = (nr == NR_recvfrom && (regs->r10 & MSG_PEEK)) ||
+	       (nr == NR_recvmsg && (arg2 & MSG_PEEK));
+	on_io(&key, c, pid_tgid, nr, ret, arg1, arg2, peek);
+	return 0;
+}
+
+/* --- the socket hook (Linux 6.3+): sock_recv_length / sock_send_length ---------------------- */
+
+/*
+ * These fire in sock_recvmsg/sock_sendmsg only, so nothing but socket I/O pays for them (any
+ * syscall tracepoint puts every syscall of every task on the slow path). The syscall that got
+ * there, and its arguments, are in the task's user registers (bpf_task_pt_regs). There is no
+ * socket tracepoint at accept or close, so:
+ *  - an entry is made at a target's first I/O on a TCP socket: a read makes a followed
+ *    connection (an HTTP client speaks first: we are its server), a write an ignored one;
+ *  - the entry keeps its struct sock: I/O on the same fd with another sock means the connection
+ *    was closed unseen (it is finished then); a close(2) that ends the TCP connection is seen
+ *    at inet_sock_set_state, in the closing task (per connection, not per syscall).
+ */
+static __always_inline int is_sock_nr(long nr)
+{
+	switch (nr) {
+	case NR_read: case NR_write: case NR_readv: case NR_writev: case NR_sendfile:
+	case NR_sendto: case NR_recvfrom: case NR_sendmsg: case NR_recvmsg: case NR_splice:
+		return 1;
 	}
-	now = bpf_ktime_get_ns();
-	if (nr == NR_sendfile) {
-		if (c->state == HTTP_CS_REQ) {
-			c->state = HTTP_CS_RESP;
-			c->ev.ttfb_ns = now;
-		}
-		if (c->state == HTTP_CS_RESP) {
-			c->ev.resp_bytes += ret;
-			c->ev.end_ns = now;
-		}
-		return 0;
+	return 0;
+}
+
+/* A new entry for the socket SK behind KEY, in a target: followed unless it is an outbound one. */
+static __always_inline struct http_conn *sock_adopt(struct http_conn_key *key, struct sock *sk,
+						    int is_send)
+{
+	struct http_conn *c;
+	__u32 zero = 0;
+	__u16 family = sk->__sk_common.skc_family;
+
+	if ((family != AF_INET && family != AF_INET6) || sk->sk_protocol != IPPROTO_TCP)
+		return NULL;
+	if (!bpf_map_lookup_elem(&targets, &key->tgid))
+		return NULL;
+	c = bpf_map_lookup_elem(&zero_conn, &zero);
+	if (!c)
+		return NULL;
+	if (bpf_map_update_elem(&conns, key, c, BPF_ANY)) {
+		gb_count(&stats, HTTP_ST_CONN_FULL);
+		return NULL;
 	}
-	/* MSG_PEEK (nginx peeks at the first byte to tell TLS from plain HTTP): read again later */
-	if ((nr == NR_recvfrom && (regs->r10 & MSG_PEEK)) ||
-	    (nr == NR_recvmsg && (arg2 & MSG_PEEK)))
-		return 0;
-	if (first_segment(nr, arg1, arg2, &buf, &seglen))
-		return 0;
-	if (nr == NR_read || nr == NR_readv || nr == NR_recvfrom || nr == NR_recvmsg) {
-		if (!c->seen && looks_like_tls(buf)) {
-			c->tls = 1;
-			gb_count(&stats, HTTP_ST_TLS_CONNS);
-			c->ev.kind = HTTP_EV_TLS_CONN;
-			c->ev.start_ns = now;
-			c->ev.tid = pid_tgid;
-			gb_ringbuf_output(events, &c->ev, sizeof(c->ev), BPF_RB_NO_WAKEUP);
-			__u32 tid = pid_tgid;
-			struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
-			if (call)
-				call->fd = key.fd;
-			note_last_conn(tid, &key, c);
+	c = bpf_map_lookup_elem(&conns, key);
+	if (!c)
+		return NULL;
+	c->sk = (__u64)sk;
+	c->born_ns = bpf_ktime_get_ns();
+	c->ignored = is_send;
+	c->ev.pid = key->tgid;
+	c->ev.fd = key->fd;
+	c->ev.family = family;
+	c->ev.cport = bpf_ntohs(sk->__sk_common.skc_dport);
+	if (family == AF_INET)
+		bpf_probe_read_kernel(c->ev.caddr, 4, &sk->__sk_common.skc_daddr);
+	else
+		bpf_probe_read_kernel(c->ev.caddr, 16, &sk->__sk_common.skc_v6_daddr);
+	if (emit_request_start) {
+		c->ev.sport = sk->__sk_common.skc_num;    /* host order already */
+		if (family == AF_INET)
+			bpf_probe_read_kernel(c->ev.saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		else
+			bpf_probe_read_kernel(c->ev.saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+	}
+	return c;
+}
+
+/*
+ * The JVM agent's recv transport: a read of an empty UDP socket that fails with EAGAIN, the
+ * record in its buffer. Told by the record's magic in a target process (not by the fd: the
+ * agent may replace a channel that an interrupted thread closed).
+ */
+static __always_inline void sock_bridge_record(__u64 pid_tgid, long nr, __u64 buf, __u64 len)
+{
+	__u32 tgid = pid_tgid >> 32;
+	__u64 magic = 0;
+
+	if (nr != NR_recvfrom && nr != NR_read)
+		return;
+	if (!bpf_map_lookup_elem(&targets, &tgid))
+		return;
+	if (bpf_probe_read_user(&magic, sizeof(magic), (void *)buf) || magic != HTTP_JVM_MAGIC)
+		return;
+	on_jvm_record(pid_tgid, buf, len);
+}
+
+static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int is_send)
+{
+	struct task_struct *task;
+	struct pt_regs *regs;
+	struct http_conn_key key;
+	struct http_conn *c;
+	__u64 pid_tgid, arg1, arg2;
+	long nr;
+
+	if (ret < 0) {
+		/* failures change nothing, except the JVM bridge's EAGAIN reads of a UDP socket */
+		if (ret != -EAGAIN || is_send || sk->sk_type != SOCK_DGRAM)
 			return 0;
-		}
-		c->seen = 1;
-		on_read(c, pid_tgid, buf, seglen, ret, now);
-	} else {
-		on_write(c, buf, seglen, ret, now, -1);
 	}
+	task = bpf_get_current_task_btf();
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	nr = regs->orig_ax;
+	if (!is_sock_nr(nr))
+		return 0;       /* not a syscall we know the arguments of (io_uring, the kernel's own) */
+	pid_tgid = bpf_get_current_pid_tgid();
+	arg1 = regs->si;
+	arg2 = regs->dx;
+	if (ret < 0) {
+		sock_bridge_record(pid_tgid, nr, arg1, arg2);
+		return 0;
+	}
+	key.tgid = pid_tgid >> 32;
+	/* splice(fd_in, off_in, fd_out, ...): the socket is fd_out when it sends */
+	key.fd = nr == NR_splice ? (is_send ? (__u32)regs->dx : (__u32)-1) : regs->di;
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (c && c->sk != (__u64)sk) {
+		if (c->bridge)
+			return 0;
+		if (!c->sk) {
+			c->sk = (__u64)sk;        /* taken from /proc before we started: now known */
+		} else {
+			/* the fd names another socket: the connection we followed was closed unseen */
+			gb_count(&stats, HTTP_ST_REUSED_FD);
+			on_close(&key, c);
+			c = NULL;
+		}
+	}
+	if (!c) {
+		/* a read of 0 (peer closed) or a peek makes no connection */
+		if (!is_send && ret == 0)
+			return 0;
+		c = sock_adopt(&key, sk, is_send);
+		if (!c)
+			return 0;
+	}
+	if (c->ignored || ret == 0)
+		return 0;
+	on_io(&key, c, pid_tgid, nr, ret, arg1, arg2, !is_send && (flags & MSG_PEEK));
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(http_sock_recv, struct sock *sk, int ret, int flags)
+{
+	return on_sock_io(sk, ret, flags, 0);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(http_sock_send, struct sock *sk, int ret, int flags)
+{
+	return on_sock_io(sk, ret, flags, 1);
+}
+
+/*
+ * close(2) of a followed connection, in the closing task (the deferred fput runs before the
+ * return to user space, with the close's registers): its TCP state changes there
+ * (inet_sock_set_state), or, if a reset already closed it, the socket is destroyed there
+ * (tcp_destroy_sock). Both fire per connection, not per syscall; in any other task or in
+ * softirq the registers are not a close of ours and the sock does not match.
+ */
+static __always_inline void sock_closed(struct sock *sk)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	struct http_conn_key key;
+	struct http_conn *c;
+
+	if (regs->orig_ax != NR_close)
+		return;
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	key.fd = regs->di;
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (c && c->sk == (__u64)sk)
+		on_close(&key, c);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(http_sock_state, struct sock *sk, int oldstate, int newstate)
+{
+	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK || newstate == TCP_CLOSE ||
+	    newstate == TCP_FIN_WAIT2)
+		sock_closed(sk);
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(http_sock_destroy, struct sock *sk)
+{
+	sock_closed(sk);
+	return 0;
+}
+
+/*
+ * The JVM bridge alone on the socket tracepoint: beside the syscall hook on kernels that have
+ * it (the agent's transport follows the kernel, not the hook).
+ */
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(http_sock_bridge, struct sock *sk, int ret, int flags)
+{
+	struct pt_regs *regs;
+
+	if (ret != -EAGAIN || sk->sk_type != SOCK_DGRAM)
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	sock_bridge_record(bpf_get_current_pid_tgid(), regs->orig_ax, regs->si, regs->dx);
 	return 0;
 }
 

@@ -145,6 +145,9 @@ def test_doctor_reports_kernel_features_and_optional_hooks():
     assert feats["bpf_loop"]["present"] and feats["bpf_loop"]["since"] == "5.17"
     assert feats["BPF_MAP_TYPE_RINGBUF"]["present"]
     assert feats["sock:sock_send_length/sock_recv_length"]["present"] == F.has_tracepoint("sock_send_length")
+    # request tracing: the socket hook where the kernel has it (6.3+), else the syscall fallback
+    assert r["http_hook"]["hook"] == ("sock" if F.has_tracepoint("sock_recv_length") else "syscall")
+    assert r["http_hook"]["reason"]
     for hook in OPTIONAL_HOOKS:      # reported truthfully, marked as not needed
         assert r["attach"][hook]["needed"] is False
     assert all(r["attach"][k]["needed"] for k in ("xdp", "tc", "tp_btf", "uprobe"))

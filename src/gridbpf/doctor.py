@@ -161,8 +161,20 @@ def _conclude(out: dict) -> dict:
             "needs": kinds, "objects_missing": sorted(set(OBJECTS[cap]) - have),
             "missing": lacking,
             "notes": [_note(f["feature"]) for f in mine if not f["present"] and f["fallback"]]}
+    out["http_hook"] = http_hook()
     out["missing"] = missing(out)
     return out
+
+
+def http_hook() -> dict:
+    """Which hook request tracing (trace http, the agent) uses here, and why."""
+    from .trace.http.tracer import choose_hook, sock_tracepoints
+    try:
+        hook, why = choose_hook()
+    except ValueError as e:          # GRIDBPF_HTTP_HOOK names something unusable here
+        return {"hook": None, "reason": str(e), "jvm_transport": None}
+    return {"hook": hook, "reason": why,
+            "jvm_transport": "recv" if sock_tracepoints() else "write"}
 
 
 def _note(feature: str) -> str | None:
@@ -244,6 +256,9 @@ def run(args) -> int:
         t.add_row(k, "[green]yes[/]" if v["ready"] else "[red]no[/]",
                   ", ".join(v["needs"] + [f"MISSING {m}" for m in v["missing"]]))
     con.print(t)
+    h = r["http_hook"]
+    con.print(f"http tracing hook: {h['hook'] or 'NONE'} ({h['reason']}); JVM agent records by "
+              f"{h['jvm_transport'] or '?'}", highlight=False)
     for v in r["capabilities"].values():
         for n in v["notes"]:
             if n:

@@ -47,6 +47,7 @@ enum http_stat {
 	HTTP_ST_JVM_RECORDS,     /* plaintext records from the JVM agent */
 	HTTP_ST_JVM_BAD,         /* writes on the agent's bridge fd that are no record */
 	HTTP_ST_JVM_UNLINKED,    /* JVM records whose connection could not be found: not traced */
+	HTTP_ST_REUSED_FD,       /* socket hook: a followed fd named a new socket (close unseen) */
 	HTTP_ST_MAX,
 };
 
@@ -94,15 +95,31 @@ struct http_conn {
 	__u8 h2;                 /* HTTP/2 preface seen: nothing more is parsed */
 	__u8 bridge;             /* not a connection: the JVM agent's record fd (set by userspace) */
 	__u8 client;             /* a JVM's outbound connection: requests are sent, not received */
-	__u8 _pad[2];
-	__u64 born_ns;           /* accept time: tells a reused fd number from the connection */
+	__u8 ignored;            /* socket hook: a socket of a target we do not follow (it spoke
+				    first: an outbound connection); kept so its I/O costs one lookup */
+	__u8 _pad;
+	/*
+	 * Accept time (syscall hook) or first I/O (socket hook): tells a reused fd number from the
+	 * connection (the JVM binds check it).
+	 */
+	__u64 born_ns;
+	/*
+	 * Socket hook: the struct sock the entry follows (0: not known yet, e.g. taken from /proc).
+	 * I/O on the same fd with another sock means the connection was closed unseen.
+	 */
+	__u64 sk;
 };
 
 /*
  * JVM TLS bridge. The Java agent (java/) hooks the JDK's SSLEngine wrap/unwrap and SSLSocket
- * streams and writes one record per call to /dev/null with write(2); the sys_exit hook finds
- * the (pid, fd) pair in `conns` as a bridge entry and feeds the record's plaintext to the
- * request state machine of the connection it belongs to. No kprobe, no native code.
+ * streams and hands one record per call to the kernel on its bridge fd, which userspace enters
+ * in `conns` as a bridge entry; the record's plaintext is fed to the request state machine of
+ * the connection it belongs to. No kprobe, no native code. Two transports, the same record:
+ *  - write: write(2) of the record to /dev/null, seen by the syscall hook (sys_exit) only;
+ *  - recv: a recvfrom(2)/read(2) on an empty non-blocking UDP socket with the record in the
+ *    buffer (arg 1) and its length as the size (arg 2): it fails with EAGAIN copying nothing,
+ *    and sock_recv_length (Linux 6.3+) sees it. Used wherever the kernel has that tracepoint,
+ *    whichever hook the connections use.
  */
 #define HTTP_JVM_MAGIC 0x314d564a42524700ULL   /* bytes "\0GRBJVM1" */
 #define HTTP_JVM_DATA_CAP 256

@@ -25,10 +25,44 @@ CS_RESP = 2              # enum http_conn_state
 IDLE_REPORT_S = 5.0      # report a finished-looking request of an idle keep-alive connection
 STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connections",
               "stale_connections", "writes_without_request", "targets_full", "requests_completed",
-              "stray_reads", "h2_connections", "jvm_records", "jvm_bad_records", "jvm_unlinked"]
+              "stray_reads", "h2_connections", "jvm_records", "jvm_bad_records", "jvm_unlinked",
+              "reused_fds"]
 SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
              ("SSL_read_ex", "http_ssl_read_ex"), ("SSL_write_ex", "http_ssl_write_ex")]
 DRAIN_MS = 50      # how often the ring is drained (records are sent without wakeups)
+HOOK_ENV = "GRIDBPF_HTTP_HOOK"        # auto (default), sock or syscall: what HttpTracer uses
+HOOKS = ("auto", "sock", "syscall")
+# the programs of each hook (besides fork/exec/exit, shared by all)
+HOOK_PROGRAMS = {"sock": ("http_sock_recv", "http_sock_send", "http_sock_state",
+                          "http_sock_destroy"),
+                 "syscall": ("http_sys_exit",), "floor": ("http_floor_sys_exit",)}
+
+
+def sock_tracepoints() -> bool:
+    """Whether this kernel has sock:sock_recv_length/sock_send_length (Linux 6.3+, from BTF;
+    GRIDBPF_HIDE_FEATURES=sock_recv_length hides them)."""
+    from ...bpf import features
+    return features.has_tracepoint("sock_recv_length") and features.has_tracepoint("sock_send_length")
+
+
+def choose_hook(requested: str | None = None) -> tuple[str, str]:
+    """(hook, why): "sock" (socket tracepoints: only socket I/O pays) where the kernel has them,
+    else "syscall" (sys_exit: every syscall of every task pays). REQUESTED (or $GRIDBPF_HTTP_HOOK)
+    may force one; forcing "sock" on a kernel without the tracepoints is an error."""
+    want = requested or os.environ.get(HOOK_ENV) or "auto"
+    if want not in HOOKS:
+        raise ValueError(f"unknown HTTP tracing hook {want!r} (one of {', '.join(HOOKS)})")
+    have = sock_tracepoints()
+    if want == "syscall":
+        return "syscall", ("forced (" + (f"{HOOK_ENV}=syscall" if not requested else "hook=syscall")
+                           + "): sys_exit of every syscall, the fallback")
+    if not have:
+        if want == "sock":
+            raise ValueError(f"kernel {os.uname().release} lacks the tracepoints "
+                             "sock:sock_recv_length/sock_send_length (Linux 6.3+): hook sock unavailable")
+        return "syscall", ("kernel lacks sock:sock_recv_length/sock_send_length (Linux 6.3+): "
+                           "sys_exit of every syscall, every task pays")
+    return "sock", "sock:sock_recv_length/sock_send_length: only socket I/O pays"
 
 
 @dataclass
@@ -162,28 +196,35 @@ class HttpTracer:
     request_start: also report each request when its request line is read, and each
     connection close, with both endpoints (RequestStart / ConnClose from events() and follow()):
     what automatic SciTags tagging subscribes to. Off, the kernel does none of that work.
-    floor: load only the cost floor (same hook, pid filter only) -- for benchmarks."""
+    floor: load only the cost floor (the syscall hook, pid filter only) -- for benchmarks.
+    hook: "sock" (socket tracepoints, Linux 6.3+), "syscall" (sys_exit, the fallback) or "auto"
+    (default, or $GRIDBPF_HTTP_HOOK): sock where the kernel has it; see choose_hook."""
 
     def __init__(self, spec: TargetSpec, tls: bool = True, floor: bool = False,
                  idle_report_s: float = IDLE_REPORT_S, request_start: bool = False,
-                 java_agent: bool = True):
+                 java_agent: bool = True, hook: str | None = None):
         if not _can_trace():
             raise PermissionError("tracing needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
         spec.validate()
         self.spec, self.tls, self.floor = spec, tls, floor
+        self.hook, self.hook_reason = choose_hook(hook)
+        # the JVM agent's transport follows the kernel, not the hook: recv (seen by the socket
+        # tracepoint) wherever it exists, so agents loaded by tracers of either hook agree
+        self.jvm_transport = "recv" if sock_tracepoints() else "write"
         self.obj = BpfObject.open("http")
+        # the floor keeps the fork/exec/exit hooks too, so it filters the same processes
+        self._hook_progs = HOOK_PROGRAMS["floor" if floor else self.hook]
+        self.java_agent = java_agent and tls and not floor
+        if self.java_agent and self.hook == "syscall" and self.jvm_transport == "recv":
+            self._hook_progs += ("http_sock_bridge",)
         for name, prog in self.obj.programs.items():
-            # the floor keeps the fork/exec/exit hooks too, so it filters the same processes
-            keep = name != ("http_sys_exit" if floor else "http_floor_sys_exit")
-            if name.startswith("http_sockfloor"):
-                keep = False          # bench_http loads these itself (a second floor)
-            if (floor or not tls) and name.startswith("http_ssl"):
-                keep = False
+            keep = name in self._hook_progs or name in ("http_fork", "http_exec", "http_exit")
+            if not (floor or not tls) and name.startswith("http_ssl"):
+                keep = True
             prog.autoload = keep
         self.links = []
         self.ssl_libs: dict[str, list] = {}      # libssl path -> its uprobe links
         self.tls_opaque: dict[int, str] = {}     # pid -> why its TLS cannot be read
-        self.java_agent = java_agent and tls and not floor
         self.jvm_agents: dict[int, object] = {}  # pid -> its loaded agent (jvm_agent.JvmAgent)
         self.jvm_skipped: dict[int, str] = {}    # pid -> why no agent could be loaded
         self._lease = f"{os.getpid()}-{id(self):x}"
@@ -206,8 +247,7 @@ class HttpTracer:
             self.dtype = self.obj.btf.dtype("struct http_event")
             self._conn_dtype = self.obj.btf.dtype("struct http_conn")
             self.tgids = spec.install(self.obj)
-            for name in ("http_floor_sys_exit" if floor else "http_sys_exit",
-                         "http_fork", "http_exec", "http_exit"):
+            for name in self._hook_progs + ("http_fork", "http_exec", "http_exit"):
                 self.links.append(self.obj.program(name).attach_trace())
             self.ring = RingBuffer(self.obj, "events")
             # time base: the kernel stamps CLOCK_MONOTONIC
@@ -216,6 +256,10 @@ class HttpTracer:
         except Exception:
             self.close()
             raise
+
+    def hook_programs(self) -> list:
+        """The loaded programs of the chosen hook (their run time is the tracing cost)."""
+        return [self.obj.program(n) for n in self._hook_progs]
 
     # --- targets -------------------------------------------------------------------------------
 
@@ -303,7 +347,7 @@ class HttpTracer:
             elif pid not in self.jvm_skipped and _maps_libjvm(pid):
                 from . import jvm_agent
                 try:
-                    agent = jvm_agent.attach(pid, self._lease)
+                    agent = jvm_agent.attach(pid, self._lease, transport=self.jvm_transport)
                 except jvm_agent.JvmNotReady:
                     continue            # a JVM still starting: next refresh
                 except (jvm_agent.JvmAttachError, OSError) as exc:
@@ -313,10 +357,12 @@ class HttpTracer:
                     self.jvm_skipped[pid] = why
                     self.warnings.append(f"{why}: its TLS requests are not traced")
                     continue
-                # the agent's /dev/null fd becomes a bridge entry of the connection table: the
-                # syscall hook's one lookup finds its records (no extra cost for other writes)
-                self.obj.map("conns")[{"tgid": pid, "fd": agent.bridge_fd}] = {
-                    "ev": {"pid": pid, "fd": agent.bridge_fd}, "bridge": 1}
+                if agent.transport == "write":
+                    # the agent's /dev/null fd becomes a bridge entry of the connection table:
+                    # the syscall hook's one lookup finds its records (no extra cost for other
+                    # writes). The recv transport needs no entry: the record's magic tells it.
+                    self.obj.map("conns")[{"tgid": pid, "fd": agent.bridge_fd}] = {
+                        "ev": {"pid": pid, "fd": agent.bridge_fd}, "bridge": 1}
                 self.jvm_agents[pid] = agent
 
     def _sweep(self, live: set[int]) -> None:
