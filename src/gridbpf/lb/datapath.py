@@ -13,6 +13,7 @@ import ipaddress
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,14 @@ class ConntrackPolicy:
     udp_idle_timeout: float = 60.0      # same for UDP
     new_entry_limit: int = 20000        # new entries per CPU per second; 0: no limit
     on_syn: bool = False                # record a flow at its SYN (a SYN flood then churns it)
+
+
+CLOCK_MONOTONIC_COARSE = 6     # <linux/time.h>; Python's time module does not name it
+
+
+def datapath_now_ns() -> int:
+    """The datapath's clock (bpf_ktime_get_coarse_ns), for the seen_ns of connection entries."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 class LbError(RuntimeError):
