@@ -8,7 +8,12 @@
    baseline, a bare MAC swap + XDP_TX, is measured through the same wrapper. The counters must
    show the intended path taken exactly `repeat` times. Two direct runs need no wrapper (their
    rewrite is idempotent): dsr-l2 hit and the bare MAC swap. "miss" runs are SYNs, each from a
-   new source address: every one a new flow inserted into a full connection table (evictions).
+   new source address: every one a new connection, placed by the Maglev table, recorded nowhere.
+0. The connection table's paths (conntrack()): hit, SYN with an empty and a full table, the
+   packet that records a proven flow (with room, into a full table), over the per-CPU budget,
+   and the old path (an entry per SYN, full table), with Katran's reference figures beside.
+4. A flood in the lab (flood()): spoofed SYNs or ACKs, 36x the table, a backend added during
+   it: the share of 40 idle connections that kept their backend, per connection-table setting.
 2. Maglev table build time, 65537 slots, 10/100/1000 backends.
 3. HTTP through the lab site: requests/s and p99 with wrk (keep-alive, 2 threads, 32
    connections) through the XDP balancer vs straight to one backend vs nftables DNAT
@@ -86,10 +91,13 @@ def datapath() -> dict:
                     if hit:   # place the flow first: every measured run is a table hit
                         dp.obj.program("xdp_lb").test_run(pkt)
                     before = dp.maps["lb_service_stats"].sum(sid)
+                    syns = dp.conn_events()["syn_untracked"]
                     ns = _run(dp, "xdp_lb_bench", pkt)
                     after = dp.maps["lb_service_stats"].sum(sid)
                     assert after["packets"] - before["packets"] == REPEAT
-                    assert after["new_flows"] - before["new_flows"] == (0 if hit else REPEAT), (name, hit)
+                    # a SYN is placed by the table and recorded nowhere: not a new entry
+                    assert after["new_flows"] - before["new_flows"] == 0, (name, hit)
+                    assert dp.conn_events()["syn_untracked"] - syns == (0 if hit else REPEAT), (name, hit)
                     add(f"{name}-{'hit' if hit else 'miss'}", ns)
                     add(f"restore-{name}-{'hit' if hit else 'miss'}", _run(dp, "xdp_restore_bench", pkt))
                     add(f"macswap-{name}-{'hit' if hit else 'miss'}", _run(dp, "xdp_macswap_bench", pkt))
@@ -123,6 +131,128 @@ def datapath() -> dict:
     finally:
         swap.close()
         dp.close()
+
+
+KATRAN_NS = {"hit": "203-255", "new_flow": "416-458"}   # Katran measured the same way on this kind of VM
+CT_ROUNDS = 5
+
+
+def _ct_datapath(name: str, **policy) -> tuple[Datapath, int]:
+    from gridbpf.lb.datapath import ConntrackPolicy
+    dp = Datapath.create(name, bench=True, policy=ConntrackPolicy(**policy))   # 262144 entries
+    dp.add_service("svc", "10.99.0.1", 80, "tcp", "dsr-l2")
+    for i in range(100):
+        dp.add_backend("svc", f"10.2.{i // 200}.{i % 200 + 10}", f"02:be:00:00:{i // 256:02x}:{i % 256:02x}",
+                       rebuild=False)
+    dp.rebuild("svc")
+    return dp, dp.service("svc").id
+
+
+def _ct_run(dp, pkt: bytes, vary: bool, repeat: int, counter: int = 0) -> tuple[float, float, dict]:
+    """ns per run of xdp_lb_bench and of xdp_restore_bench, and the connection-table events."""
+    dp.obj.map("lb_bench")[0] = {"len": len(pkt), "vary_off": 14 + 12 if vary else 0, "counter": counter,
+                                 "data": list(pkt.ljust(128, b"\0"))}
+    before = dp.conn_events()
+    r = dp.obj.program("xdp_lb_bench").test_run(pkt, repeat=repeat)
+    assert r.retval == 3
+    ev = {k: v - before[k] for k, v in dp.conn_events().items()}
+    w = dp.obj.program("xdp_restore_bench").test_run(pkt, repeat=repeat)
+    return r.duration_ns, w.duration_ns, ev
+
+
+def conntrack() -> dict:
+    """The connection-table paths, dsr-l2 IPv4, 100 backends, 262144 entries, pinned to CPU 0
+    (test runs insert into that CPU's LRU list): a hit; a SYN (placed by the Maglev table,
+    recorded nowhere) with an empty and with a full table; the packet that records a proven
+    flow (the handshake's ACK, a miss) with room and into a full table (evicting); the same
+    over the per-CPU budget (placed by hash alone); and the old path, an entry per SYN, into a
+    full table. Wrapper's restore subtracted; medians of interleaved rounds."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    syn, ack = _template(False, "10.99.0.1", "S"), _template(False, "10.99.0.1", "A")
+    dps = {"flood_safe": _ct_datapath("ct-safe", new_entry_limit=0),
+           "budget": _ct_datapath("ct-budget", new_entry_limit=1),
+           "on_syn": _ct_datapath("ct-onsyn", new_entry_limit=0, on_syn=True)}
+    out: dict = {"repeat": REPEAT, "rounds": CT_ROUNDS, "entries": 262144, "katran_ns": KATRAN_NS, "ns_per_packet": {}}
+    try:
+        safe, _ = dps["flood_safe"]
+        # empty table: SYNs, then 100,000 recorded flows (the CPU's list holds 131072: room)
+        ns, w, ev = _ct_run(safe, syn, True, REPEAT)
+        assert ev["syn_untracked"] == REPEAT and ev["inserted"] == 0
+        out["ns_per_packet"]["syn_new_flow_empty_table"] = round((ns - w), 1)
+        ns, w, ev = _ct_run(safe, ack, True, 100_000, counter=1 << 24)
+        assert ev["inserted"] == 100_000
+        out["ns_per_packet"]["record_flow_with_room"] = round((ns - w), 1)
+        # fill every table (SYNs for the old path) far past the CPU's share
+        for name, (dp, _) in dps.items():
+            _ct_run(dp, syn if name == "on_syn" else ack, True, 400_000, counter=2 << 24)
+        rounds: dict[str, list[float]] = {}
+        cases = [("hit", "flood_safe", ack, False), ("syn_new_flow_full_table", "flood_safe", syn, True),
+                 ("record_flow_full_table", "flood_safe", ack, True),
+                 ("over_budget_hash_only", "budget", ack, True),
+                 ("old_path_syn_recorded_full_table", "on_syn", syn, True)]
+        for r in range(CT_ROUNDS):
+            for key, name, pkt, vary in cases:
+                dp, _ = dps[name]
+                if key == "hit":
+                    dp.obj.program("xdp_lb").test_run(pkt)        # recorded: every run a hit
+                ns, w, ev = _ct_run(dp, pkt, vary, REPEAT, counter=(3 + r) << 24)
+                want = {"hit": {"inserted": 0}, "syn_new_flow_full_table": {"syn_untracked": REPEAT},
+                        "record_flow_full_table": {"inserted": REPEAT},
+                        "over_budget_hash_only": {"over_limit": REPEAT},
+                        "old_path_syn_recorded_full_table": {"inserted": REPEAT}}[key]
+                for k, v in want.items():      # the intended path, every run (budget: one a second)
+                    assert abs(ev[k] - v) <= 5, (key, ev)
+                rounds.setdefault(key, []).append(ns - w)
+        for key, v in rounds.items():
+            out["ns_per_packet"][key] = round(statistics.median(v), 1)
+        n = out["ns_per_packet"]
+        out["ratio_old_path_vs_syn_new_flow"] = round(n["old_path_syn_recorded_full_table"] / n["syn_new_flow_full_table"], 2)
+        return out
+    finally:
+        os.sched_setaffinity(0, affinity)
+        for dp, _ in dps.values():
+            dp.close()
+
+
+FLOOD_COUNT = 300_000      # spoofed packets, 36x the lab's 8192-entry table
+FLOOD_ROUNDS = 2
+
+
+def flood() -> dict:
+    """The lab: one balancer node (conntrack_size 8192), 40 idle keep-alive connections whose
+    Maglev slots the added backend takes over, a spoofed flood of 300,000 SYNs (or bare ACKs)
+    from the client's namespace, srv4 added 0.5 s into it. Share of the connections that kept
+    their backend, per setting; rounds alternate the settings."""
+    from gridbpf.lab import Lab
+    from gridbpf.lb.site import build_site, flood_with_backend_change
+    settings = {"syn_flood_default": ({"conntrack_on_syn": False, "new_entry_limit": 20000}, False),
+                "syn_flood_old_path": ({"conntrack_on_syn": True, "new_entry_limit": 0}, False),
+                "ack_flood_budget_20000": ({"conntrack_on_syn": False, "new_entry_limit": 20000}, True),
+                "ack_flood_no_budget": ({"conntrack_on_syn": False, "new_entry_limit": 0}, True)}
+    res: dict[str, list[dict]] = {k: [] for k in settings}
+    health = {"check": "http", "path": "/whoami", "interval": 0.5, "timeout": 1.5, "fall": 3, "rise": 2}
+    with Lab("lbbflood") as lab:
+        site = build_site(lab, backends=4, nodes=1, bgp=False)
+        node = site.nodes[0]
+        try:
+            for _ in range(FLOOD_ROUNDS):
+                for name, (bal, ack) in settings.items():
+                    site.write_configs(health=health, n_backends=3, balancer={"conntrack_size": 8192, **bal})
+                    site.start_balancer(node)
+                    try:
+                        time.sleep(1.5)
+                        res[name].append(flood_with_backend_change(site, node, FLOOD_COUNT, legit=40, ack=ack))
+                    finally:
+                        site.stop_balancer(node)
+        finally:
+            site.close()
+    out = {"flood_packets": FLOOD_COUNT, "table_entries": 8192, "legit_flows": 40, "rounds": FLOOD_ROUNDS}
+    for name, rs in res.items():
+        out[name] = {"kept_share": [r["kept_share"] for r in rs], "flood_pps": [r["flood"]["pps"] for r in rs],
+                     "added_during_flood": all(r["added_during_flood"] for r in rs),
+                     "conntrack_events": rs[-1]["conntrack_events"]}
+    return out
 
 
 def table_build() -> dict:
@@ -228,7 +358,11 @@ def http() -> dict:
 
 
 def run() -> dict:
-    out = {"datapath": datapath(), "maglev_build": table_build()}
+    out = {"conntrack": conntrack(), "datapath": datapath(), "maglev_build": table_build()}
+    try:
+        out["flood"] = flood()
+    except Exception as e:       # needs the lab; report, keep the rest
+        out["flood"] = {"error": f"{type(e).__name__}: {e}"}
     try:
         out["http"] = http()
     except Exception as e:       # the HTTP part needs the lab; report, keep the rest

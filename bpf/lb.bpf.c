@@ -8,6 +8,13 @@
  * and ICMPv6 "packet too big" about a flow follow that flow. Everything else passes to the
  * kernel; packets to a VIP that cannot be placed safely (fragments, options, truncated) drop.
  * Every outcome is counted by reason in lb_reasons.
+ *
+ * The connection table matters only for flows that live through a change of the backend set:
+ * while the Maglev table is stable, placing by hash gives the same answer (on every node). So a
+ * SYN is placed by hash and recorded nowhere (a spoofed SYN never completes a handshake, so a
+ * SYN flood neither pays for nor flushes table entries); the flow is recorded at its first
+ * packet past the SYN, within a per-CPU budget of new entries per second. Entries idle past
+ * their protocol's timeout count as absent, checked at lookup (no timer walk).
  */
 #include "gridbpf/common.h"
 #include "gridbpf/packet.h"
@@ -19,9 +26,16 @@ char LICENSE[] SEC("license") = "GPL";
 enum lb_reason gb_export_lb_reason __attribute__((unused));
 enum lb_mode gb_export_lb_mode __attribute__((unused));
 enum lb_backend_state gb_export_lb_backend_state __attribute__((unused));
+enum lb_conn_event gb_export_lb_conn_event __attribute__((unused));
 
 /* Slots per Maglev table (a prime); set by the control plane before load. */
 const volatile __u32 ring_size = 65537;
+
+/* Connection-table policy, set by the control plane before load (lb.toml [balancer]). */
+const volatile __u64 tcp_idle_ns = 900ull * 1000000000;
+const volatile __u64 udp_idle_ns = 60ull * 1000000000;
+const volatile __u32 new_entry_limit = 20000;   /* new entries per CPU per second; 0: no limit */
+const volatile __u32 conntrack_on_syn = 0;      /* 1: record flows at their SYN (flood-prone) */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -84,6 +98,20 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } lb_reasons SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_CT_EVENT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} lb_conn_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_budget);
+} lb_entry_budget SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -317,6 +345,27 @@ static __always_inline __u32 flow_hash(const struct lb_flow *f, __u32 svc_flags)
 	return gb_mm3_final(h, 40);
 }
 
+/* One more new entry within this CPU's budget of the current second? */
+static __always_inline int take_entry_budget(__u64 now)
+{
+	__u32 zero = 0;
+	struct lb_budget *b;
+
+	if (!new_entry_limit)
+		return 1;
+	b = bpf_map_lookup_elem(&lb_entry_budget, &zero);
+	if (!b)
+		return 1;
+	if (now - b->window_ns >= 1000000000ull) {
+		b->window_ns = now;
+		b->used = 0;
+	}
+	if (b->used >= new_entry_limit)
+		return 0;
+	b->used++;
+	return 1;
+}
+
 static __always_inline void add_stats(void *map, __u32 id, __u64 bytes, __u64 new_flow)
 {
 	struct lb_stats *s = bpf_map_lookup_elem(map, &id);
@@ -421,6 +470,7 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	struct lb_conn *ct;
 	__u64 bytes = end - data;
 	__u32 id = 0, hash = 0, new_flow = 0;
+	__u64 now;
 	int r;
 
 	if ((void *)(eth + 1) > end)
@@ -451,15 +501,26 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	if (!svc)
 		return verdict(LB_PASS_NO_SERVICE, XDP_PASS);
 
-	/* A SYN opens a new connection: the table places it (and replaces any stale entry of an
-	 * earlier connection with the same 5-tuple), so no lookup. Everything else looks first. */
-	ct = p.syn ? NULL : bpf_map_lookup_elem(&lb_conntrack, &p.flow);
+	/* A SYN opens a new connection: the table places it, whatever an entry says (an entry
+	 * for the same 5-tuple is an earlier connection's). Everything else follows its entry
+	 * unless the entry is idle past its protocol's timeout. */
+	now = bpf_ktime_get_coarse_ns();
+	ct = bpf_map_lookup_elem(&lb_conntrack, &p.flow);
 	if (ct) {
-		id = ct->backend;
-		be = bpf_map_lookup_elem(&lb_backends, &id);
-		/* a removed (generation changed) or failed backend: place the flow again */
-		if (be && (be->gen != ct->gen || (be->flags & LB_BE_DOWN)))
-			be = NULL;
+		__u64 idle = p.flow.proto == IPPROTO_TCP ? tcp_idle_ns : udp_idle_ns;
+		__s64 age = now - ct->seen_ns;
+
+		if (age > (__s64)idle) {
+			gb_count(&lb_conn_events, LB_CT_EXPIRED);
+		} else if (!p.syn) {
+			id = ct->backend;
+			be = bpf_map_lookup_elem(&lb_backends, &id);
+			/* a removed (generation changed) or failed backend: place the flow again */
+			if (be && (be->gen != ct->gen || (be->flags & LB_BE_DOWN)))
+				be = NULL;
+			else if (be && age > (__s64)LB_SEEN_REFRESH_NS && !p.icmp)
+				ct->seen_ns = now;
+		}
 	}
 	if (!be) {
 		__u32 idx;
@@ -474,11 +535,26 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 		be = bpf_map_lookup_elem(&lb_backends, &id);
 		if (!be || (be->flags & LB_BE_DOWN))
 			return verdict(LB_DROP_NO_BACKEND, XDP_DROP);
-		if (!p.icmp) {
-			struct lb_conn c = { .backend = id, .gen = be->gen };
-
-			bpf_map_update_elem(&lb_conntrack, &p.flow, &c, BPF_ANY);
+		if (p.icmp) {
+			/* errors never create or change entries */
+		} else if (ct) {
+			/* a stale entry of this 5-tuple: rewritten in place, no insertion */
+			ct->backend = id;
+			ct->gen = be->gen;
+			ct->seen_ns = now;
 			new_flow = 1;
+		} else if (p.syn && !conntrack_on_syn) {
+			gb_count(&lb_conn_events, LB_CT_SYN_UNTRACKED);
+		} else {
+			new_flow = 1;
+			if (take_entry_budget(now)) {
+				struct lb_conn c = { .backend = id, .gen = be->gen, .seen_ns = now };
+
+				bpf_map_update_elem(&lb_conntrack, &p.flow, &c, BPF_ANY);
+				gb_count(&lb_conn_events, LB_CT_INSERTED);
+			} else {
+				gb_count(&lb_conn_events, LB_CT_OVER_LIMIT);
+			}
 		}
 	}
 	add_stats(&lb_service_stats, svc->id, bytes, new_flow);

@@ -11,7 +11,7 @@ from scapy.all import (ICMP, IP, TCP, UDP, Ether, ICMPv6PacketTooBig, IPOption_R
 
 from gridbpf.bpf import BpfObject
 from gridbpf.lb import maglev
-from gridbpf.lb.datapath import Datapath, addr_words, htons
+from gridbpf.lb.datapath import Datapath, addr_words, datapath_now_ns, htons
 
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 LB_MAC, CLIENT_MAC = "02:1b:00:00:00:01", "02:c1:00:00:00:01"
@@ -114,6 +114,7 @@ def test_dsr_rewrites_only_the_destination_mac(dp, svc):
     raw = bytes(pkt)
     sid = dp.service(svc).id
     before = dp.maps["lb_service_stats"].sum(sid)
+    ev = dp.conn_events()
     res = run(dp, pkt)
     assert res.retval == XDP_TX
     addr, mac, _ = expected(dp, svc, client, 41000)
@@ -128,12 +129,25 @@ def test_dsr_rewrites_only_the_destination_mac(dp, svc):
     else:
         assert ip.ttl == 57 and ip.src == client and ip.dst == vip
         assert ip.chksum == IP(bytes(IP(raw[14:]))).chksum
-    # connection table and stats
-    ct = dp.maps["lb_conntrack"].get(ct_key(client, vip, 41000, port, 6 if proto == "tcp" else 17))
+    # connection table and stats: a SYN is placed by the table and recorded nowhere (a SYN
+    # flood must not fill the table); the flow is recorded at its first packet past the SYN
+    key = ct_key(client, vip, 41000, port, 6 if proto == "tcp" else 17)
+    if proto == "tcp":
+        assert dp.maps["lb_conntrack"].get(key) is None
+        assert dp.conn_events()["syn_untracked"] == ev["syn_untracked"] + 1
+        mid = dp.maps["lb_service_stats"].sum(sid)
+        assert mid["packets"] == before["packets"] + 1 and mid["new_flows"] == before["new_flows"]
+        first = packet(svc, sport=41000, flags="A")
+        assert Ether(run(dp, first).data).dst == mac
+        raw_len = len(raw) + len(bytes(first))
+    else:
+        raw_len = len(raw)
+    ct = dp.maps["lb_conntrack"].get(key)
     assert ct is not None and ct.backend == dp.service(svc).backends[addr].id
+    assert dp.conn_events()["inserted"] == ev["inserted"] + 1
     after = dp.maps["lb_service_stats"].sum(sid)
-    assert after["packets"] == before["packets"] + 1
-    assert after["bytes"] == before["bytes"] + len(raw)
+    assert after["packets"] == before["packets"] + (2 if proto == "tcp" else 1)
+    assert after["bytes"] == before["bytes"] + raw_len
     assert after["new_flows"] == before["new_flows"] + 1
     # the next packet of the flow: a hit, not a new flow
     ack = packet(svc, sport=41000, flags="A")
@@ -142,9 +156,9 @@ def test_dsr_rewrites_only_the_destination_mac(dp, svc):
     assert dp.maps["lb_service_stats"].sum(sid)["new_flows"] == after["new_flows"]
     if proto == "tcp":
         # a SYN starts a new connection: the table places it, whatever a stale entry said
+        # (rewritten in place)
         other = next(b for a, b in dp.service(svc).backends.items() if a != addr)
-        key = ct_key(client, vip, 41000, port, 6)
-        dp.maps["lb_conntrack"][key] = {"backend": other.id, "gen": other.gen}
+        dp.maps["lb_conntrack"][key] = {"backend": other.id, "gen": other.gen, "seen_ns": datapath_now_ns()}
         assert Ether(run(dp, ack).data).dst == other.mac               # established: the entry
         assert Ether(run(dp, pkt).data).dst == mac                     # new connection: the table
         assert dp.maps["lb_conntrack"][key].backend == dp.service(svc).backends[addr].id
@@ -267,7 +281,8 @@ def test_icmp_errors_follow_their_flow(dp, svc):
     # the flow is pinned elsewhere in the connection table: the error follows the table
     want, _, _ = expected(dp, svc, client, sport)
     other = next(b for a, b in dp.service(svc).backends.items() if a != want)
-    dp.maps["lb_conntrack"][ct_key(client, vip, sport, port, 6)] = {"backend": other.id, "gen": other.gen}
+    dp.maps["lb_conntrack"][ct_key(client, vip, sport, port, 6)] = {"backend": other.id, "gen": other.gen,
+                                                                     "seen_ns": datapath_now_ns()}
     res = run(dp, err)
     assert res.retval == XDP_TX and Ether(res.data).dst == other.mac
 
@@ -317,6 +332,7 @@ def test_established_flows_keep_their_backend_when_the_table_changes(dp):
     first = {}
     for sp in sports:
         first[sp] = Ether(run(dp, packet(svc, sp)).data).dst
+        run(dp, packet(svc, sp, flags="A"))              # past the handshake: recorded
     macs = {b.mac: a for a, b in dp.service(svc).backends.items()}
     drained = macs[first[sports[0]]]
     try:

@@ -78,6 +78,27 @@ struct lb_flow {
 struct lb_conn {
 	__u32 backend;   /* backend id */
 	__u32 gen;       /* the backend's generation when the flow was placed */
+	__u64 seen_ns;   /* last packet (coarse clock), refreshed at most once per LB_SEEN_REFRESH_NS */
+};
+
+/* An entry idle for longer than its protocol's timeout counts as absent (checked at lookup: no
+ * timer walks the table). A hit rewrites seen_ns only when it is this old, so a busy flow costs
+ * one write per second, not one per packet. */
+#define LB_SEEN_REFRESH_NS 1000000000ull
+
+/* What happened to the connection table, per CPU (lb_conn_events). */
+enum lb_conn_event {
+	LB_CT_INSERTED = 0,       /* an entry recorded for a new flow */
+	LB_CT_SYN_UNTRACKED,      /* a SYN placed by the Maglev table alone, nothing recorded */
+	LB_CT_OVER_LIMIT,         /* a new flow placed by the table alone: over new_entry_limit */
+	LB_CT_EXPIRED,            /* an entry found idle past its timeout, placed again */
+	LB_CT_EVENT_MAX,
+};
+
+/* Per-CPU budget of new entries (lb_entry_budget[0]): at most new_entry_limit per second. */
+struct lb_budget {
+	__u64 window_ns;  /* start of the current one-second window */
+	__u64 used;       /* entries recorded in it */
 };
 
 struct lb_stats {

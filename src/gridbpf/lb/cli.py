@@ -49,6 +49,8 @@ def _status_text(st: dict) -> str:
             lines.append(f"    {b['address']:<24} w={b['weight']:<4} {state:<16} {b['packets']} packets, "
                          f"{b['bytes']} bytes, {b['new_flows']} flows")
     lines.append("  " + ", ".join(f"{k}={v}" for k, v in st["reasons"].items() if v))
+    ct = st.get("conntrack") or {}
+    lines.append("  connection table: " + ", ".join(f"{k}={v}" for k, v in ct.items()))
     bgp = st.get("bgp")
     if bgp:
         lines.append(f"  bgp: announcing {', '.join(bgp['announced']) or 'nothing'}"

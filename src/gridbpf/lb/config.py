@@ -6,7 +6,11 @@
     xdp_mode = "native"           # native | generic
     instance = "eth0"             # name of the pins under /sys/fs/bpf/gridbpf/lb/ (default: netns-interface)
     table_size = 65537            # Maglev slots per service, a prime
-    conntrack_size = 262144
+    conntrack_size = 262144       # connection-table entries (an LRU: the oldest go first)
+    tcp_idle_timeout = 900        # seconds: a TCP entry idle longer counts as absent
+    udp_idle_timeout = 60         # seconds, likewise for UDP (at most tcp_idle_timeout)
+    new_entry_limit = 20000       # new entries per CPU per second, then placement by hash alone; 0: no limit
+    conntrack_on_syn = false      # true: record flows at their SYN (a SYN flood then flushes the table)
     metrics = "127.0.0.1:9470"    # Prometheus /metrics; "" for none
 
     [encap]                       # ipip and gue services
@@ -61,7 +65,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from . import maglev
-from .datapath import MODES, PROTOCOLS, mac_bytes
+from .datapath import MODES, PROTOCOLS, ConntrackPolicy, mac_bytes
 
 
 class ConfigError(ValueError):
@@ -129,6 +133,7 @@ class Config:
     instance: str = ""
     table_size: int = maglev.DEFAULT_SIZE
     conntrack_size: int = 262144
+    conntrack: ConntrackPolicy = field(default_factory=ConntrackPolicy)
     metrics: str = "127.0.0.1:9470"
     source_v4: str = "172.16.0.0/16"
     source_v6: str = "fd00:ffff::/96"
@@ -241,7 +246,8 @@ def parse(text: str, path: str = "lb.toml") -> Config:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     c.table(data, "", {"balancer", "encap", "health", "service", "bgp"})
     b = c.table(data.get("balancer", {}), "balancer",
-                {"interface", "netns", "xdp_mode", "instance", "table_size", "conntrack_size", "metrics"})
+                {"interface", "netns", "xdp_mode", "instance", "table_size", "conntrack_size", "metrics",
+                 "tcp_idle_timeout", "udp_idle_timeout", "new_entry_limit", "conntrack_on_syn"})
     cfg = Config(interface=c.get(b, "interface", "balancer", str, required=True), path=path)
     cfg.netns = c.get(b, "netns", "balancer", str, None)
     cfg.xdp_mode = c.get(b, "xdp_mode", "balancer", str, cfg.xdp_mode, choices=("native", "generic"))
@@ -253,6 +259,17 @@ def parse(text: str, path: str = "lb.toml") -> Config:
     cfg.table_size = c.get(b, "table_size", "balancer", int, cfg.table_size,
                            check=lambda v: None if maglev.is_prime(v) and v < 2**24 else f"{v} is not a prime below 2^24")
     cfg.conntrack_size = c.get(b, "conntrack_size", "balancer", int, cfg.conntrack_size, check=_positive)
+    ct = cfg.conntrack
+    # at least 2 s: an entry's last-seen time is refreshed once per second
+    timeout = lambda v: None if 2 <= v <= 86400 * 7 else f"{v} out of 2..604800 seconds"  # noqa: E731
+    ct.tcp_idle_timeout = float(c.get(b, "tcp_idle_timeout", "balancer", (int, float), ct.tcp_idle_timeout, check=timeout))
+    ct.udp_idle_timeout = float(c.get(b, "udp_idle_timeout", "balancer", (int, float), ct.udp_idle_timeout, check=timeout))
+    if ct.udp_idle_timeout > ct.tcp_idle_timeout:
+        c.fail("balancer.udp_idle_timeout", f"{ct.udp_idle_timeout:g} s is longer than tcp_idle_timeout "
+               f"({ct.tcp_idle_timeout:g} s)")
+    ct.new_entry_limit = c.get(b, "new_entry_limit", "balancer", int, ct.new_entry_limit,
+                               check=lambda v: None if 0 <= v < 2**32 else f"{v} out of 0..4294967295")
+    ct.on_syn = c.get(b, "conntrack_on_syn", "balancer", bool, ct.on_syn)
     cfg.metrics = c.get(b, "metrics", "balancer", str, cfg.metrics,
                         check=lambda v: None if not v or v.rpartition(":")[2].isdigit() else "must be HOST:PORT or \"\"")
 

@@ -119,7 +119,7 @@ class Daemon:
             self.lock = None
             raise
         try:
-            self.dp = Datapath.create(cfg.instance, cfg.table_size, cfg.conntrack_size)
+            self.dp = Datapath.create(cfg.instance, cfg.table_size, cfg.conntrack_size, policy=cfg.conntrack)
             # a crashed predecessor may have left pins (the lock is free, so nobody uses them)
             self.dp.unpin()
             apply_config(self.dp, cfg, self.log)
@@ -200,9 +200,12 @@ class Daemon:
     def reload(self) -> None:
         try:
             cfg = _config.load(self.cfg_path)
-            if (cfg.interface, cfg.netns, cfg.instance, cfg.table_size, cfg.bgp) != \
-                    (self.cfg.interface, self.cfg.netns, self.cfg.instance, self.cfg.table_size, self.cfg.bgp):
-                raise LbError("interface, netns, instance, table_size and [bgp] change only with a restart")
+            if (cfg.interface, cfg.netns, cfg.instance, cfg.table_size, cfg.bgp, cfg.conntrack_size,
+                    cfg.conntrack) != (self.cfg.interface, self.cfg.netns, self.cfg.instance,
+                                       self.cfg.table_size, self.cfg.bgp, self.cfg.conntrack_size,
+                                       self.cfg.conntrack):
+                raise LbError("interface, netns, instance, table_size, the connection table's settings "
+                              "and [bgp] change only with a restart")
             with self.dp.locked():
                 apply_config(self.dp, cfg, self.log)
             self.cfg = cfg

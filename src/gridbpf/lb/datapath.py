@@ -13,6 +13,7 @@ import ipaddress
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,8 @@ from . import maglev
 PIN_DIR = "lb"                  # /sys/fs/bpf/gridbpf/lb/<instance>/<map>
 LOCK_DIR = "/run/gridbpf"
 MAPS = ("lb_services", "lb_vips", "lb_ring", "lb_backends", "lb_conntrack", "lb_service_stats",
-        "lb_backend_stats", "lb_reasons", "lb_encap", "lb_service_ctl", "lb_backend_ctl")
+        "lb_backend_stats", "lb_reasons", "lb_encap", "lb_service_ctl", "lb_backend_ctl",
+        "lb_conn_events")
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 MODES = {"dsr-l2": 0, "ipip": 1, "gue": 2}
@@ -31,6 +33,24 @@ MODE_NAMES = {v: k for k, v in MODES.items()}
 SVC_NO_SPORT = 1
 BE_DOWN = 1
 STATE_ACTIVE, STATE_DRAINING = 0, 1
+BENCH_PROGRAMS = ("xdp_lb_bench", "xdp_restore_bench", "xdp_macswap_bench")
+
+
+@dataclass
+class ConntrackPolicy:
+    """How the datapath keeps its connection table (lb.toml [balancer], docs/lb.md)."""
+    tcp_idle_timeout: float = 900.0     # seconds without a packet before a TCP entry is ignored
+    udp_idle_timeout: float = 60.0      # same for UDP
+    new_entry_limit: int = 20000        # new entries per CPU per second; 0: no limit
+    on_syn: bool = False                # record a flow at its SYN (a SYN flood then churns it)
+
+
+CLOCK_MONOTONIC_COARSE = 6     # <linux/time.h>; Python's time module does not name it
+
+
+def datapath_now_ns() -> int:
+    """The datapath's clock (bpf_ktime_get_coarse_ns), for the seen_ns of connection entries."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 class LbError(RuntimeError):
@@ -107,7 +127,8 @@ class Datapath:
 
     @classmethod
     def create(cls, instance: str, table_size: int = maglev.DEFAULT_SIZE,
-               conntrack_size: int | None = None, bench: bool = False) -> "Datapath":
+               conntrack_size: int | None = None, bench: bool = False,
+               policy: ConntrackPolicy | None = None) -> "Datapath":
         if not maglev.is_prime(table_size):
             raise LbError(f"table_size {table_size} is not prime")
         obj = BpfObject.open("lb")
@@ -116,7 +137,12 @@ class Datapath:
             if table_size > capacity:
                 raise LbError(f"table_size {table_size} is larger than the ring capacity {capacity}")
             obj.rodata["ring_size"] = table_size
-            for name in ("xdp_lb_bench", "xdp_restore_bench", "xdp_macswap_bench"):
+            policy = policy or ConntrackPolicy()
+            obj.rodata["tcp_idle_ns"] = int(policy.tcp_idle_timeout * 1e9)
+            obj.rodata["udp_idle_ns"] = int(policy.udp_idle_timeout * 1e9)
+            obj.rodata["new_entry_limit"] = policy.new_entry_limit
+            obj.rodata["conntrack_on_syn"] = int(policy.on_syn)
+            for name in BENCH_PROGRAMS:
                 obj.program(name).autoload = bench      # benchmark wrappers only
             if conntrack_size:
                 obj.map("lb_conntrack").max_entries = conntrack_size
@@ -400,10 +426,16 @@ class Datapath:
         m = self.maps["lb_reasons"]
         return {names[i][3:].lower(): m.sum(i) for i in range(m.max_entries)}
 
+    def conn_events(self) -> dict[str, int]:
+        """What happened to the connection table (enum lb_conn_event), summed over CPUs."""
+        names = dict((v, n) for n, v in self.obj.btf.find("enum lb_conn_event").members)
+        m = self.maps["lb_conn_events"]
+        return {names[i][6:].lower(): m.sum(i) for i in range(m.max_entries)}
+
     def status(self) -> dict:
         sstats, bstats = self.maps["lb_service_stats"], self.maps["lb_backend_stats"]
         out = {"instance": self.instance, "table_size": self.table_size, "services": [],
-               "reasons": self.reasons()}
+               "reasons": self.reasons(), "conntrack": self.conn_events()}
         for s in sorted(self.services().values(), key=lambda s: s.id):
             st = sstats.sum(s.id)
             out["services"].append({
@@ -431,4 +463,4 @@ def only_instance() -> str:
     raise LbError(f"several balancers are running ({', '.join(names)}): choose one with --instance")
 
 
-__all__ = ["Backend", "Datapath", "LbError", "Service", "instances"]
+__all__ = ["Backend", "ConntrackPolicy", "Datapath", "LbError", "Service", "instances"]

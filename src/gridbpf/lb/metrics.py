@@ -16,6 +16,11 @@ class _Collector:
         for r, n in st["reasons"].items():
             reasons.add_metric([r], n)
         yield reasons
+        events = CounterMetricFamily("gridbpf_lb_conntrack_events", "connection-table events (inserted, "
+                                     "syn_untracked, over_limit, expired)", labels=["event"])
+        for e, n in st["conntrack"].items():
+            events.add_metric([e], n)
+        yield events
         fams = {}
         for what in ("packets", "bytes", "new_flows"):
             fams[("svc", what)] = CounterMetricFamily(f"gridbpf_lb_service_{what}", f"{what} forwarded per service",

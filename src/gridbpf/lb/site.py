@@ -97,19 +97,22 @@ class Site:
 
     def config_text(self, node: Host, metrics_port: int, health: dict | None = None,
                     weights: list[int] | None = None, udp_port: int | None = None,
-                    bgp: dict | None = None, table_size: int | None = None, bfd: bool = True) -> str:
+                    bgp: dict | None = None, table_size: int | None = None, bfd: bool = True,
+                    balancer: dict | None = None, n_backends: int | None = None) -> str:
         """lb.toml of a node: the same services and backends everywhere, only the interface's
         namespace, the instance name and the metrics port differ. Services webdav4/webdav6
         (TCP 80), and with UDP_PORT also udp4/udp6 (no health checks: see start_udp_echo).
         On bgp sites a [bgp] table (keys in BGP override the lab's defaults: announce_delay
         1 s, BFD every 100 ms) with the router as IPv4 and IPv6 peer. TABLE_SIZE: Maglev slots
-        (nodes that disagree on it send a moved flow to another backend)."""
+        (nodes that disagree on it send a moved flow to another backend). BALANCER: more keys of
+        [balancer]. N_BACKENDS: only the first N backends are in the services."""
         h = {"check": "http", "interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 2, "path": "/whoami"}
         h.update(health or {})
         hl = "\n".join(f"{k} = {json.dumps(v)}" for k, v in h.items())
         out = [f'[balancer]\ninterface = "eth0"\nnetns = "{node.netns}"\nxdp_mode = "native"\n'
                f'instance = "{self.lab.name}-{node.name}"\nmetrics = "127.0.0.1:{metrics_port}"\n'
-               + (f"table_size = {table_size}\n" if table_size else ""),
+               + (f"table_size = {table_size}\n" if table_size else "")
+               + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (balancer or {}).items()),
                f"[health]\n{hl}\n"]
         if self.bird:
             b = {"local_as": NODE_AS, "router_id": self.node_addr(node), "announce_delay": 1.0,
@@ -127,7 +130,7 @@ class Site:
             fam = 6 if ":" in vip else 4
             out.append(f'[[service]]\nname = "{name}"\nvip = "{vip}"\nport = {port}\n'
                        f'protocol = "{proto}"\nmode = "{self.mode}"\n{extra}')
-            for i, b in enumerate(self.backends):
+            for i, b in enumerate(self.backends[:n_backends]):
                 w = weights[i] if weights else 1
                 out.append(f'[[service.backend]]\naddress = "{self.backend_addr(i, fam)}"\n'
                            f'mac = "{b.mac("eth0")}"\nweight = {w}\n')
@@ -428,9 +431,11 @@ class Uploads:
 
     CHUNK = 64 * 1024
 
-    def __init__(self, site: Site, n: int = 24, seconds: float = 6.0, chunks: int = 60, tag: str = "up"):
+    def __init__(self, site: Site, n: int = 24, seconds: float = 6.0, chunks: int = 60, tag: str = "up",
+                 sports: list[int] | None = None):
         import threading
         self.site, self.n, self.seconds, self.chunks, self.tag = site, n, seconds, chunks, tag
+        self.sports = sports          # per upload: the client's source port (None: any)
         self.results: dict[int, dict] = {}
         self._socks: dict[int, object] = {}
         self._mu = threading.Lock()
@@ -466,6 +471,9 @@ class Uploads:
         try:
             with self.site.client.enter():
                 s = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET, socket.SOCK_STREAM)
+            if self.sports:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("::" if ":" in vip else "0.0.0.0", self.sports[k]))
             s.settimeout(30)
             s.connect((vip, 80))
             res["sport"] = s.getsockname()[1]
@@ -606,3 +614,162 @@ def fail_during_uploads(site: Site, kind: str, uploads: int = 24, seconds: float
         up.wait()
         up.remove_files()
         site.heal_node(lb2, kind)
+
+
+# --- a SYN flood through a node while long flows run and a backend is added -----------------------
+
+def ports_moved_by_adding(site: Site, vip: str, n_before: int, n: int, first_port: int = 20000,
+                          table_size: int | None = None) -> list[int]:
+    """N client source ports (from the client's address to VIP port 80) whose backend changes
+    when backend N_BEFORE joins backends 0..N_BEFORE-1 (all weight 1): the flows that only
+    the connection table keeps where they are."""
+    import numpy as np
+
+    from . import maglev
+    size = table_size or maglev.DEFAULT_SIZE
+    fam = 6 if ":" in vip else 4
+    client = "fd00:1::2" if fam == 6 else "10.1.0.2"
+    addrs = [site.backend_addr(i, fam) for i in range(n_before + 1)]
+    sports = np.arange(first_port, min(first_port + 30000, 65536))
+    k = len(sports)
+    h = maglev.flow_hash(np.tile(np.frombuffer(maglev.addr16(client), np.uint8), (k, 1)),
+                         np.tile(np.frombuffer(maglev.addr16(vip), np.uint8), (k, 1)),
+                         sports, np.full(k, 80), np.full(k, 6))
+    before_names, before = maglev.build_table({a: 1 for a in addrs[:-1]}, size)
+    after_names, after = maglev.build_table({a: 1 for a in addrs}, size)
+    moved = np.array(before_names)[before[h % size]] != np.array(after_names)[after[h % size]]
+    return [int(p) for p in sports[moved][:n]]
+
+
+def keepalive(site: Site, vip: str, sport: int, timeout: float = 5):
+    """An HTTP keep-alive connection from the client's SPORT to VIP:80."""
+    import http.client
+    import socket
+    fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    with site.client.enter():
+        sock = socket.socket(fam, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", sport))
+    sock.settimeout(timeout)
+    sock.connect((vip, 80))
+    conn = http.client.HTTPConnection(vip, 80, timeout=timeout)
+    conn.sock = sock
+    return conn
+
+
+def whoami(conn) -> str:
+    """The backend that answers GET /whoami on CONN, or "error: ..." (reset, timeout)."""
+    try:
+        conn.request("GET", "/whoami")
+        r = conn.getresponse()
+        body = r.read().decode().strip()
+        return body if r.status == 200 else f"error: HTTP {r.status}"
+    except Exception as e:
+        return f"error: {type(e).__name__}"
+
+
+def syn_flood(site: Site, count: int, seconds: float = 20.0, vip: str | None = None,
+              ack: bool = False, cpu: int | None = None) -> list:
+    """Start one spoofed-SYN sender per CPU (or one on CPU) in the client's namespace, COUNT
+    SYNs in all, from the client's /24 (not its own or the router's address)
+    to VIP:80; returns the processes once they all send. Each prints its JSON summary."""
+    cpus = [cpu] if cpu is not None else list(range(os.cpu_count() or 1))
+    ncpu = len(cpus)
+    procs = []
+    for c in cpus:
+        procs.append(site.client.popen(
+            [sys.executable, "-m", "gridbpf.lb.flood", "--iface", "eth0", "--src-mac", site.client.mac("eth0"),
+             "--dst-mac", site.router.mac("eth0"), "--src-net", "10.1.0.0/24", "--avoid", "10.1.0.1",
+             "--avoid", "10.1.0.2", "--dst", vip or site.vip4, "--count", str(count // ncpu),
+             "--seconds", str(seconds), "--seed", str(c + 1), "--cpu", str(c)] + (["--ack"] if ack else []),
+            name=f"synflood{c}"))
+    deadline = time.monotonic() + 30
+    while not all("ready" in p.output() for p in procs):
+        if any(not p.alive() and "ready" not in p.output() for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.stop()
+            raise RuntimeError(f"SYN flood did not start: {[p.output()[-300:] for p in procs]}")
+        time.sleep(0.02)
+    return procs
+
+
+def flood_summary(procs, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while p.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.stop()
+    sums = []
+    for p in procs:
+        try:
+            sums.append(json.loads(p.output().strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            raise RuntimeError(f"SYN flood sender failed: {p.output()[-500:]}") from None
+    sent = sum(s["sent"] for s in sums)
+    start, end = min(s["start"] for s in sums), max(s["end"] for s in sums)
+    secs = round(end - start, 3)
+    return {"sent": sent, "seconds": secs, "pps": round(sent / secs) if secs else 0, "start": start, "end": end}
+
+
+def flood_with_backend_change(site: Site, node: Host, flood_count: int, legit: int = 40,
+                              upload_seconds: float = 0.0, n_before: int = 3, ack: bool = False,
+                              cpu: int = 0) -> dict:
+    """LEGIT keep-alive connections (and with UPLOAD_SECONDS one paced upload) whose Maglev
+    slot moves to backend N_BEFORE when it is added; a spoofed SYN flood of FLOOD_COUNT
+    through NODE; the backend added by `gridbpf lb backend add` 0.5 s into the flood. Then each
+    connection asks again who it talks to. Returns the share of connections that kept their
+    backend, the upload's outcome, the flood's rate and NODE's connection-table events.
+
+    Everything that sends (the flood, the connections, the upload) runs on CPU: the lab's veth
+    has one RX queue, so the XDP program runs on whichever CPU sends into it, and the per-CPU
+    LRU lists of the connection table (BPF_F_NO_COMMON_LRU) would otherwise keep the flood
+    and the legitimate flows apart. A real flood reaches every RX queue (RSS), so every CPU's list."""
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})        # this thread and the threads it starts
+    try:
+        return _flood_with_backend_change(site, node, flood_count, legit, upload_seconds, n_before, ack, cpu)
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+def _flood_with_backend_change(site, node, flood_count, legit, upload_seconds, n_before, ack, cpu):
+    vip = site.vip4
+    ports = ports_moved_by_adding(site, vip, n_before, legit + 1)
+    conns = [keepalive(site, vip, p) for p in ports[1:]]
+    first = [whoami(c) for c in conns]
+    if any(f.startswith("error") for f in first):
+        raise RuntimeError(f"connections failed before the flood: {first}")
+    up = None
+    if upload_seconds:
+        up = Uploads(site, n=1, seconds=upload_seconds, chunks=max(2, round(upload_seconds)),
+                     tag="flood", sports=[ports[0]]).start()
+        up.wait_connected()
+        time.sleep(1.0)
+    before = site.status(node)["conntrack"]
+    procs = syn_flood(site, flood_count, ack=ack, cpu=cpu)
+    time.sleep(0.5)
+    new = site.backends[n_before]
+    subprocess.run([sys.executable, "-m", "gridbpf", "lb", "backend", "add", "webdav4",
+                    site.backend_addr(n_before), "--mac", new.mac("eth0"), "--instance",
+                    site.instance(node), "--json"], check=True, capture_output=True)
+    added_at = time.time()
+    fl = flood_summary(procs)
+    after = site.status(node)["conntrack"]
+    second = [whoami(c) for c in conns]
+    for c in conns:
+        c.close()
+    kept = sum(1 for a, b in zip(first, second) if a == b)
+    out = {"legit_flows": len(conns), "kept": kept, "kept_share": round(kept / len(conns), 3),
+           "moved_or_broken": [f"{a} -> {b}" for a, b in zip(first, second) if a != b][:5],
+           "flood": {k: fl[k] for k in ("sent", "seconds", "pps")},
+           "backend_added_s": [round(added_at - fl["start"], 2), "into a flood of", fl["seconds"]],
+           "added_during_flood": fl["start"] < added_at < fl["end"],
+           "conntrack_events": {k: after[k] - before[k] for k in after}}
+    if up:
+        res = up.wait(upload_seconds + 60)[0]
+        stored = [b.name for b in site.backends
+                  if os.path.exists(os.path.join(site.lab.workdir, f"nginx-{b.name}", "www", up.path(0).lstrip("/")))]
+        out["upload"] = {"seconds": upload_seconds, "status": res["status"], "error": res["error"],
+                         "stall_s": round(res["stall"], 2), "stored_on": stored, "bad_files": up.check_files()}
+        up.remove_files()
+    return out
