@@ -3,10 +3,12 @@
 1. HTTPS small GETs (wrk, keep-alive) to Tomcat 10's WebDAV servlet, in interleaved rounds:
      untraced  before any agent was loaded (measured first: the agent cannot be unloaded)
      inactive  agent loaded, no tracer holding a lease (what a JVM carries between tracers)
-     floor     the tracer's syscall hook filtering by pid only, agent inactive: what any
-               syscall-tracepoint tracer costs (every syscall of the box takes the slow path)
+     floor     the hook the tracer uses, filtering by pid only, agent inactive: what any
+               tracer on that hook costs (socket tracepoints where the kernel has them, else
+               sys_exit, where every syscall of the box takes the slow path)
      traced    the tracer with the agent active, drained and aggregated as the agent does
-   Reported: throughput ratios (medians of rounds), Tomcat CPU time per request, its increase.
+   Reported: throughput ratios (medians of rounds), Tomcat CPU time per request, its increase,
+   and BPF run time per request (the kernel's own accounting) for traced and floor.
 2. How a record reaches BPF without kprobes (bench/cprogs/jvm_transport.c): ns per record for
    write(2) to /dev/null (the agent's transport under the syscall hook), read(2) of the record
    on an empty UDP socket (its transport at the socket tracepoints), ioctl(-1, MAGIC, &rec) and
@@ -26,9 +28,9 @@ from pathlib import Path
 
 import re
 
-from bench.bench_http import _Consumer, cpu_seconds
+from bench.bench_http import SockFloor, _Consumer, cpu_seconds, enable_bpf_stats, prog_stats
 from gridbpf.trace.http.jvm_servers import Tomcat
-from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer
+from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer, choose_hook
 from gridbpf.trace.targets import TargetSpec
 
 ROUNDS = int(os.environ.get("BENCH_JVM_ROUNDS", 5))
@@ -47,14 +49,26 @@ HERE = Path(__file__).resolve().parent
 TRANSPORT_OBJ = HERE.parent / "tests" / "bpf" / "jvm_transport.bpf.o"
 
 
+def bpf_stats(progs) -> tuple[int, int]:
+    runs = [prog_stats(p) for p in progs]
+    return sum(r[0] for r in runs), sum(r[1] for r in runs)
+
+
 def tomcat_round(srv: Tomcat, url: str, mode: str) -> dict:
     tracer, stop, drainer, drained = None, threading.Event(), None, [0]
+    progs = []
     if mode == "floor":
-        tracer = HttpTracer(TargetSpec(pids=[srv.pid]), floor=True)
+        if choose_hook()[0] == "sock":
+            tracer = SockFloor(srv.pid)
+            progs = [tracer]
+        else:
+            tracer = HttpTracer(TargetSpec(pids=[srv.pid]), floor=True)
+            progs = [tracer.obj.program("http_floor_sys_exit")]
     if mode == "traced":
         # the last request of each keep-alive connection is reported when Tomcat closes it or,
         # if it has not yet, from the connection table after 0.5 s idle
         tracer = HttpTracer(TargetSpec(pids=[srv.pid]), idle_report_s=0.5)
+        progs = tracer.hook_programs()
         consumer = _Consumer(tracer)
 
         def drain():
@@ -67,9 +81,11 @@ def tomcat_round(srv: Tomcat, url: str, mode: str) -> dict:
         drainer = threading.Thread(target=drain)
         drainer.start()
     try:
+        b0 = bpf_stats(progs)
         c0 = cpu_seconds(srv.pid)
         rps, n = wrk(url)
         c1 = cpu_seconds(srv.pid)
+        b1 = bpf_stats(progs)
         if drainer:
             stop.set()
             drainer.join()
@@ -81,13 +97,22 @@ def tomcat_round(srv: Tomcat, url: str, mode: str) -> dict:
         if tracer:
             stats = tracer.stats()
             tracer.close()
-    r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6}
+    r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
+         "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n}
     if mode == "traced":
         r.update(traced=drained[0], lost=stats["events_lost"], unlinked=stats["jvm_unlinked"])
     return r
 
 
 def tomcat_bench() -> dict:
+    stats_fd = enable_bpf_stats()
+    try:
+        return _tomcat_bench()
+    finally:
+        os.close(stats_fd)
+
+
+def _tomcat_bench() -> dict:
     with Tomcat() as srv:
         (srv.root / "small.html").write_bytes(b"<html>hello grid</html>\n" * 20)
         url = f"{srv.url}/small.html"
@@ -109,7 +134,10 @@ def tomcat_bench() -> dict:
     med = lambda m, k: statistics.median(r[k] for r in rounds[m])
     ratio = statistics.median(t["rps"] / o["rps"] for t, o in zip(rounds["traced"], rounds["inactive"]))
     return {
-        "rounds": ROUNDS,
+        "rounds": ROUNDS, "hook": choose_hook()[0],
+        "bpf_ns_per_req_traced": round(med("traced", "bpf_ns_per_req")),
+        "bpf_ns_per_req_floor": round(med("floor", "bpf_ns_per_req")),
+        "bpf_runs_per_req_traced": round(med("traced", "bpf_runs_per_req"), 1),
         "rps_untraced": round(med("untraced", "rps")), "rps_inactive": round(med("inactive", "rps")),
         "rps_traced": round(med("traced", "rps")),
         "throughput_ratio_traced_vs_inactive": round(ratio, 3),

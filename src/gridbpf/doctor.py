@@ -173,8 +173,11 @@ def http_hook() -> dict:
         hook, why = choose_hook()
     except ValueError as e:          # GRIDBPF_HTTP_HOOK names something unusable here
         return {"hook": None, "reason": str(e), "jvm_transport": None}
+    jar = PACKAGE_DIR / "_java" / "gridbpf-jvm-agent.jar"
     return {"hook": hook, "reason": why,
-            "jvm_transport": "recv" if sock_tracepoints() else "write"}
+            "jvm_transport": "recv" if sock_tracepoints() else "write",
+            # for JVM options (-javaagent:JAR): JDK 21+ warns about agents loaded into a running JVM
+            "java_agent_jar": str(jar) if jar.exists() else None}
 
 
 def _note(feature: str) -> str | None:
@@ -259,6 +262,9 @@ def run(args) -> int:
     h = r["http_hook"]
     con.print(f"http tracing hook: {h['hook'] or 'NONE'} ({h['reason']}); JVM agent records by "
               f"{h['jvm_transport'] or '?'}", highlight=False)
+    if h.get("java_agent_jar"):
+        con.print(f"JVM agent at start (JDK 21+, no dynamic-load warning): -javaagent:{h['java_agent_jar']}",
+                  highlight=False)
     for v in r["capabilities"].values():
         for n in v["notes"]:
             if n:

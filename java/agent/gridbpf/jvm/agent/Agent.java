@@ -20,7 +20,8 @@ import java.util.Map;
 import java.util.Set;
 
 /**
- * Loaded through the HotSpot attach mechanism ("load instrument false jar=args"): never a JVM flag.
+ * Loaded through the HotSpot attach mechanism ("load instrument false jar=args"): no JVM flag; or
+ * at JVM start with -javaagent:JAR (premain), the way for JDK 21+ (see premain).
  * Args (comma separated): dir=/tmp/.gridbpf-jvm-NSPID (holds the agent jar, agent.json and the
  * tracers' lease files); tests only: sink=/path (append records to this file, not /dev/null),
  * test_fail=bridge|dryrun|retransform (fail the install there: nothing must stay transformed).
@@ -49,9 +50,53 @@ public final class Agent {
     private Agent() {}
 
     public static synchronized void agentmain(String args, Instrumentation inst) {
+        start(parseArgs(args), inst);
+    }
+
+    /**
+     * Loaded at JVM start (-javaagent:JAR): what a site uses on JDK 21+, which prints a warning
+     * for every agent loaded into a running JVM (JEP 451) and will refuse them by default in a
+     * later release. Same agent, inactive until a tracer takes a lease; its directory is
+     * /tmp/.gridbpf-jvm-PID (the pid as this JVM sees it), made here, 0700, or refused if
+     * someone else made it.
+     */
+    public static synchronized void premain(String args, Instrumentation inst) {
+        try {
+            Map<String, String> opts = parseArgs(args);
+            if (!opts.containsKey("dir")) {
+                String d = "/tmp/.gridbpf-jvm-" + ProcessHandle.current().pid();
+                if (!ownDirectory(d)) return;     // nowhere safe to report: do nothing at all
+                opts.put("dir", d);
+            }
+            start(opts, inst);
+        } catch (Throwable ignored) {
+            // never stop the service from starting
+        }
+    }
+
+    /** Creates dir 0700, or accepts an existing one only if it is ours, a directory and 0700. */
+    static boolean ownDirectory(String d) {
+        try {
+            java.nio.file.Path path = java.nio.file.Path.of(d);
+            try {
+                Files.createDirectory(path, java.nio.file.attribute.PosixFilePermissions.asFileAttribute(
+                        java.nio.file.attribute.PosixFilePermissions.fromString("rwx------")));
+            } catch (java.nio.file.FileAlreadyExistsException e) {
+                // checked below
+            }
+            Object owner = Files.getAttribute(path, "unix:uid", java.nio.file.LinkOption.NOFOLLOW_LINKS);
+            Object me = Files.getAttribute(java.nio.file.Path.of("/proc/self"), "unix:uid");
+            int mode = (Integer) Files.getAttribute(path, "unix:mode", java.nio.file.LinkOption.NOFOLLOW_LINKS);
+            return Files.isDirectory(path, java.nio.file.LinkOption.NOFOLLOW_LINKS) && owner.equals(me)
+                    && (mode & 0777) == 0700;
+        } catch (Throwable t) {
+            return false;
+        }
+    }
+
+    private static void start(Map<String, String> opts, Instrumentation inst) {
         try {
             attaches++;
-            Map<String, String> opts = parseArgs(args);
             if (opts.containsKey("dir")) dir = opts.get("dir");
             if (dir == null) return;            // nowhere to report: do nothing at all
             if (attaches == 1) {
