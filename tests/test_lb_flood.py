@@ -192,14 +192,15 @@ def site():
             s.close()
 
 
-def run_flood(site, on_syn, upload_seconds, limit=20000):
+def run_flood(site, on_syn, upload_seconds, limit=20000, ack=False, syn_filter=True, flood=FLOOD):
     node = site.nodes[0]
     site.write_configs(health=HEALTH, n_backends=3,
-                       balancer={"conntrack_size": TABLE, "conntrack_on_syn": on_syn, "new_entry_limit": limit})
+                       balancer={"conntrack_size": TABLE, "conntrack_on_syn": on_syn, "new_entry_limit": limit,
+                                 "syn_filter": syn_filter})
     site.start_balancer(node)
     try:
         time.sleep(1.5)          # the health checks have passed
-        return flood_with_backend_change(site, node, FLOOD, legit=40, upload_seconds=upload_seconds)
+        return flood_with_backend_change(site, node, flood, legit=40, upload_seconds=upload_seconds, ack=ack)
     finally:
         site.stop_balancer(node)
 
@@ -229,3 +230,22 @@ def test_negative_control_syns_recorded_flood_evicts_and_flows_break(site):
     assert r["added_during_flood"], r
     assert r["conntrack_events"]["inserted"] >= 10 * TABLE, r
     assert r["kept_share"] <= 0.9, r
+
+
+@pytest.mark.parametrize("syn_filter", [True, False])
+def test_idle_flows_keep_their_backend_through_a_spoofed_ack_flood(site, syn_filter):
+    """The same 40 idle connections, 200,000 spoofed bare ACKs (24x the table), no budget, srv4
+    added during the flood: the SYN-seen filter places the ACKs by hash and records none, so
+    every connection keeps its backend. With the filter off (negative control) the ACKs take
+    entries, evict the connections' and some connections break."""
+    r = run_flood(site, on_syn=False, upload_seconds=0, limit=0, ack=True, syn_filter=syn_filter,
+                  flood=200_000)
+    print(r)
+    assert r["added_during_flood"], r
+    ev = r["conntrack_events"]
+    if syn_filter:
+        assert ev["no_syn"] >= 10 * TABLE and ev["inserted"] <= 41, r
+        assert r["kept_share"] == 1.0, r
+    else:
+        assert ev["inserted"] >= 10 * TABLE and ev["no_syn"] == 0, r
+        assert r["kept_share"] <= 0.9, r
