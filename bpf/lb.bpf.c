@@ -13,8 +13,10 @@
  * while the Maglev table is stable, placing by hash gives the same answer (on every node). So a
  * SYN is placed by hash and recorded nowhere (a spoofed SYN never completes a handshake, so a
  * SYN flood neither pays for nor flushes table entries); the flow is recorded at its first
- * packet past the SYN, within a per-CPU budget of new entries per second. Entries idle past
- * their protocol's timeout count as absent, checked at lookup (no timer walk).
+ * packet past the SYN, within a per-CPU budget of new entries per second, and only if this node
+ * saw that SYN (the SYN-seen filter: spoofed ACKs take no entries). A SYN does not look the
+ * table up: entries of the service's current table epoch agree with the hash. Entries idle
+ * past their protocol's timeout count as absent, checked at lookup (no timer walk).
  */
 #include "gridbpf/common.h"
 #include "gridbpf/packet.h"
