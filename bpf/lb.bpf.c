@@ -155,6 +155,7 @@ struct lb_pkt {
 	__u8 tos;             /* IPv4 TOS / IPv6 traffic class, copied to an outer header */
 	__u8 icmp;            /* an ICMP error about the flow: never creates a connection */
 	__u8 syn;             /* a TCP SYN without ACK: a new connection, placed by the table */
+	__u8 rst;             /* a TCP reset: never creates an entry (it ends what it belongs to) */
 };
 
 /*
@@ -188,6 +189,7 @@ static __always_inline int read_ports(void *l4, void *end, __u32 l4_len, __u8 pr
 		if ((void *)(th + 1) > end || l4_len < sizeof(struct tcphdr))
 			return -1;
 		p->syn = th->syn && !th->ack;
+		p->rst = th->rst;
 	} else {
 		if (l4 + sizeof(struct udphdr) > end || l4_len < sizeof(struct udphdr))
 			return -1;
@@ -394,13 +396,20 @@ static __always_inline int syn_seen_recently(__u32 hash, __u64 now)
 	       (__u32)(now >> LB_SYN_TIME_SHIFT) - s->when <= LB_SYN_SEEN_UNITS;
 }
 
-/* Was a SYN of this entry's 5-tuple seen after the entry's last packet (a new connection)? */
+/*
+ * Was a SYN of this entry's 5-tuple seen after the entry's last packet (a new connection)?
+ * seen_ns lags the last packet by up to LB_SEEN_REFRESH_NS (a hit refreshes it at most once a
+ * second), so only a SYN later than that counts: a connection's own SYN retried within a
+ * second (a client that met a stale socket on its backend resets and retries) is not taken
+ * for a new one. A 5-tuple reused within that second across a table change is missed.
+ */
 static __always_inline int syn_after(struct lb_conn *ct)
 {
 	struct lb_syn_seen *s = syn_slot(ct->hash);
 
 	return s && s->tag == ct->hash &&
-	       (__s32)(s->when - (__u32)(ct->seen_ns >> LB_SYN_TIME_SHIFT)) > 0;
+	       (__s32)(s->when - (__u32)(ct->seen_ns >> LB_SYN_TIME_SHIFT)) >
+		       (__s32)(LB_SEEN_REFRESH_NS >> LB_SYN_TIME_SHIFT) + 1;
 }
 
 static __always_inline void add_stats(void *map, __u32 id, __u64 bytes, __u64 new_flow)
@@ -588,8 +597,8 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 		be = bpf_map_lookup_elem(&lb_backends, &id);
 		if (!be || (be->flags & LB_BE_DOWN))
 			return verdict(LB_DROP_NO_BACKEND, XDP_DROP);
-		if (p.icmp) {
-			/* errors never create or change entries */
+		if (p.icmp || (p.rst && !ct)) {
+			/* errors and resets never create entries, nor do errors change them */
 		} else if (ct) {
 			/* a stale entry of this 5-tuple: rewritten in place, no insertion */
 			ct->backend = id;
