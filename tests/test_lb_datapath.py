@@ -159,9 +159,15 @@ def test_dsr_rewrites_only_the_destination_mac(dp, svc):
         # connection's entry says (one placed under an older table epoch, pointing
         # elsewhere); the packets after the SYN see it came later and rewrite the entry
         other = next(b for a, b in dp.service(svc).backends.items() if a != addr)
-        dp.maps["lb_conntrack"][key] = {"backend": other.id, "gen": other.gen, "hash": ct.hash,
-                                        "epoch": ct.epoch - 1, "seen_ns": datapath_now_ns() - 10**7}
+        earlier = {"backend": other.id, "gen": other.gen, "hash": ct.hash, "epoch": ct.epoch - 1}
+        dp.maps["lb_conntrack"][key] = dict(earlier, seen_ns=datapath_now_ns() - 10**7)
         assert Ether(run(dp, ack).data).dst == other.mac               # established: the entry
+        # a SYN within the entry's refresh lag (a second) of its last packet is that
+        # connection's own retry (a client reset by a stale socket on its backend), not a new one
+        assert Ether(run(dp, pkt).data).dst == mac
+        assert Ether(run(dp, ack).data).dst == other.mac
+        # the earlier connection's last packet 3 s ago: a SYN now is a new connection
+        dp.maps["lb_conntrack"][key] = dict(earlier, seen_ns=datapath_now_ns() - 3 * 10**9)
         assert Ether(run(dp, pkt).data).dst == mac                     # new connection: the table
         assert Ether(run(dp, ack).data).dst == mac                     # ... and its ACK too
         assert dp.maps["lb_conntrack"][key].backend == dp.service(svc).backends[addr].id
