@@ -13,8 +13,10 @@
  * while the Maglev table is stable, placing by hash gives the same answer (on every node). So a
  * SYN is placed by hash and recorded nowhere (a spoofed SYN never completes a handshake, so a
  * SYN flood neither pays for nor flushes table entries); the flow is recorded at its first
- * packet past the SYN, within a per-CPU budget of new entries per second. Entries idle past
- * their protocol's timeout count as absent, checked at lookup (no timer walk).
+ * packet past the SYN, within a per-CPU budget of new entries per second, and only if this node
+ * saw that SYN (the SYN-seen filter: spoofed ACKs take no entries). A SYN does not look the
+ * table up: entries of the service's current table epoch agree with the hash. Entries idle
+ * past their protocol's timeout count as absent, checked at lookup (no timer walk).
  */
 #include "gridbpf/common.h"
 #include "gridbpf/packet.h"
@@ -36,6 +38,7 @@ const volatile __u64 tcp_idle_ns = 900ull * 1000000000;
 const volatile __u64 udp_idle_ns = 60ull * 1000000000;
 const volatile __u32 new_entry_limit = 20000;   /* new entries per CPU per second; 0: no limit */
 const volatile __u32 conntrack_on_syn = 0;      /* 1: record flows at their SYN (flood-prone) */
+const volatile __u32 syn_filter = 1;            /* 1: record a TCP flow only if its SYN was seen */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -113,6 +116,15 @@ struct {
 	__type(value, struct lb_budget);
 } lb_entry_budget SEC(".maps");
 
+/* Which flows this node saw a SYN of, recently (see lb.h). Shared by all CPUs: a flow's SYN and
+ * its ACK may arrive on different queues. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_SYN_FILTER_SIZE);
+	__type(key, __u32);
+	__type(value, struct lb_syn_seen);
+} lb_syn_seen SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -143,6 +155,7 @@ struct lb_pkt {
 	__u8 tos;             /* IPv4 TOS / IPv6 traffic class, copied to an outer header */
 	__u8 icmp;            /* an ICMP error about the flow: never creates a connection */
 	__u8 syn;             /* a TCP SYN without ACK: a new connection, placed by the table */
+	__u8 rst;             /* a TCP reset: never creates an entry (it ends what it belongs to) */
 };
 
 /*
@@ -176,6 +189,7 @@ static __always_inline int read_ports(void *l4, void *end, __u32 l4_len, __u8 pr
 		if ((void *)(th + 1) > end || l4_len < sizeof(struct tcphdr))
 			return -1;
 		p->syn = th->syn && !th->ack;
+		p->rst = th->rst;
 	} else {
 		if (l4 + sizeof(struct udphdr) > end || l4_len < sizeof(struct udphdr))
 			return -1;
@@ -366,6 +380,38 @@ static __always_inline int take_entry_budget(__u64 now)
 	return 1;
 }
 
+static __always_inline struct lb_syn_seen *syn_slot(__u32 hash)
+{
+	__u32 idx = hash & (LB_SYN_FILTER_SIZE - 1);
+
+	return bpf_map_lookup_elem(&lb_syn_seen, &idx);
+}
+
+/* Did this node see a SYN of the flow with this hash within LB_SYN_SEEN_UNITS? */
+static __always_inline int syn_seen_recently(__u32 hash, __u64 now)
+{
+	struct lb_syn_seen *s = syn_slot(hash);
+
+	return s && s->tag == hash &&
+	       (__u32)(now >> LB_SYN_TIME_SHIFT) - s->when <= LB_SYN_SEEN_UNITS;
+}
+
+/*
+ * Was a SYN of this entry's 5-tuple seen after the entry's last packet (a new connection)?
+ * seen_ns lags the last packet by up to LB_SEEN_REFRESH_NS (a hit refreshes it at most once a
+ * second), so only a SYN later than that counts: a connection's own SYN retried within a
+ * second (a client that met a stale socket on its backend resets and retries) is not taken
+ * for a new one. A 5-tuple reused within that second across a table change is missed.
+ */
+static __always_inline int syn_after(struct lb_conn *ct)
+{
+	struct lb_syn_seen *s = syn_slot(ct->hash);
+
+	return s && s->tag == ct->hash &&
+	       (__s32)(s->when - (__u32)(ct->seen_ns >> LB_SYN_TIME_SHIFT)) >
+		       (__s32)(LB_SEEN_REFRESH_NS >> LB_SYN_TIME_SHIFT) + 1;
+}
+
 static __always_inline void add_stats(void *map, __u32 id, __u64 bytes, __u64 new_flow)
 {
 	struct lb_stats *s = bpf_map_lookup_elem(map, &id);
@@ -467,7 +513,8 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	struct lb_vip_key vk = {};
 	struct lb_service *svc;
 	struct lb_backend *be = NULL;
-	struct lb_conn *ct;
+	struct lb_conn *ct = NULL;
+	int skip_lookup;
 	__u64 bytes = end - data;
 	__u32 id = 0, hash = 0, new_flow = 0;
 	__u64 now;
@@ -501,18 +548,33 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 	if (!svc)
 		return verdict(LB_PASS_NO_SERVICE, XDP_PASS);
 
-	/* A SYN opens a new connection: the table places it, whatever an entry says (an entry
-	 * for the same 5-tuple is an earlier connection's). Everything else follows its entry
-	 * unless the entry is idle past its protocol's timeout. */
+	/*
+	 * A SYN opens a new connection: the table places it, whatever an entry says (an entry for
+	 * the same 5-tuple is an earlier connection's). Everything else follows its entry unless
+	 * the entry is idle past its protocol's timeout.
+	 *
+	 * With the SYN filter the SYN does not even look: an entry placed under the service's
+	 * current table epoch points where the hash does (or at a backend that is down or gone,
+	 * which the next packet's lookup sees anyway). An entry of an older epoch may not: that
+	 * is an earlier connection's only if this SYN came after its last packet, which the first
+	 * packets after the SYN tell from the SYN-seen filter (syn_after).
+	 */
 	now = bpf_ktime_get_coarse_ns();
-	ct = bpf_map_lookup_elem(&lb_conntrack, &p.flow);
+	skip_lookup = syn_filter && p.syn && !conntrack_on_syn;
+	if (!skip_lookup)
+		ct = bpf_map_lookup_elem(&lb_conntrack, &p.flow);
 	if (ct) {
 		__u64 idle = p.flow.proto == IPPROTO_TCP ? tcp_idle_ns : udp_idle_ns;
 		__s64 age = now - ct->seen_ns;
 
 		if (age > (__s64)idle) {
 			gb_count(&lb_conn_events, LB_CT_EXPIRED);
-		} else if (!p.syn) {
+		} else if (p.syn) {
+			/* the old path: rewritten below */
+		} else if (syn_filter && ct->epoch != svc->epoch && !p.icmp &&
+			   p.flow.proto == IPPROTO_TCP && syn_after(ct)) {
+			gb_count(&lb_conn_events, LB_CT_REUSED);
+		} else {
 			id = ct->backend;
 			be = bpf_map_lookup_elem(&lb_backends, &id);
 			/* a removed (generation changed) or failed backend: place the flow again */
@@ -535,20 +597,36 @@ static __always_inline int lb_process(struct xdp_md *ctx)
 		be = bpf_map_lookup_elem(&lb_backends, &id);
 		if (!be || (be->flags & LB_BE_DOWN))
 			return verdict(LB_DROP_NO_BACKEND, XDP_DROP);
-		if (p.icmp) {
-			/* errors never create or change entries */
+		if (p.icmp || (p.rst && !ct)) {
+			/* errors and resets never create entries, nor do errors change them */
 		} else if (ct) {
 			/* a stale entry of this 5-tuple: rewritten in place, no insertion */
 			ct->backend = id;
 			ct->gen = be->gen;
+			ct->epoch = svc->epoch;
+			ct->hash = hash;
 			ct->seen_ns = now;
 			new_flow = 1;
 		} else if (p.syn && !conntrack_on_syn) {
 			gb_count(&lb_conn_events, LB_CT_SYN_UNTRACKED);
+			if (syn_filter) {
+				struct lb_syn_seen *s = syn_slot(hash);
+
+				if (s) {
+					s->tag = hash;
+					s->when = now >> LB_SYN_TIME_SHIFT;
+				}
+			}
+		} else if (syn_filter && !conntrack_on_syn && p.flow.proto == IPPROTO_TCP &&
+			   !syn_seen_recently(hash, now)) {
+			/* no SYN seen here: a spoofed packet, or a flow from another node or from
+			 * before a restart. The hash places it (the same on every node). */
+			gb_count(&lb_conn_events, LB_CT_NO_SYN);
 		} else {
 			new_flow = 1;
 			if (take_entry_budget(now)) {
-				struct lb_conn c = { .backend = id, .gen = be->gen, .seen_ns = now };
+				struct lb_conn c = { .backend = id, .gen = be->gen, .epoch = svc->epoch,
+						     .hash = hash, .seen_ns = now };
 
 				bpf_map_update_elem(&lb_conntrack, &p.flow, &c, BPF_ANY);
 				gb_count(&lb_conn_events, LB_CT_INSERTED);

@@ -155,13 +155,23 @@ def test_dsr_rewrites_only_the_destination_mac(dp, svc):
     assert res2.retval == XDP_TX and Ether(res2.data).dst == mac and res2.data[12:] == bytes(ack)[12:]
     assert dp.maps["lb_service_stats"].sum(sid)["new_flows"] == after["new_flows"]
     if proto == "tcp":
-        # a SYN starts a new connection: the table places it, whatever a stale entry said
-        # (rewritten in place)
+        # a SYN starts a new connection: the table places it, whatever an earlier
+        # connection's entry says (one placed under an older table epoch, pointing
+        # elsewhere); the packets after the SYN see it came later and rewrite the entry
         other = next(b for a, b in dp.service(svc).backends.items() if a != addr)
-        dp.maps["lb_conntrack"][key] = {"backend": other.id, "gen": other.gen, "seen_ns": datapath_now_ns()}
+        earlier = {"backend": other.id, "gen": other.gen, "hash": ct.hash, "epoch": ct.epoch - 1}
+        dp.maps["lb_conntrack"][key] = dict(earlier, seen_ns=datapath_now_ns() - 10**7)
         assert Ether(run(dp, ack).data).dst == other.mac               # established: the entry
+        # a SYN within the entry's refresh lag (a second) of its last packet is that
+        # connection's own retry (a client reset by a stale socket on its backend), not a new one
+        assert Ether(run(dp, pkt).data).dst == mac
+        assert Ether(run(dp, ack).data).dst == other.mac
+        # the earlier connection's last packet 3 s ago: a SYN now is a new connection
+        dp.maps["lb_conntrack"][key] = dict(earlier, seen_ns=datapath_now_ns() - 3 * 10**9)
         assert Ether(run(dp, pkt).data).dst == mac                     # new connection: the table
+        assert Ether(run(dp, ack).data).dst == mac                     # ... and its ACK too
         assert dp.maps["lb_conntrack"][key].backend == dp.service(svc).backends[addr].id
+        assert dp.conn_events()["reused"] == ev["reused"] + 1
 
 
 def test_python_hash_and_table_match_the_datapath(dp):

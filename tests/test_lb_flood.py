@@ -40,9 +40,9 @@ def entries(dp):
     return len(list(dp.maps["lb_conntrack"].keys()))
 
 
-def syn_flood_test_run(dp, n, flags="S"):
+def syn_flood_test_run(dp, n, flags="S", proto="tcp"):
     """N packets, each from a new source address, in one BPF_PROG_TEST_RUN (one CPU)."""
-    raw = pkt(40000, flags)
+    raw = pkt(40000, flags, proto)
     dp.obj.map("lb_bench")[0] = {"len": len(raw), "vary_off": 14 + 12, "counter": 0,
                                  "data": list(raw.ljust(128, b"\0"))}
     res = dp.obj.program("xdp_lb_bench").test_run(raw, repeat=n)
@@ -75,11 +75,11 @@ def test_syns_are_placed_but_not_recorded(on_syn):
 
 @pytest.mark.parametrize("limit", [100, 0])
 def test_new_entries_per_cpu_are_budgeted(limit):
-    """Spoofed ACKs (no SYN) from 1,000 sources in one run on one CPU: at most new_entry_limit
-    become entries, the rest are placed by hash and counted; limit 0 (negative control): all."""
+    """New UDP flows from 1,000 sources in one run on one CPU: at most new_entry_limit become
+    entries, the rest are placed by hash and counted; limit 0 (negative control): all."""
     dp = make_dp("fl-budget", bench=True, new_entry_limit=limit)
     try:
-        syn_flood_test_run(dp, 1000, flags="A")
+        syn_flood_test_run(dp, 1000, proto="udp")
         ev = dp.conn_events()
         if limit:
             assert ev["inserted"] == limit and ev["over_limit"] == 1000 - limit
@@ -87,8 +87,31 @@ def test_new_entries_per_cpu_are_budgeted(limit):
         else:
             assert ev["inserted"] == 1000 and ev["over_limit"] == 0
         # every one of them forwarded and counted as a new flow
-        st = dp.maps["lb_service_stats"].sum(dp.service("tcp").id)
+        st = dp.maps["lb_service_stats"].sum(dp.service("udp").id)
         assert st["packets"] == 1000 and st["new_flows"] == 1000
+    finally:
+        dp.close()
+
+
+@pytest.mark.parametrize("syn_filter", [True, False])
+def test_spoofed_acks_are_not_recorded(syn_filter):
+    """Bare ACKs from 1,000 sources whose SYN the node never saw: placed by hash, recorded
+    nowhere (no_syn), while a flow whose SYN came through is recorded at its ACK. With the
+    filter off (negative control) every spoofed ACK takes an entry."""
+    dp = make_dp("fl-ack", bench=True, new_entry_limit=0, syn_filter=syn_filter)
+    try:
+        syn_flood_test_run(dp, 1000, flags="A")
+        ev = dp.conn_events()
+        if syn_filter:
+            assert ev["no_syn"] == 1000 and ev["inserted"] == 0 and entries(dp) == 0
+        else:
+            assert ev["no_syn"] == 0 and ev["inserted"] == 1000 and entries(dp) == 1000
+        st = dp.maps["lb_service_stats"].sum(dp.service("tcp").id)
+        assert st["packets"] == 1000
+        prog = dp.obj.program("xdp_lb")
+        syn = Ether(prog.test_run(pkt(41000, "S")).data).dst
+        assert Ether(prog.test_run(pkt(41000, "A")).data).dst == syn
+        assert dp.maps["lb_conntrack"].get(key(41000)) is not None
     finally:
         dp.close()
 
@@ -103,14 +126,18 @@ def test_idle_entries_expire_per_protocol_at_lookup(udp_timeout):
         prog = dp.obj.program("xdp_lb")
         placed = {}
         for proto in ("tcp", "udp"):
-            prog.test_run(pkt(42000, "A", proto))                  # recorded by the table
+            if proto == "tcp":
+                prog.test_run(pkt(42000, "S"))                     # the handshake ...
+            prog.test_run(pkt(42000, "A", proto))                  # ... recorded by the table
             placed[proto] = dp.maps["lb_conntrack"][key(42000, proto)].backend
         bes = {b.id: b for b in dp.service("tcp").backends.values()}
         ubes = {b.id: b for b in dp.service("udp").backends.values()}
         old = datapath_now_ns() - 8 * 10**9
         for proto, table in (("tcp", bes), ("udp", ubes)):
             other = next(b for i, b in table.items() if i != placed[proto])
-            dp.maps["lb_conntrack"][key(42000, proto)] = {"backend": other.id, "gen": other.gen, "seen_ns": old}
+            ct = dp.maps["lb_conntrack"][key(42000, proto)]
+            dp.maps["lb_conntrack"][key(42000, proto)] = {"backend": other.id, "gen": other.gen, "seen_ns": old,
+                                                          "epoch": ct.epoch, "hash": ct.hash}
         got = {proto: Ether(prog.test_run(pkt(42000, "A", proto)).data).dst for proto in ("tcp", "udp")}
         assert got["tcp"] != bes[placed["tcp"]].mac                  # 8 s < 30 s: still the entry
         if udp_timeout < 8:
@@ -134,14 +161,15 @@ def test_idle_entries_expire_per_protocol_at_lookup(udp_timeout):
 def test_config_keys_and_errors():
     base = '[balancer]\ninterface = "eth0"\n'
     cfg = lbconfig.parse(base)
-    assert cfg.conntrack == ConntrackPolicy(900.0, 60.0, 20000, False)
+    assert cfg.conntrack == ConntrackPolicy(900.0, 60.0, 20000, False, True)
     cfg = lbconfig.parse(base + "tcp_idle_timeout = 600\nudp_idle_timeout = 30\nnew_entry_limit = 0\n"
-                         "conntrack_on_syn = true\n")
-    assert cfg.conntrack == ConntrackPolicy(600.0, 30.0, 0, True)
+                         "conntrack_on_syn = true\nsyn_filter = false\n")
+    assert cfg.conntrack == ConntrackPolicy(600.0, 30.0, 0, True, False)
     for bad, msg in (("udp_idle_timeout = 1000", "balancer.udp_idle_timeout: 1000 s is longer than tcp_idle_timeout"),
                      ("tcp_idle_timeout = 1", "balancer.tcp_idle_timeout: 1 out of 2..604800"),
                      ("new_entry_limit = -1", "balancer.new_entry_limit: -1 out of"),
-                     ("conntrack_on_syn = 1", "balancer.conntrack_on_syn: must be bool")):
+                     ("conntrack_on_syn = 1", "balancer.conntrack_on_syn: must be bool"),
+                     ("syn_filter = \"yes\"", "balancer.syn_filter: must be bool")):
         with pytest.raises(lbconfig.ConfigError) as e:
             lbconfig.parse(base + bad + "\n")
         assert msg in str(e.value) and "\n" not in str(e.value)
@@ -164,14 +192,15 @@ def site():
             s.close()
 
 
-def run_flood(site, on_syn, upload_seconds, limit=20000):
+def run_flood(site, on_syn, upload_seconds, limit=20000, ack=False, syn_filter=True, flood=FLOOD):
     node = site.nodes[0]
     site.write_configs(health=HEALTH, n_backends=3,
-                       balancer={"conntrack_size": TABLE, "conntrack_on_syn": on_syn, "new_entry_limit": limit})
+                       balancer={"conntrack_size": TABLE, "conntrack_on_syn": on_syn, "new_entry_limit": limit,
+                                 "syn_filter": syn_filter})
     site.start_balancer(node)
     try:
         time.sleep(1.5)          # the health checks have passed
-        return flood_with_backend_change(site, node, FLOOD, legit=40, upload_seconds=upload_seconds)
+        return flood_with_backend_change(site, node, flood, legit=40, upload_seconds=upload_seconds, ack=ack)
     finally:
         site.stop_balancer(node)
 
@@ -201,3 +230,22 @@ def test_negative_control_syns_recorded_flood_evicts_and_flows_break(site):
     assert r["added_during_flood"], r
     assert r["conntrack_events"]["inserted"] >= 10 * TABLE, r
     assert r["kept_share"] <= 0.9, r
+
+
+@pytest.mark.parametrize("syn_filter", [True, False])
+def test_idle_flows_keep_their_backend_through_a_spoofed_ack_flood(site, syn_filter):
+    """The same 40 idle connections, 200,000 spoofed bare ACKs (24x the table), no budget, srv4
+    added during the flood: the SYN-seen filter places the ACKs by hash and records none, so
+    every connection keeps its backend. With the filter off (negative control) the ACKs take
+    entries, evict the connections' and some connections break."""
+    r = run_flood(site, on_syn=False, upload_seconds=0, limit=0, ack=True, syn_filter=syn_filter,
+                  flood=200_000)
+    print(r)
+    assert r["added_during_flood"], r
+    ev = r["conntrack_events"]
+    if syn_filter:
+        assert ev["no_syn"] >= 10 * TABLE and ev["inserted"] <= 41, r
+        assert r["kept_share"] == 1.0, r
+    else:
+        assert ev["inserted"] >= 10 * TABLE and ev["no_syn"] == 0, r
+        assert r["kept_share"] <= 0.9, r

@@ -54,6 +54,8 @@ struct lb_service {
 	__u32 flags;     /* LB_SVC_* */
 	__u32 mode;      /* enum lb_mode */
 	__u32 gen;       /* bumped when the service is redefined */
+	__u32 epoch;     /* bumped by the control plane each time it writes this service's Maglev
+			  * table: an entry placed under the current epoch points where the hash does */
 };
 
 struct lb_backend {
@@ -78,6 +80,8 @@ struct lb_flow {
 struct lb_conn {
 	__u32 backend;   /* backend id */
 	__u32 gen;       /* the backend's generation when the flow was placed */
+	__u32 epoch;     /* the service's table epoch when the flow was placed */
+	__u32 hash;      /* the flow hash (its lb_syn_seen slot) */
 	__u64 seen_ns;   /* last packet (coarse clock), refreshed at most once per LB_SEEN_REFRESH_NS */
 };
 
@@ -92,7 +96,27 @@ enum lb_conn_event {
 	LB_CT_SYN_UNTRACKED,      /* a SYN placed by the Maglev table alone, nothing recorded */
 	LB_CT_OVER_LIMIT,         /* a new flow placed by the table alone: over new_entry_limit */
 	LB_CT_EXPIRED,            /* an entry found idle past its timeout, placed again */
+	LB_CT_NO_SYN,             /* a TCP packet of an unknown flow whose SYN this node did not see
+				   * (a spoofed ACK, a flow moved from another node): placed by hash,
+				   * not recorded */
+	LB_CT_REUSED,             /* an earlier connection's entry met by a new connection of the
+				   * same 5-tuple (its SYN seen after the entry's last packet): rewritten */
 	LB_CT_EVENT_MAX,
+};
+
+/*
+ * SYN-seen filter (lb_syn_seen): direct-mapped by the flow hash, written by every SYN (no
+ * allocation, no lock: a lost race only costs a flow its entry), read when a TCP packet of an
+ * unknown flow arrives: only a flow whose SYN this node saw within LB_SYN_SEEN_UNITS is recorded.
+ * Times are in units of 2^20 ns (about 1 ms) of the coarse clock, compared modulo 2^32.
+ */
+#define LB_SYN_FILTER_SIZE (1u << 18)
+#define LB_SYN_TIME_SHIFT  20
+#define LB_SYN_SEEN_UNITS  9537   /* 10 s: the handshake's ACK (or a retransmission) is due */
+
+struct lb_syn_seen {
+	__u32 tag;        /* the flow hash */
+	__u32 when;       /* coarse ns >> LB_SYN_TIME_SHIFT of the last SYN */
 };
 
 /* Per-CPU budget of new entries (lb_entry_budget[0]): at most new_entry_limit per second. */

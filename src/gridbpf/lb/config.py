@@ -11,6 +11,7 @@
     udp_idle_timeout = 60         # seconds, likewise for UDP (at most tcp_idle_timeout)
     new_entry_limit = 20000       # new entries per CPU per second, then placement by hash alone; 0: no limit
     conntrack_on_syn = false      # true: record flows at their SYN (a SYN flood then flushes the table)
+    syn_filter = true             # record a TCP flow only if this node saw its SYN (spoofed ACKs are not)
     metrics = "127.0.0.1:9470"    # Prometheus /metrics; "" for none
 
     [encap]                       # ipip and gue services
@@ -247,7 +248,8 @@ def parse(text: str, path: str = "lb.toml") -> Config:
     c.table(data, "", {"balancer", "encap", "health", "service", "bgp"})
     b = c.table(data.get("balancer", {}), "balancer",
                 {"interface", "netns", "xdp_mode", "instance", "table_size", "conntrack_size", "metrics",
-                 "tcp_idle_timeout", "udp_idle_timeout", "new_entry_limit", "conntrack_on_syn"})
+                 "tcp_idle_timeout", "udp_idle_timeout", "new_entry_limit", "conntrack_on_syn",
+                 "syn_filter"})
     cfg = Config(interface=c.get(b, "interface", "balancer", str, required=True), path=path)
     cfg.netns = c.get(b, "netns", "balancer", str, None)
     cfg.xdp_mode = c.get(b, "xdp_mode", "balancer", str, cfg.xdp_mode, choices=("native", "generic"))
@@ -270,6 +272,7 @@ def parse(text: str, path: str = "lb.toml") -> Config:
     ct.new_entry_limit = c.get(b, "new_entry_limit", "balancer", int, ct.new_entry_limit,
                                check=lambda v: None if 0 <= v < 2**32 else f"{v} out of 0..4294967295")
     ct.on_syn = c.get(b, "conntrack_on_syn", "balancer", bool, ct.on_syn)
+    ct.syn_filter = c.get(b, "syn_filter", "balancer", bool, ct.syn_filter)
     cfg.metrics = c.get(b, "metrics", "balancer", str, cfg.metrics,
                         check=lambda v: None if not v or v.rpartition(":")[2].isdigit() else "must be HOST:PORT or \"\"")
 

@@ -25,7 +25,7 @@ PIN_DIR = "lb"                  # /sys/fs/bpf/gridbpf/lb/<instance>/<map>
 LOCK_DIR = "/run/gridbpf"
 MAPS = ("lb_services", "lb_vips", "lb_ring", "lb_backends", "lb_conntrack", "lb_service_stats",
         "lb_backend_stats", "lb_reasons", "lb_encap", "lb_service_ctl", "lb_backend_ctl",
-        "lb_conn_events")
+        "lb_conn_events", "lb_syn_seen")
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 MODES = {"dsr-l2": 0, "ipip": 1, "gue": 2}
@@ -43,6 +43,7 @@ class ConntrackPolicy:
     udp_idle_timeout: float = 60.0      # same for UDP
     new_entry_limit: int = 20000        # new entries per CPU per second; 0: no limit
     on_syn: bool = False                # record a flow at its SYN (a SYN flood then churns it)
+    syn_filter: bool = True             # record a TCP flow only if this node saw its SYN
 
 
 CLOCK_MONOTONIC_COARSE = 6     # <linux/time.h>; Python's time module does not name it
@@ -142,6 +143,7 @@ class Datapath:
             obj.rodata["udp_idle_ns"] = int(policy.udp_idle_timeout * 1e9)
             obj.rodata["new_entry_limit"] = policy.new_entry_limit
             obj.rodata["conntrack_on_syn"] = int(policy.on_syn)
+            obj.rodata["syn_filter"] = int(policy.syn_filter)
             for name in BENCH_PROGRAMS:
                 obj.program(name).autoload = bench      # benchmark wrappers only
             if conntrack_size:
@@ -300,8 +302,11 @@ class Datapath:
         ctl.name, ctl.used = name.encode(), 1     # char[] fields take bytes, set them directly
         self.maps["lb_service_ctl"][sid] = ctl
         self.ring()[sid * self.table_size:(sid + 1) * self.table_size] = 0
+        # a fresh epoch from the clock: a service re-added under the same id never meets an
+        # entry of its predecessor's epoch
         self.maps["lb_services"][key] = {"id": sid, "flags": SVC_NO_SPORT if no_sport else 0,
-                                         "mode": MODES[mode], "gen": 1}
+                                         "mode": MODES[mode], "gen": 1,
+                                         "epoch": (datapath_now_ns() >> 20) & 0xFFFFFFFF or 1}
         vk = self._vip_key(vip, 0, None)
         self.maps["lb_vips"][vk] = (self.maps["lb_vips"].get(vk) or 0) + 1
         return self.service(name)
@@ -412,7 +417,16 @@ class Datapath:
         ids = np.array([svc.backends[n].id for n in names] + [0], dtype=np.uint32)
         # -1 (no backend) indexes the trailing 0: "no backend" in the datapath
         self.ring()[svc.id * self.table_size:(svc.id + 1) * self.table_size] = ids[table]
+        self._new_epoch(svc)
         return table
+
+    def _new_epoch(self, svc: Service) -> None:
+        """After writing a service's table (never before): entries placed from now on carry the
+        new epoch, so the datapath knows they point where the hash does (a SYN skips its lookup)."""
+        key = self._vip_key(svc.vip, svc.port, svc.protocol)
+        v = self.maps["lb_services"][key]
+        v.epoch = (v.epoch + 1) & 0xFFFFFFFF or 1
+        self.maps["lb_services"][key] = v
 
     def _vip_key(self, vip: str, port: int, protocol: str | None) -> dict:
         a = ipaddress.ip_address(vip)

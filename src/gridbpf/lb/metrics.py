@@ -17,7 +17,7 @@ class _Collector:
             reasons.add_metric([r], n)
         yield reasons
         events = CounterMetricFamily("gridbpf_lb_conntrack_events", "connection-table events (inserted, "
-                                     "syn_untracked, over_limit, expired)", labels=["event"])
+                                     "syn_untracked, over_limit, expired, no_syn, reused)", labels=["event"])
         for e, n in st["conntrack"].items():
             events.add_metric([e], n)
         yield events
