@@ -649,6 +649,8 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
  * socket tracepoint at accept or close, so:
  *  - an entry is made at a target's first I/O on a TCP socket: a read makes a followed
  *    connection (an HTTP client speaks first: we are its server), a write an ignored one;
+ *  - the socket's own storage (sk_conns) says it is followed or ignored, and under which fd:
+ *    sockets without it (other processes') pay the target filter only;
  *  - the entry keeps its struct sock: I/O on the same fd with another sock means the connection
  *    was closed unseen (it is finished then); a close(2) that ends the TCP connection is seen
  *    at inet_sock_set_state, in the closing task (per connection, not per syscall).

@@ -98,7 +98,7 @@ struct http_conn {
 	__u8 bridge;             /* not a connection: the JVM agent's record fd (set by userspace) */
 	__u8 client;             /* a JVM's outbound connection: requests are sent, not received */
 	__u8 ignored;            /* socket hook: a socket of a target we do not follow (it spoke
-				    first: an outbound connection); kept so its I/O costs one lookup */
+				    first: an outbound connection); its socket storage says so too */
 	__u8 _pad;
 	/*
 	 * Accept time (syscall hook) or first I/O (socket hook): tells a reused fd number from the
