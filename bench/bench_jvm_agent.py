@@ -3,7 +3,8 @@
 200-byte request and a 300-byte response per iteration (4 hooked calls), iterations per second in
   none      before the agent is loaded (first phase: the agent cannot be unloaded)
   inactive  agent loaded, no lease: each hook reads one volatile flag     } alternating phases
-  active    a lease held: every call writes its record to /dev/null     } of the same JVM
+  write     a lease held: every call writes its record to /dev/null     } of the same JVM
+  recv      a lease held: every call reads its record on an empty socket  }
 Reported: medians of per-second samples, ns per hooked call, the added ns per call.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from gridbpf.trace.http import jvm_agent
 from gridbpf.trace.http.jvm_servers import compile_with_engine_pair, keystore
 
 SECONDS = int(os.environ.get("BENCH_JVM_AGENT_SECONDS", 4))     # per phase
-PHASES = int(os.environ.get("BENCH_JVM_AGENT_PHASES", 6))        # inactive/active alternations
+PHASES = int(os.environ.get("BENCH_JVM_AGENT_PHASES", 8))        # inactive/write/inactive/recv...
 
 
 def _wait_active(agent: jvm_agent.JvmAgent, want: bool) -> None:
@@ -105,10 +106,12 @@ def run(seconds_per_phase: int = SECONDS, phases: int = PHASES) -> dict:
                 _wait_active(agent, False)
                 mode[0] = "inactive"
             else:
+                # the lease file names its transport when it is made: alternate them
+                agent.transport = "write" if i % 4 == 1 else "recv"
                 agent.renew()
                 agent.keep_alive()
                 _wait_active(agent, True)
-                mode[0] = "active"
+                mode[0] = agent.transport
             time.sleep(seconds_per_phase)
             mode[0] = "switch"
             time.sleep(1.1)         # the sample spanning the switch is dropped
@@ -124,12 +127,13 @@ def run(seconds_per_phase: int = SECONDS, phases: int = PHASES) -> dict:
         if m == prev:
             per_mode.setdefault(m, []).append(n)
         prev = m
-    med = {m: statistics.median(v) for m, v in per_mode.items() if m in ("none", "inactive", "active")}
+    med = {m: statistics.median(v) for m, v in per_mode.items() if m in ("none", "inactive", "write", "recv")}
     ns = {m: 1e9 / v / 4 for m, v in med.items()}       # 4 hooked calls per iteration
     return {
         "iterations_per_s": {m: round(v) for m, v in med.items()},
         "ns_per_tls_call": {m: round(v) for m, v in ns.items()},
-        "added_ns_per_tls_call_active_vs_inactive": round(ns["active"] - ns["inactive"]),
+        "added_ns_per_tls_call_write_vs_inactive": round(ns["write"] - ns["inactive"]),
+        "added_ns_per_tls_call_recv_vs_inactive": round(ns["recv"] - ns["inactive"]),
         "added_ns_per_tls_call_inactive_vs_none": round(ns["inactive"] - ns["none"]),
         "samples": {m: len(v) for m, v in per_mode.items()},
         "note": "2-core machine shared with other sessions: 'none' is an earlier phase, so only "

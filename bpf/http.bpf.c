@@ -84,6 +84,26 @@ struct {
 	__type(value, struct http_conn);
 } conns SEC(".maps");
 
+/*
+ * Socket hook: what a target's socket is to us, kept on the socket itself. A socket without it
+ * is not one we follow, whatever process does I/O on it: then only the target filter is paid
+ * (no syscall registers, no connection lookup), as in the pid-only floor. Freed with the socket.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct http_sk);
+} sk_conns SEC(".maps");
+
+/* A request's response head read in one go (up to HTTP_RESP_HEAD_CAP bytes, and 4 to spare). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, char[HTTP_RESP_HEAD_CAP + 4]);
+} resp_scratch SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
@@ -308,10 +328,30 @@ static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf,
 						 long n, int head_hint)
 {
 	char head[HTTP_STATUS_CAP] = {};
-	__u32 tail = 0;
+	__u32 tail = 0, zero = 0;
+	char *h;
 
 	c->ev.resp_head_len = 0;
-	if (seglen < 12 || bpf_probe_read_user(head, sizeof(head), (void *)buf))
+	if (seglen < 12)
+		return 0;
+	if (head_hint < 0 && seglen <= (__u64)n && seglen <= HTTP_RESP_HEAD_CAP &&
+	    (h = bpf_map_lookup_elem(&resp_scratch, &zero))) {
+		/*
+		 * A head of usual size, written whole: one read of it all costs less than two
+		 * small ones (status, then its last 4 bytes), each paying the user-access setup.
+		 */
+		__u64 len = seglen, end;
+
+		asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(len) : "i"(HTTP_RESP_HEAD_CAP));
+		if (bpf_probe_read_user(h, len, (void *)buf))
+			return 0;
+		end = (seglen - 4) & (HTTP_RESP_HEAD_CAP - 1);
+		__builtin_memcpy(&tail, h + end, 4);
+		if (tail == 0x0a0d0a0d)       /* "\r\n\r\n" as a little-endian u32 */
+			c->ev.resp_head_len = seglen;
+		return parse_status(h);
+	}
+	if (bpf_probe_read_user(head, sizeof(head), (void *)buf))
 		return 0;
 	if (head_hint >= 0)               /* the JVM agent found the head's end itself */
 		c->ev.resp_head_len = head_hint;
@@ -478,8 +518,12 @@ static __always_inline int looks_like_tls(__u64 buf)
 static __always_inline void note_last_conn(__u32 tid, struct http_conn_key *key,
 					   struct http_conn *c)
 {
-	struct http_jvm_bind last = {.fd = key->fd, .born_ns = c->born_ns};
+	struct http_jvm_bind last = {.fd = key->fd, .born_ns = c->born_ns}, *was;
 
+	/* a thread mostly works one connection for a while: an LRU update only when it changes */
+	was = bpf_map_lookup_elem(&jvm_last_conn, &tid);
+	if (was && was->fd == last.fd && was->born_ns == last.born_ns)
+		return;
 	bpf_map_update_elem(&jvm_last_conn, &tid, &last, BPF_ANY);
 }
 
@@ -605,6 +649,8 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
  * socket tracepoint at accept or close, so:
  *  - an entry is made at a target's first I/O on a TCP socket: a read makes a followed
  *    connection (an HTTP client speaks first: we are its server), a write an ignored one;
+ *  - the socket's own storage (sk_conns) says it is followed or ignored, and under which fd:
+ *    sockets without it (other processes') pay the target filter only;
  *  - the entry keeps its struct sock: I/O on the same fd with another sock means the connection
  *    was closed unseen (it is finished then); a close(2) that ends the TCP connection is seen
  *    at inet_sock_set_state, in the closing task (per connection, not per syscall).
@@ -687,10 +733,26 @@ static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int 
 	struct pt_regs *regs;
 	struct http_conn_key key;
 	struct http_conn *c;
+	struct http_sk *st = NULL;
 	__u64 pid_tgid, arg1, arg2;
+	__u32 tgid;
 	long nr;
 
-	if (ret < 0) {
+	pid_tgid = bpf_get_current_pid_tgid();
+	tgid = pid_tgid >> 32;
+	if (ret >= 0) {
+		/*
+		 * The socket's own storage says whether we follow it: sockets of other processes
+		 * have none and pay the target filter only; ignored ones stop here.
+		 */
+		st = bpf_sk_storage_get(&sk_conns, sk, 0, 0);
+		if (st && st->tgid == tgid) {
+			if (st->ignored)
+				return 0;
+		} else if (!bpf_map_lookup_elem(&targets, &tgid)) {
+			return 0;
+		}
+	} else {
 		/* failures change nothing, except the JVM bridge's EAGAIN reads of a UDP socket */
 		if (ret != -EAGAIN || is_send || sk->sk_type != SOCK_DGRAM)
 			return 0;
@@ -700,17 +762,18 @@ static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int 
 	nr = regs->orig_ax;
 	if (!is_sock_nr(nr))
 		return 0;       /* not a syscall we know the arguments of (io_uring, the kernel's own) */
-	pid_tgid = bpf_get_current_pid_tgid();
 	arg1 = regs->si;
 	arg2 = regs->dx;
 	if (ret < 0) {
 		sock_bridge_record(pid_tgid, nr, arg1, arg2);
 		return 0;
 	}
-	key.tgid = pid_tgid >> 32;
+	key.tgid = tgid;
 	/* splice(fd_in, off_in, fd_out, ...): the socket is fd_out when it sends */
 	key.fd = nr == NR_splice ? (is_send ? (__u32)regs->dx : (__u32)-1) : regs->di;
 	c = bpf_map_lookup_elem(&conns, &key);
+	if (c && c->sk == (__u64)sk && st && st->tgid == tgid && st->fd == key.fd)
+		goto known;
 	if (c && c->sk != (__u64)sk) {
 		if (c->bridge)
 			return 0;
@@ -731,6 +794,14 @@ static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int 
 		if (!c)
 			return 0;
 	}
+	/* remember on the socket that it is followed (or ignored), and under which fd */
+	st = bpf_sk_storage_get(&sk_conns, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (st) {
+		st->tgid = tgid;
+		st->fd = key.fd;
+		st->ignored = c->ignored;
+	}
+known:
 	if (c->ignored || ret == 0)
 		return 0;
 	on_io(&key, c, pid_tgid, nr, ret, arg1, arg2, !is_send && (flags & MSG_PEEK));

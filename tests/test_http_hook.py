@@ -69,3 +69,29 @@ def test_hook_choice(monkeypatch):
         tr.choose_hook("sock")
     with pytest.raises(ValueError, match="unknown HTTP tracing hook"):
         tr.choose_hook("kprobe")
+
+
+@pytest.mark.skipif(not tr.sock_tracepoints(), reason="no socket tracepoints (Linux 6.3+)")
+def test_socket_storage_marks_only_a_targets_sockets():
+    """The socket hook remembers on the socket itself (sk_conns) that a target follows it (it
+    read first: a server's connection) or ignores it (it wrote first: outbound); a socket the
+    target never touched, and every socket of an untraced process, has nothing."""
+    import socket
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    idle = socket.create_connection(srv.getsockname())
+    t = HttpTracer(TargetSpec(pids=[os.getpid()]), tls=False, hook="sock")
+    try:
+        storage = t.obj.map("sk_conns")
+        cli.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn.recv(4096)
+        followed, ignored = storage.get(conn.fileno()), storage.get(cli.fileno())
+        assert followed is not None and not followed.ignored
+        assert followed.fd == conn.fileno() and followed.tgid == os.getpid()
+        assert ignored is not None and ignored.ignored
+        assert storage.get(idle.fileno()) is None      # negative control: never did I/O
+    finally:
+        t.close()
+        for s in (cli, conn, idle, srv):
+            s.close()

@@ -6,6 +6,8 @@
 #define HTTP_HDR_CAP 256
 /* Bytes read from the start of a response write: "HTTP/1.1 200 " (status, pipelining). */
 #define HTTP_STATUS_CAP 16
+/* A response head up to this size (power of two) is read in one go, for its status and end. */
+#define HTTP_RESP_HEAD_CAP 512
 
 enum http_event_kind {
 	HTTP_EV_REQUEST = 1,     /* one request and its response */
@@ -96,7 +98,7 @@ struct http_conn {
 	__u8 bridge;             /* not a connection: the JVM agent's record fd (set by userspace) */
 	__u8 client;             /* a JVM's outbound connection: requests are sent, not received */
 	__u8 ignored;            /* socket hook: a socket of a target we do not follow (it spoke
-				    first: an outbound connection); kept so its I/O costs one lookup */
+				    first: an outbound connection); its socket storage says so too */
 	__u8 _pad;
 	/*
 	 * Accept time (syscall hook) or first I/O (socket hook): tells a reused fd number from the
@@ -108,6 +110,14 @@ struct http_conn {
 	 * I/O on the same fd with another sock means the connection was closed unseen.
 	 */
 	__u64 sk;
+};
+
+/* Socket hook: kept on a target's socket (socket local storage) once its entry is made. */
+struct http_sk {
+	__u32 tgid;
+	__u32 fd;                /* the entry's key in `conns` */
+	__u8 ignored;            /* an outbound connection: nothing to do */
+	__u8 _pad[7];
 };
 
 /*
