@@ -51,7 +51,9 @@ def test_non_socket_syscalls_pay_only_with_the_syscall_hook(bpf_stats, hook):
     if hook == "syscall":
         assert ran >= 2 * n
     else:
-        assert ran < n // 10, ran
+        # other tasks' socket I/O meanwhile counts too: measured up to ~1900 runs with
+        # benchmarks running beside, an order of magnitude below the 20000 syscalls
+        assert ran < n // 2, ran
 
 
 def test_hook_choice(monkeypatch):

@@ -186,8 +186,9 @@ public final class Agent {
 
     /**
      * The recv transport: an unbound, non-blocking UDP socket (nothing can ever arrive on it, so
-     * every read fails with EAGAIN and copies nothing) and the JDK's own read0 native, which
-     * reads into an address and reports EAGAIN as a status, not an exception. If any part is
+     * every recv fails with EAGAIN and copies nothing) and the JDK's own read0 native for
+     * datagram sockets, which receives into an address and reports EAGAIN as a status, not an
+     * exception. If any part is
      * missing the write transport still works: the reason goes to agent.json.
      */
     private static void openRecvTransport() {
@@ -196,7 +197,8 @@ public final class Agent {
             ch.configureBlocking(false);
             FileDescriptor fd = (FileDescriptor) Class.forName("sun.nio.ch.SelChImpl")
                     .getMethod("getFD").invoke(ch);
-            Class<?> dispatcher = Class.forName("sun.nio.ch.FileDispatcherImpl");
+            // recv(2) (the datagram dispatcher's read0) skips the VFS layer that read(2) goes through
+            Class<?> dispatcher = Class.forName("sun.nio.ch.DatagramDispatcher");
             MethodHandle read0 = MethodHandles.privateLookupIn(dispatcher, MethodHandles.lookup())
                     .findStatic(dispatcher, "read0", MethodType.methodType(int.class, FileDescriptor.class, long.class, int.class));
             Control.openRecv(fd, read0);

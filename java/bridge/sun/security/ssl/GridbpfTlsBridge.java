@@ -166,8 +166,22 @@ public final class GridbpfTlsBridge {
             seen += moved;
         }
         int headLen = 0;
-        if (dir == DIR_SEND && startsWithHttp(rec, copied)) headLen = headEndInBuffers(s, total);
+        if (dir == DIR_SEND && startsWithHttp(rec, copied)) {
+            // a small response's head is within the copy: scan that array, not the buffers
+            headLen = headEndIn(rec, HEADER, copied);
+            if (headLen == 0 && total > copied) headLen = headEndInBuffers(s, total);
+        }
         emit(s, total, copied, headLen, dir);
+    }
+
+    /** Offset (from off) just past the first CRLFCRLF in b[off, off+len), else 0. */
+    private static int headEndIn(byte[] b, int off, int len) {
+        int window = 0;
+        for (int p = off, end = off + len; p < end; p++) {
+            window = (window << 8) | (b[p] & 0xff);
+            if (window == 0x0d0a0d0a) return p - off + 1;
+        }
+        return 0;
     }
 
     /** Offset just past the first CRLFCRLF within the first 4096 plaintext bytes, else 0. */
@@ -265,14 +279,7 @@ public final class GridbpfTlsBridge {
         int copied = Math.min(len, DATA_MAX);
         System.arraycopy(b, off, s.rec, HEADER, copied);
         int headLen = 0;
-        if (dir == DIR_SEND && startsWithHttp(s.rec, copied)) {
-            int limit = off + Math.min(len, HEAD_SCAN_MAX);
-            int window = 0;
-            for (int p = off; p < limit; p++) {
-                window = (window << 8) | (b[p] & 0xff);
-                if (window == 0x0d0a0d0a) { headLen = p - off + 1; break; }
-            }
-        }
+        if (dir == DIR_SEND && startsWithHttp(s.rec, copied)) headLen = headEndIn(b, off, Math.min(len, HEAD_SCAN_MAX));
         emit(s, len, copied, headLen, dir);
     }
 
