@@ -33,6 +33,8 @@ from gridbpf.trace.targets import TargetSpec
 ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", 7))
 SECONDS = float(os.environ.get("BENCH_HTTP_SECONDS", 3))
 CONNS = 32
+# every mode by default; BENCH_HTTP_MODES=off,stream runs a subset while developing
+MODES = os.environ.get("BENCH_HTTP_MODES", "off,floor,sockfloor,kernel,trace,stream").split(",")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -107,7 +109,47 @@ class _Consumer:
         return self.agent.requests - before
 
 
+def stream_round(nginx: Nginx) -> dict:
+    """The real `gridbpf trace http --json` process streaming every request into a pipe that a
+    reader drains (like `| tail` or a file): what a user tailing a busy server costs it."""
+    worker = nginx.worker_pids()[0]
+    p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "trace", "http", "--pid",
+                          str(nginx.pid), "--json", "--no-tls"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = [0, 0]          # newlines, bytes
+
+    def read():
+        while chunk := p.stdout.read1(1 << 16):
+            lines[0] += chunk.count(b"\n")
+            lines[1] += len(chunk)
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        first = p.stderr.readline()
+        if not first.startswith(b"gridbpf: tracing"):
+            raise RuntimeError(f"trace http did not start: {first!r} {p.stderr.read()!r}")
+        c0, s0 = cpu_seconds(worker), cpu_seconds(p.pid)
+        rps, n = wrk(f"{nginx.url}/index.html")
+        c1, s1 = cpu_seconds(worker), cpu_seconds(p.pid)
+        time.sleep(0.3)            # wrk closed its connections: the last requests
+        p.terminate()
+        err = p.stderr.read().decode()
+        p.wait(30)
+        reader.join()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    summary = json.loads(err.strip().splitlines()[-1])["summary"]
+    return {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
+            "cli_cpu_us_per_req": (s1 - s0) / n * 1e6, "printed": summary["requests"],
+            "lines_read": lines[0], "json_bytes_per_line": lines[1] / max(lines[0], 1),
+            "not_printed": summary.get("not_printed", 0), "lost": summary["events_lost"]}
+
+
 def one_round(nginx: Nginx, mode: str) -> dict:
+    if mode == "stream":
+        return stream_round(nginx)
     worker = nginx.worker_pids()[0]
     tracer, drained, stop, drainer = None, [0], threading.Event(), None
     sock = None
@@ -203,7 +245,7 @@ def run() -> dict:
         with Nginx(workers=1, access_log=False) as nginx:
             (nginx.root / "index.html").write_bytes(b"<html>hello grid</html>\n" * 20)
             wrk(f"{nginx.url}/index.html")      # warm up
-            modes = ["off", "floor", "sockfloor", "kernel", "trace"]
+            modes = MODES
             rounds = {m: [] for m in modes}
             for i in range(ROUNDS):
                 # rotate the order so drift over time does not favour one mode

@@ -25,13 +25,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_http)
 
 
-def _out(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def cmd_http(args) -> int:
     from ..targets import TargetError
+    from .stream import JsonLines, LineWriter
     from .tracer import DRAIN_MS, HttpTracer
 
     spec = spec_from_args(args)
@@ -47,18 +43,28 @@ def cmd_http(args) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     deadline = time.monotonic() + args.duration if args.duration else None
+    # a batch is encoded from its columns and written in one go by a thread (stream.py): the
+    # cost per printed request is what a busy server pays for being watched
+    encode = JsonLines(tracer).encode if args.json else \
+        (lambda arr: [r.line() for r in tracer.decode(arr)])
+    out = LineWriter(sys.stdout.fileno(), json_lines=args.json)
+    sys.stdout.flush()
     shown, warned = 0, 0
     end_reason = None
     last_refresh = time.monotonic()
+
+    def emit(arr) -> None:
+        nonlocal shown
+        lines = encode(arr)
+        if args.count:
+            lines = lines[:args.count - shown]
+        shown += len(lines)
+        out.put(lines)
+
     with tracer:
         try:
-            while not stop:
-                reqs = tracer.poll(DRAIN_MS)
-                for r in reqs:
-                    _out(json.dumps(r.to_dict()) if args.json else r.line())
-                    shown += 1
-                    if args.count and shown >= args.count:
-                        break
+            while not stop and not out.broken:
+                emit(tracer.poll_array(DRAIN_MS))
                 for w in tracer.warnings[warned:]:
                     print(f"gridbpf: {w}", file=sys.stderr)
                 warned = len(tracer.warnings)
@@ -77,15 +83,15 @@ def cmd_http(args) -> int:
         except KeyboardInterrupt:
             pass
         # the last requests of closing connections are still in the ring
-        for r in tracer.poll(0):
-            if args.count and shown >= args.count:
-                break
-            _out(json.dumps(r.to_dict()) if args.json else r.line())
-            shown += 1
+        if not (args.count and shown >= args.count) and not out.broken:
+            emit(tracer.poll_array(0))
+        out.close()
         stats = tracer.stats()
     if end_reason:
         print(f"gridbpf: {end_reason}", file=sys.stderr)
-    summary = {"requests": shown, **stats}
+    # requests: lines printed; not_printed: decoded but dropped because the reader was behind
+    # (or went away); events_lost: records the kernel could not put in the ring
+    summary = {"requests": out.printed, "not_printed": out.not_printed, **stats}
     if args.json:
         print(json.dumps({"summary": summary}), file=sys.stderr)
     else:
