@@ -201,31 +201,94 @@ def one_round(nginx: Nginx, mode: str) -> dict:
     return r
 
 
-def agent_rss(nginx: Nginx) -> dict:
-    """Run the real agent on nginx through one wrk round; its peak RSS and what it counted."""
+class OtlpSink:
+    """An OTLP/HTTP receiver for the agent's exports: answers 200 and counts what came (the
+    tests decode it; here only the agent's side is measured)."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.posts, self.bytes = {}, 0
+        sink = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                sink.posts[self.path] = sink.posts.get(self.path, 0) + 1
+                sink.bytes += len(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _vm(pid: int, key: str) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def agent_rss(nginx: Nginx, otlp: bool = False) -> dict:
+    """Run the real agent on nginx through one wrk round; its RSS (peak: VmHWM; steady: the
+    median of VmRSS sampled during the round) and what it counted. With OTLP on, metrics every
+    second and spans (1000/s, the default cap) go to a local receiver."""
+    tag = "agent_otlp_" if otlp else "agent_"
+    sink = OtlpSink() if otlp else None
     with tempfile.TemporaryDirectory(prefix="ht-bench-") as d:
         cfg = Path(d) / "agent.toml"
-        cfg.write_text(f'[targets]\npid = [{nginx.pid}]\n[metrics]\nlisten = "127.0.0.1:0"\n'
-                       f'routes = ["/{{vo}}/{{path}}"]\n[agent]\nlock = "{d}/agent.lock"\n')
+        text = (f'[targets]\npid = [{nginx.pid}]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                f'routes = ["/{{vo}}/{{path}}"]\n[agent]\nlock = "{d}/agent.lock"\n')
+        if otlp:
+            text += (f'[otlp]\nendpoint = "http://127.0.0.1:{sink.port}"\ninterval = 1\n'
+                     f'service_name = "bench"\n')
+        cfg.write_text(text)
         p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config",
                               str(cfg), "--json"], stdout=subprocess.PIPE, text=True)
-        status = json.loads(p.stdout.readline())
-        a0 = cpu_seconds(p.pid)
-        rps, n = wrk(f"{nginx.url}/index.html")
-        time.sleep(0.5)
-        import urllib.request
-        text = urllib.request.urlopen(status["metrics"]).read().decode()
-        counted = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                      if l.startswith("http_server_request_duration_seconds_count"))
-        status_txt = Path(f"/proc/{p.pid}/status").read_text()
-        hwm = int(re.search(r"VmHWM:\s+(\d+) kB", status_txt).group(1))
-        agent_cpu = cpu_seconds(p.pid) - a0
-        rss = int(re.search(r"VmRSS:\s+(\d+) kB", status_txt).group(1))
-        p.terminate()
-        p.wait(30)
-    return {"agent_peak_rss_mb": round(hwm / 1024, 1), "agent_rss_mb": round(rss / 1024, 1),
-            "agent_rps": rps, "agent_requests": n, "agent_counted": counted,
-            "agent_cpu_us_per_req": round(agent_cpu / n * 1e6, 2)}
+        try:
+            status = json.loads(p.stdout.readline())
+            a0 = cpu_seconds(p.pid)
+            samples, done = [], threading.Event()
+
+            def sample():
+                while not done.wait(0.25):
+                    samples.append(_vm(p.pid, "VmRSS"))
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            rps, n = wrk(f"{nginx.url}/index.html")
+            done.set()
+            sampler.join()
+            time.sleep(1.5)            # a metric export after the load, the last spans
+            import urllib.request
+            text = urllib.request.urlopen(status["metrics"]).read().decode()
+            counted = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                          if l.startswith("http_server_request_duration_seconds_count"))
+            spans = [l for l in text.splitlines() if l.startswith("gridbpf_http_spans_dropped")]
+            hwm, rss = _vm(p.pid, "VmHWM"), _vm(p.pid, "VmRSS")
+            agent_cpu = cpu_seconds(p.pid) - a0
+        finally:
+            p.terminate()
+            p.wait(30)
+            if sink:
+                sink.close()
+    out = {tag + "peak_rss_mb": round(hwm, 1),
+           tag + "steady_rss_mb": round(statistics.median(samples), 1) if samples else round(rss, 1),
+           tag + "rss_after_mb": round(rss, 1), tag + "rps": rps, tag + "requests": n,
+           tag + "counted": counted, tag + "cpu_us_per_req": round(agent_cpu / n * 1e6, 2)}
+    if otlp:
+        out.update({tag + "posts": sink.posts, tag + "bytes_received": sink.bytes,
+                    tag + "spans_dropped": float(spans[0].rsplit(" ", 1)[1]) if spans else None})
+    return out
 
 
 def enable_bpf_stats() -> int:
@@ -253,6 +316,7 @@ def run() -> dict:
                 for mode in order:
                     rounds[mode].append(one_round(nginx, mode))
             agent = agent_rss(nginx)
+            agent.update(agent_rss(nginx, otlp=True))
     finally:
         os.close(stats_fd)
     med = lambda mode, k: statistics.median(r[k] for r in rounds[mode])

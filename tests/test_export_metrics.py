@@ -54,9 +54,50 @@ def test_prometheus_text_and_otlp_points():
     assert buckets == {"0.1": 1, "1.0": 2, "10.0": 3, "+Inf": 4}
     assert all(s.labels.get("http_route") == "/a" for s in fams["http_server_request_duration_seconds"].samples)
     assert fams["gridbpf_test_lost"].samples[0].value == 3
-    ex = OtlpExporter("http://127.0.0.1:9", "svc", spans=False)
-    data = ex.metrics_data(reg)
-    metrics = {m.name: m for m in data.resource_metrics[0].scope_metrics[0].metrics}
-    p = metrics["http.server.request.duration"].data.data_points[0]
-    assert list(p.bucket_counts) == [1, 1, 1, 1] and p.count == 4 and p.attributes == {"http.route": "/a"}
-    assert metrics["gridbpf.test.lost"].data.data_points[0].value == 3
+
+
+def _attrs(kvs):
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in kvs}
+
+
+def test_otlp_round_trip_to_a_receiver():
+    """Metrics and spans POSTed to a real OTLP/HTTP receiver and decoded there; the span rate
+    cap counts what it drops; a receiver that is down is counted as failed exports."""
+    from test_http_agent import OtlpReceiver
+    reg = Registry()
+    h = reg.histogram("http.server.request.duration", "d", "s", ("http.route", "code"), BOUNDS,
+                      attribute_types={"code": int})
+    h.observe_many([0.05, 0.5, 5, 50], [("/a", "200")] * 4)
+    reg.counter("gridbpf.test.lost", "d", "1", lambda: {(): 3})
+    rx = OtlpReceiver()
+    ex = OtlpExporter(f"http://127.0.0.1:{rx.port}", "svc", resource={"host.name": "n1"},
+                      max_spans_per_second=3)
+    try:
+        assert ex.export_metrics(reg)
+        sent = [ex.span("GET /a", 10, 20, {"http.request.method": "GET", "client.port": 5})
+                for _ in range(5)]
+        assert sent == [True] * 3 + [False] * 2 and ex.spans_dropped == 2
+        assert ex.flush_spans() and ex.spans_sent == 3
+    finally:
+        rx.close()
+    res = _attrs(rx.metrics[0].resource_metrics[0].resource.attributes)
+    assert res["service.name"] == "svc" and res["host.name"] == "n1"
+    metrics = {m.name: m for m in rx.metrics[0].resource_metrics[0].scope_metrics[0].metrics}
+    d = metrics["http.server.request.duration"]
+    assert d.unit == "s" and d.histogram.aggregation_temporality == 2       # cumulative
+    p = d.histogram.data_points[0]
+    assert list(p.bucket_counts) == [1, 1, 1, 1] and p.count == 4 and p.sum == 55.55
+    assert list(p.explicit_bounds) == list(BOUNDS) and (p.min, p.max) == (0.05, 50)
+    assert _attrs(p.attributes) == {"http.route": "/a", "code": 200}
+    lost = metrics["gridbpf.test.lost"].sum
+    assert lost.is_monotonic and lost.data_points[0].as_int == 3
+    spans = rx.spans()
+    assert len(spans) == 3 and len({s.trace_id for s in spans}) == 3
+    assert spans[0].kind == 2 and spans[0].name == "GET /a"
+    assert (spans[0].start_time_unix_nano, spans[0].end_time_unix_nano) == (10, 20)
+    assert _attrs(spans[0].attributes) == {"http.request.method": "GET", "client.port": 5}
+    assert len(spans[0].span_id) == 8 and len(spans[0].trace_id) == 16
+    # negative control: nobody listens any more
+    ex.span("GET /b", 1, 2, {})
+    assert not ex.export_metrics(reg) and ex.metric_failures == 1
+    assert not ex.flush_spans() and ex.spans_failed == 1

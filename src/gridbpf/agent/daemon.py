@@ -97,6 +97,11 @@ class HttpAgent:
                       lambda: {(): self.requests})
             r.counter("gridbpf.http.spans.dropped", "Spans not exported (rate cap).", "1",
                       lambda: {(): self.otlp.spans_dropped if self.otlp else 0})
+            r.counter("gridbpf.otlp.export.failures", "OTLP exports the receiver did not take "
+                      "(metrics: exports; spans: the spans in them).", "1",
+                      lambda: {("metrics",): self.otlp.metric_failures,
+                               ("spans",): self.otlp.spans_failed} if self.otlp else {},
+                      ("signal",))
             r.counter("gridbpf.http.tls.unreadable", "Target processes serving TLS that cannot "
                       "be read (e.g. JVM JSSE).", "1", lambda: {(): len(self.tracer.tls_opaque)})
             self.collectors = self._collectors(cfg.collectors)
