@@ -98,6 +98,49 @@ def test_otlp_round_trip_to_a_receiver():
     assert _attrs(spans[0].attributes) == {"http.request.method": "GET", "client.port": 5}
     assert len(spans[0].span_id) == 8 and len(spans[0].trace_id) == 16
     # negative control: nobody listens any more
-    ex.span("GET /b", 1, 2, {})
     assert not ex.export_metrics(reg) and ex.metric_failures == 1
-    assert not ex.flush_spans() and ex.spans_failed == 1
+    ex = OtlpExporter(f"http://127.0.0.1:{rx.port}", "svc")
+    assert ex.span("GET /b", 1, 2, {})
+    assert not ex.flush_spans() and (ex.spans_failed, ex.spans_sent) == (1, 0)
+
+
+def test_exposition_matches_prometheus_client():
+    """Our /metrics text is what prometheus_client writes for the same families, escapes and
+    large numbers included (it used to be written by prometheus_client)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    from gridbpf.export.prometheus import exposition
+    reg = Registry()
+    h = reg.histogram("http.server.request.duration", 'with "quotes"\nand \\', "s",
+                      ("http.route", "http.request.method"), BOUNDS + (2e6,), max_series=2)
+    h.observe_many([0.05, 0.5, 5, 50, 3e6] * 300_000,
+                   [('/a"b\\c\nd', "GET"), ("/x", "PUT"), ("/y", "GET")] * 500_000)
+    reg.counter("gridbpf.test.lost", "d", "1", lambda: {("a",): 3, ("b\n",): 12345678},
+                ("counter",))
+
+    class Old:           # the families as the prometheus_client-based collector built them
+        def collect(self):
+            for h in reg.histograms:
+                fam = HistogramMetricFamily(h.prometheus_name, h.description,
+                                            labels=[n.replace(".", "_") for n in h.labelnames])
+                bounds = [*(floatToGoString(b) for b in h.bounds), "+Inf"]
+                for labels, s in h.snapshot():
+                    fam.add_metric(list(labels), list(zip(bounds, np.cumsum(s.buckets).tolist())),
+                                   s.total)
+                yield fam
+                over = CounterMetricFamily(f"{h.prometheus_name}_series_overflow",
+                                           f"observations of {h.name} folded into the overflow "
+                                           f"series (cardinality cap {h.max_series})")
+                over.add_metric([], h.overflowed)
+                yield over
+            for c in reg.counters:
+                fam = CounterMetricFamily(c.prometheus_name, c.description,
+                                          labels=list(c.labelnames))
+                for labels, value in c.read().items():
+                    fam.add_metric(list(labels), value)
+                yield fam
+    prom = CollectorRegistry(auto_describe=False)
+    prom.register(Old())
+    assert exposition(reg) == generate_latest(prom).decode()

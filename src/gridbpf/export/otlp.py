@@ -24,7 +24,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from .metrics import Registry
 
 SCOPE = "gridbpf"
-SPAN_FLUSH_S = 1.0          # how often queued spans are sent
+SPAN_FLUSH_S = 0.5          # how often queued spans are sent (1000 spans: 1.4 MB in memory)
 KIND_SERVER, KIND_CLIENT = Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT
 
 
