@@ -157,13 +157,13 @@ def _fake_tracer():
     return Decoder()
 
 
-def test_json_encoder_equals_request_to_dict():
-    """The column encoder of `--json` (stream.JsonLines) against json.dumps(Request.to_dict())
-    on random records: cut and multi-block captures, pipelined ones, absent ttfb and body
+def test_encoders_equal_request_objects():
+    """The column encoders (stream.JsonLines, stream.TextLines) against
+    json.dumps(Request.to_dict()) and Request.line() on random records: cut and multi-block captures, pipelined ones, absent ttfb and body
     sizes, IPv4/IPv6/unknown clients, odd bytes and quotes in paths, times out of order."""
     import numpy as np
     from gridbpf.bpf import BpfObject
-    from gridbpf.trace.http.stream import JsonLines
+    from gridbpf.trace.http.stream import JsonLines, TextLines
     from gridbpf.trace.http.tracer import EV_REQUEST
 
     dt = BpfObject.open("http").btf.dtype("struct http_event")
@@ -205,6 +205,18 @@ def test_json_encoder_equals_request_to_dict():
                 assert abs(g[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, v, g[k])
             else:
                 assert g[k] == v, (k, v, g[k], w)
+    # text: equal but for rounding at the last digit (times in ms, durations to the us)
+    want = [r.line() for r in t.decode(a)]
+    got = TextLines(t).encode(a)
+    assert len(got) == n
+    for w, g in zip(want, got):
+        wt, gt = w.split(" "), g.split(" ")
+        assert len(wt) == len(gt), (w, g)
+        for a_, b_ in zip(wt, gt):
+            if a_ == b_:
+                continue
+            num = lambda s: float(s.split(":")[-1].split("=")[-1].removesuffix("ms"))
+            assert a_.split("=")[0] == b_.split("=")[0] and abs(num(a_) - num(b_)) <= 0.0011, (w, g)
 
 
 def test_slow_reader_lines_counted_not_silent():

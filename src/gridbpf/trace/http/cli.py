@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 def cmd_http(args) -> int:
     from ..targets import TargetError
-    from .stream import JsonLines, LineWriter
+    from .stream import JsonLines, LineWriter, TextLines
     from .tracer import DRAIN_MS, HttpTracer
 
     spec = spec_from_args(args)
@@ -45,8 +45,7 @@ def cmd_http(args) -> int:
     deadline = time.monotonic() + args.duration if args.duration else None
     # a batch is encoded from its columns and written in one go by a thread (stream.py): the
     # cost per printed request is what a busy server pays for being watched
-    encode = JsonLines(tracer).encode if args.json else \
-        (lambda arr: [r.line() for r in tracer.decode(arr)])
+    encode = (JsonLines if args.json else TextLines)(tracer).encode
     out = LineWriter(sys.stdout.fileno(), json_lines=args.json)
     sys.stdout.flush()
     shown, warned = 0, 0

@@ -12,30 +12,35 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import numpy as np
 
-from .tracer import (F_PIPELINED, F_TLS, FLAG_NAMES, HttpTracer, _client, parse_request_line,
+from .tracer import (EV_REQUEST, F_PIPELINED, F_TLS, FLAG_NAMES, HttpTracer, _client, parse_request_line,
                      response_body_sizes)
 
 _CACHE_MAX = 50_000       # distinct request lines (or clients) kept encoded; then start over
 
-# one template per combination of the three fields that may be null: 4 ttfb, 2 request body,
-# 1 response body. Keys and their order are those of Request.to_dict(). Numbers are written
-# from integers (seconds and microseconds, nanoseconds): Python formats floats at half the speed.
-_HEAD = ('{"time":%d.%06d,"pid":%d,"tid":%d,"client":%s,"port":%d,%s,"status":%d,'
-         '"request_bytes":%d,"response_bytes":%d,"duration":%d.%09d,"ttfb":')
+# JSON: one template per combination of the three fields that may be null: 4 ttfb, 2 request
+# body, 1 response body. Keys and their order are those of Request.to_dict(). Numbers are
+# written from integers (seconds and microseconds, nanoseconds): Python formats floats at half
+# the speed.
+_JSON_HEAD = ('{"time":%d.%06d,"pid":%d,"tid":%d,"client":%s,"port":%d,%s,"status":%d,'
+              '"request_bytes":%d,"response_bytes":%d,"duration":%d.%09d,"ttfb":')
 
 
-def _template(code: int) -> str:
+def _json_template(code: int) -> str:
     ttfb = "%d.%09d" if code & 4 else "null%.0s%.0s"
     qbody = "%d" if code & 2 else "null%.0s"
     rbody = "%d" if code & 1 else "null%.0s"
-    return (_HEAD + ttfb + ',%s,"request_body_bytes":' + qbody
+    return (_JSON_HEAD + ttfb + ',%s,"request_body_bytes":' + qbody
             + ',"response_body_bytes":' + rbody + "}")
 
 
-_TEMPLATES = [_template(c) for c in range(8)]
+_JSON_TEMPLATES = [_json_template(c) for c in range(8)]
+# text: Request.line(); durations in milliseconds to the microsecond
+_TEXT_TEMPLATES = ["%s.%03d pid=%d tid=%d %s:%d %s %s req=%d resp=%d dur=%d.%03dms ttfb="
+                   + ("%d.%03dms" if code & 4 else "-%.0s%.0s") + "%s" for code in range(8)]
 
 
 def _rows(col: np.ndarray) -> np.ndarray:
@@ -44,24 +49,26 @@ def _rows(col: np.ndarray) -> np.ndarray:
     return col.view(np.uint8).reshape(len(col), -1)
 
 
-class JsonLines:
-    """Request records of drained batches -> JSON lines, identical in content to
-    json.dumps(Request.to_dict()) (times to the microsecond, durations to the nanosecond).
+class _Lines:
+    """Request records of drained batches -> lines, straight from the columns.
 
     A request line, client address or flag set is encoded once (and cached); each request is
     then a dict lookup for its request line and one %-format of integers and cached fragments:
-    no per-request parsing, dicts or float formatting. (Finding the request lines with numpy
-    passes over the 256-byte captures was measured slower than slicing each in Python.)"""
+    no Request objects, no per-request parsing or float formatting. (Finding the request lines
+    with numpy passes over the 256-byte captures was measured slower than slicing each in
+    Python.) Records the fast path does not cover go through the full decoder."""
 
     def __init__(self, tracer: HttpTracer):
         self.tracer = tracer
-        self._lines: dict[bytes, str] = {}       # request-line key -> JSON fragment
-        self._clients: dict[bytes, str] = {}     # address bytes + family -> JSON string
-        self._flags: dict[int, str] = {}         # flags -> '"tls":...,"flags":[...]'
+        self._lines: dict[bytes, str] = {}       # request-line key -> its fragment
+        self._clients: dict[bytes, str] = {}     # address bytes + family -> its fragment
+        self._flags: dict[int, str] = {}         # flags -> their fragment
 
     def encode(self, arr: np.ndarray) -> list[str]:
-        """JSON lines of the requests in a drained batch (all record kinds), in ring order."""
-        reqs = self.tracer.requests_only(arr) if len(arr) else arr
+        """The lines of the requests in a drained batch (all record kinds), in ring order."""
+        if len(arr) and not (arr["kind"] == EV_REQUEST).all():
+            arr = self.tracer.requests_only(arr)        # (a copy: only when other kinds came)
+        reqs = arr
         n = len(reqs)
         if not n:
             return []
@@ -92,29 +99,22 @@ class JsonLines:
             ((qb == hlen) & (head >= 0) & (head != hlen)) | (dur < 0) | \
             ((ttfb_ns > 0) & (ttfb < 0))
         code = ((ttfb_ns > 0) * 4 + (qbody >= 0) * 2 + (rbody >= 0)).tolist()
-        client_frags = self._client_fragments(reqs)
         uflags, finv = np.unique(flags, return_inverse=True)
         fr = [self._flags.get(f) or self._flag_fragment(f) for f in uflags.tolist()]
         flag_frags = np.array(fr, object)[finv.reshape(-1)].tolist()
-        sec, usec = np.divmod(start // 1000 + round(self.tracer._wall_offset * 1e6), 1_000_000)
-        dsec, dns = np.divmod(dur, 1_000_000_000)
-        tsec, tns = np.divmod(ttfb, 1_000_000_000)
-        cols = zip(sec.tolist(), usec.tolist(), reqs["pid"].tolist(), reqs["tid"].tolist(),
-                   client_frags, reqs["cport"].tolist(), line_frags, reqs["status"].tolist(),
-                   qb.tolist(), reqs["resp_bytes"].tolist(), dsec.tolist(), dns.tolist(),
-                   tsec.tolist(), tns.tolist(), flag_frags, qbody.tolist(), rbody.tolist())
-        tpl = _TEMPLATES
-        out = [tpl[c] % row for c, row in zip(code, cols)]
+        wall_us = start // 1000 + round(self.tracer._wall_offset * 1e6)
+        out = self._format(reqs, code, line_frags, self._client_fragments(reqs), flag_frags,
+                           wall_us, dur, ttfb, qb, qbody, rbody)
         self.tracer.requests_seen += n
         if slow.any():
             idx = np.flatnonzero(slow)
             for i, r in zip(idx.tolist(), self.tracer.decode(reqs[idx])):
-                out[i] = json.dumps(r.to_dict(), separators=(",", ":"))
+                out[i] = self._slow(r)
             self.tracer.requests_seen -= len(idx)      # decode() counted them again
         return out
 
     def _client_fragments(self, reqs: np.ndarray) -> list[str]:
-        """The client address of each record as a JSON string. Distinct (address, family) pairs
+        """The client address of each record as a fragment. Distinct (address, family) pairs
         are found by a 64-bit hash with numpy, checked exactly against the first record of each
         hash (a collision, should one ever happen, sends the batch through a dict per record)."""
         a = _rows(reqs["caddr"]).view(np.uint64)          # (n, 2)
@@ -122,7 +122,7 @@ class JsonLines:
         with np.errstate(over="ignore"):
             h = a[:, 0] * np.uint64(0x9E3779B97F4A7C15) ^ a[:, 1] * np.uint64(0xC2B2AE3D27D4EB4F) \
                 ^ fam
-        uniq, first, inv = np.unique(h, return_index=True, return_inverse=True)
+        _uniq, first, inv = np.unique(h, return_index=True, return_inverse=True)
         inv = inv.reshape(-1)
         rep = first[inv]
         cache = self._clients
@@ -134,9 +134,7 @@ class JsonLines:
                 (bytes(a[i]) + bytes(fam[i:i + 1]) for i in range(len(reqs)))]
 
     def _line_fragment(self, key: bytes) -> str:
-        method, path, version = parse_request_line(key)
-        frag = (f'"method":{json.dumps(method)},"path":{json.dumps(path)},'
-                f'"version":{json.dumps(version)}')
+        frag = self._line_text(*parse_request_line(key))
         if len(self._lines) >= _CACHE_MAX:
             self._lines.clear()
         self._lines[key] = frag
@@ -145,17 +143,97 @@ class JsonLines:
     def _client(self, key: bytes) -> str:
         """KEY: the 16 address bytes and the family as a little-endian u64."""
         family = int.from_bytes(key[16:], "little")
-        text = json.dumps(_client(np.frombuffer(key[:16], np.uint8), family))
+        text = self._client_text(_client(np.frombuffer(key[:16], np.uint8), family))
         if len(self._clients) >= _CACHE_MAX:
             self._clients.clear()
         self._clients[key] = text
         return text
 
     def _flag_fragment(self, flags: int) -> str:
-        names = [n for b, n in FLAG_NAMES.items() if flags & b]
-        f = self._flags[flags] = (f'"tls":{"true" if flags & F_TLS else "false"},'
-                                  f'"flags":{json.dumps(names, separators=(",", ":"))}')
+        f = self._flags[flags] = self._flags_text(flags, [n for b, n in FLAG_NAMES.items()
+                                                          if flags & b])
         return f
+
+
+class JsonLines(_Lines):
+    """JSON lines, identical in content to json.dumps(Request.to_dict()) (times to the
+    microsecond, durations to the nanosecond)."""
+
+    @staticmethod
+    def _line_text(method, path, version) -> str:
+        return (f'"method":{json.dumps(method)},"path":{json.dumps(path)},'
+                f'"version":{json.dumps(version)}')
+
+    _client_text = staticmethod(json.dumps)
+
+    @staticmethod
+    def _flags_text(flags: int, names: list[str]) -> str:
+        return (f'"tls":{"true" if flags & F_TLS else "false"},'
+                f'"flags":{json.dumps(names, separators=(",", ":"))}')
+
+    @staticmethod
+    def _slow(r) -> str:
+        return json.dumps(r.to_dict(), separators=(",", ":"))
+
+    @staticmethod
+    def _format(reqs, code, line_frags, client_frags, flag_frags, wall_us, dur, ttfb, qb,
+                qbody, rbody) -> list[str]:
+        sec, usec = np.divmod(wall_us, 1_000_000)
+        dsec, dns = np.divmod(dur, 1_000_000_000)
+        tsec, tns = np.divmod(ttfb, 1_000_000_000)
+        cols = zip(sec.tolist(), usec.tolist(), reqs["pid"].tolist(), reqs["tid"].tolist(),
+                   client_frags, reqs["cport"].tolist(), line_frags, reqs["status"].tolist(),
+                   qb.tolist(), reqs["resp_bytes"].tolist(), dsec.tolist(), dns.tolist(),
+                   tsec.tolist(), tns.tolist(), flag_frags, qbody.tolist(), rbody.tolist())
+        tpl = _JSON_TEMPLATES
+        return [tpl[c] % row for c, row in zip(code, cols)]
+
+
+class TextLines(_Lines):
+    """The text lines of Request.line() (durations rounded to the microsecond)."""
+
+    def __init__(self, tracer: HttpTracer):
+        super().__init__(tracer)
+        self._clock: dict[int, str] = {}         # epoch second -> local "HH:MM:SS"
+
+    @staticmethod
+    def _line_text(method, path, version) -> str:
+        return f"{method} {path} {version}"
+
+    @staticmethod
+    def _client_text(client: str) -> str:
+        return f"[{client}]" if ":" in client else client
+
+    @staticmethod
+    def _flags_text(flags: int, names: list[str]) -> str:
+        extra = [n for n in names if n != "tls"]
+        return (" tls" if flags & F_TLS else "") + \
+            (f" [{','.join(extra)}]" if set(names) - {"tls", "closed"} else "")
+
+    @staticmethod
+    def _slow(r) -> str:
+        return r.line()
+
+    def _format(self, reqs, code, line_frags, client_frags, flag_frags, wall_us, dur, ttfb, qb,
+                qbody, rbody) -> list[str]:
+        sec, usec = np.divmod(wall_us, 1_000_000)
+        usec //= 1000
+        secs, sinv = np.unique(sec, return_inverse=True)
+        clock = self._clock
+        if len(clock) > 4096:
+            clock.clear()
+        hms = [clock.get(s) or clock.setdefault(s, time.strftime("%H:%M:%S", time.localtime(s)))
+               for s in secs.tolist()]
+        hms = np.array(hms, object)[sinv.reshape(-1)].tolist()
+        status = [s or "-" for s in reqs["status"].tolist()]
+        dms, dus = np.divmod((dur + 500) // 1000, 1000)
+        tms, tus = np.divmod((ttfb + 500) // 1000, 1000)
+        cols = zip(hms, usec.tolist(), reqs["pid"].tolist(), reqs["tid"].tolist(), client_frags,
+                   reqs["cport"].tolist(), line_frags, status, qb.tolist(),
+                   reqs["resp_bytes"].tolist(), dms.tolist(), dus.tolist(), tms.tolist(),
+                   tus.tolist(), flag_frags)
+        tpl = _TEXT_TEMPLATES
+        return [tpl[c] % row for c, row in zip(code, cols)]
 
 
 class LineWriter:
