@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 
 from gridbpf.trace.http.lab import Nginx, PythonHttps
@@ -216,7 +217,8 @@ def test_encoders_equal_request_objects():
             if a_ == b_:
                 continue
             num = lambda s: float(s.split(":")[-1].split("=")[-1].removesuffix("ms"))
-            assert a_.split("=")[0] == b_.split("=")[0] and abs(num(a_) - num(b_)) <= 0.0011, (w, g)
+            name = lambda s: s.split("=")[0] if "=" in s else s.rsplit(":", 1)[0]
+            assert name(a_) == name(b_) and abs(num(a_) - num(b_)) <= 0.0011, (w, g)
 
 
 def test_slow_reader_lines_counted_not_silent():
@@ -224,7 +226,6 @@ def test_slow_reader_lines_counted_not_silent():
     but counted, and the count appears in the stream once the reader is back. Negative
     control: a reader that keeps up sees every line and no count."""
     import os
-    import threading
     from gridbpf.trace.http.stream import LineWriter
 
     def run(stall: bool):
@@ -255,10 +256,10 @@ def test_slow_reader_lines_counted_not_silent():
     out, lines = run(stall=True)
     shown = [l for l in lines if "batch" in l]
     said = sum(l["not_printed"] for l in lines if "not_printed" in l)
-    assert out.not_printed > 0 and said == out.not_printed
-    assert len(shown) == out.printed and out.printed + out.not_printed == 200 * 50
+    assert out.not_printed_total > 0 and said == out.not_printed_total
+    assert len(shown) == out.printed and out.printed + out.not_printed_total == 200 * 50
     out, lines = run(stall=False)
-    assert out.not_printed == 0 and len(lines) == out.printed == 200 * 50
+    assert out.not_printed_total == 0 and len(lines) == out.printed == 200 * 50
 
 
 def test_reader_goes_away_cli_stops():
@@ -284,3 +285,39 @@ def test_reader_goes_away_cli_stops():
         assert p.wait(timeout=30) == 0, err
     summary = json.loads(err.strip().splitlines()[-1])["summary"]
     assert summary["requests"] >= 1 and summary["requests"] + summary["not_printed"] >= 5
+
+
+def test_max_rate_prints_a_sample_and_counts_the_rest():
+    """--max-rate: a burst of requests is printed at most at that rate, the rest counted in
+    the stream and the summary, printed + not printed = what nginx served. Negative control:
+    the same burst without it prints every request."""
+    def burst(extra):
+        with Nginx() as n:
+            (n.root / "x").write_text("x")
+            p = subprocess.Popen(CLI + ["--pid", str(n.pid), "--json", "--no-tls", *extra],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            started(p)
+            out = []                               # a reader that keeps up, like `| tail`
+            reader = threading.Thread(target=lambda: out.extend(p.stdout))
+            reader.start()
+            t0 = time.monotonic()
+            subprocess.run(["wrk", "-t1", "-c4", "-d1s", f"{n.url}/x"], check=True,
+                           capture_output=True)
+            time.sleep(0.5)
+            served = len(n.access_lines())
+            elapsed = time.monotonic() - t0
+        err = p.stderr.read()                      # nginx exited: so does the CLI
+        assert p.wait(timeout=30) == 0, err
+        reader.join()
+        lines = [json.loads(l) for l in out]
+        return served, elapsed, lines, json.loads(err.strip().splitlines()[-1])["summary"]
+
+    served, elapsed, lines, summary = burst(["--max-rate", "200"])
+    shown = [l for l in lines if "path" in l]
+    said = sum(l["not_printed"] for l in lines if l.get("reason") == "max rate")
+    assert served > 1000
+    assert len(shown) == summary["requests"] <= 200 * (elapsed + 1.5)
+    assert said == summary["not_printed"] == summary["not_printed_max_rate"] > 0
+    assert summary["requests"] + summary["not_printed"] == served
+    served, _e, lines, summary = burst([])
+    assert len(lines) == summary["requests"] == served and summary["not_printed"] == 0

@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
     p.add_argument("--count", type=int, default=0, help="stop after this many requests")
+    p.add_argument("--max-rate", type=float, default=0, metavar="N",
+                   help="print at most N requests a second, evenly chosen; the others are "
+                        "counted in the output (default: all)")
     p.add_argument("--no-tls", action="store_true", help="do not hook libssl (SSL_read/SSL_write)")
     p.add_argument("--no-java-agent", action="store_true",
                    help="do not load the Java agent into target JVMs (their TLS stays unread)")
@@ -27,7 +30,7 @@ def register(sub) -> None:
 
 def cmd_http(args) -> int:
     from ..targets import TargetError
-    from .stream import JsonLines, LineWriter, TextLines
+    from .stream import MAX_RATE, JsonLines, LineWriter, RateLimit, TextLines
     from .tracer import DRAIN_MS, HttpTracer
 
     spec = spec_from_args(args)
@@ -47,6 +50,7 @@ def cmd_http(args) -> int:
     # cost per printed request is what a busy server pays for being watched
     encode = (JsonLines if args.json else TextLines)(tracer).encode
     out = LineWriter(sys.stdout.fileno(), json_lines=args.json)
+    limit = RateLimit(args.max_rate) if args.max_rate > 0 else None
     sys.stdout.flush()
     shown, warned = 0, 0
     end_reason = None
@@ -54,6 +58,12 @@ def cmd_http(args) -> int:
 
     def emit(arr) -> None:
         nonlocal shown
+        if limit is not None and len(arr):
+            arr = tracer.requests_only(arr)
+            keep = limit.take(len(arr))
+            if keep is not None:        # the others are not even decoded
+                out.drop(len(arr) - len(keep), MAX_RATE)
+                arr = arr[keep]
         lines = encode(arr)
         if args.count:
             lines = lines[:args.count - shown]
@@ -88,9 +98,10 @@ def cmd_http(args) -> int:
         stats = tracer.stats()
     if end_reason:
         print(f"gridbpf: {end_reason}", file=sys.stderr)
-    # requests: lines printed; not_printed: decoded but dropped because the reader was behind
-    # (or went away); events_lost: records the kernel could not put in the ring
-    summary = {"requests": out.printed, "not_printed": out.not_printed, **stats}
+    # requests: lines printed; not_printed: requests left out by --max-rate or because the
+    # reader was behind (or went away); events_lost: records the kernel could not put in the ring
+    summary = {"requests": out.printed, "not_printed": out.not_printed_total,
+               "not_printed_max_rate": out.not_printed.get(MAX_RATE, 0), **stats}
     if args.json:
         print(json.dumps({"summary": summary}), file=sys.stderr)
     else:

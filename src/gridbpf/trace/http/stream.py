@@ -236,26 +236,47 @@ class TextLines(_Lines):
         return [tpl[c] % row for c, row in zip(code, cols)]
 
 
+BEHIND, MAX_RATE = "output behind", "max rate"      # why lines were not printed
+NOTICE_S = 1.0           # not-printed counts are written into the stream at most this often
+
+
 class LineWriter:
     """Writes batches of lines to a file descriptor from a thread, one write per batch.
 
     The drain loop hands a batch over and goes on; when the reader is slower than the server,
-    batches beyond MAX_PENDING bytes are not printed but counted, and the count is written into
-    the stream as its own line ({"not_printed": N} with --json) as soon as the reader catches
-    up, and in the summary. A reader that goes away (EPIPE: `| head`) stops the writer."""
+    batches beyond MAX_PENDING bytes are not printed but counted. Lines left out on purpose
+    (--max-rate) are counted too. Counts are written into the stream as their own lines
+    ({"not_printed": N, "reason": ...} with --json) at most once a second, before the lines
+    that follow the gap, and at the end; and in the summary. A reader that goes away (EPIPE:
+    `| head`) stops the writer."""
 
     def __init__(self, fd: int = 1, json_lines: bool = True, max_pending: int = 8 << 20):
         self.fd, self.json, self.max_pending = fd, json_lines, max_pending
         self.printed = 0            # lines written
-        self.not_printed = 0        # lines dropped because the reader was behind
+        self.not_printed: dict[str, int] = {}     # reason -> lines not printed
         self.broken = False         # the reader closed the pipe
         self._queue: list[tuple[bytes, int]] = []
         self._pending = 0
-        self._unsaid = 0            # dropped lines not yet reported in the stream
+        self._unsaid: dict[str, int] = {}         # counts not yet written into the stream
+        self._last_notice = 0.0
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="trace-http-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def not_printed_total(self) -> int:
+        return sum(self.not_printed.values())
+
+    def drop(self, n: int, reason: str) -> None:
+        """Count N lines that will not be printed (for REASON)."""
+        if n:
+            with self._cv:
+                self._count(n, reason)
+
+    def _count(self, n: int, reason: str) -> None:
+        self.not_printed[reason] = self.not_printed.get(reason, 0) + n
+        self._unsaid[reason] = self._unsaid.get(reason, 0) + n
 
     def put(self, lines: list[str]) -> None:
         if not lines:
@@ -263,17 +284,33 @@ class LineWriter:
         data = ("\n".join(lines) + "\n").encode()
         with self._cv:
             if self.broken or self._pending + len(data) > self.max_pending and self._queue:
-                self.not_printed += len(lines)
-                self._unsaid += len(lines)
+                self._count(len(lines), BEHIND)
                 return
             self._queue.append((data, len(lines)))
             self._pending += len(data)
             self._cv.notify()
 
-    def _notice(self, n: int) -> bytes:
+    def _notices(self, force: bool) -> bytes:
+        """The counts not yet said (caller holds the lock), if it is time to say them."""
+        now = time.monotonic()
+        if not self._unsaid or not force and now - self._last_notice < NOTICE_S:
+            return b""
+        self._last_notice = now
+        unsaid, self._unsaid = self._unsaid, {}
         if self.json:
-            return (json.dumps({"not_printed": n, "reason": "output behind"}) + "\n").encode()
-        return f"gridbpf: {n} requests not printed (output behind)\n".encode()
+            return "".join(json.dumps({"not_printed": n, "reason": why}) + "\n"
+                           for why, n in unsaid.items()).encode()
+        return "".join(f"gridbpf: {n} requests not printed ({why})\n"
+                       for why, n in unsaid.items()).encode()
+
+    def _write(self, data: bytes) -> bool:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            return True
+        except BrokenPipeError:
+            return False
 
     def _run(self) -> None:
         while True:
@@ -283,19 +320,13 @@ class LineWriter:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
-                unsaid, self._unsaid = self._unsaid, 0
-            data = b"".join(d for d, _n in batch)
-            if unsaid:
-                # the gap comes before the batches queued after it
-                data = self._notice(unsaid) + data
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view):]
-            except BrokenPipeError:
+                # a gap is said before the batches queued after it
+                data = self._notices(False) + b"".join(d for d, _n in batch)
+            if not self._write(data):
                 with self._cv:
                     self.broken = True
-                    self.not_printed += sum(n for _d, n in batch) + sum(n for _d, n in self._queue)
+                    self._count(sum(n for _d, n in batch) + sum(n for _d, n in self._queue),
+                                BEHIND)
                     self._queue, self._pending = [], 0
                 return
             with self._cv:
@@ -303,14 +334,34 @@ class LineWriter:
                 self._pending -= sum(len(d) for d, _n in batch)
 
     def close(self) -> None:
-        """Write what is queued (and a last count of what was not printed), then stop."""
+        """Write what is queued (and the last counts of what was not printed), then stop."""
         with self._cv:
             self._closing = True
             self._cv.notify()
         self._thread.join()
-        if self._unsaid and not self.broken:
-            try:
-                os.write(self.fd, self._notice(self._unsaid))
-            except BrokenPipeError:
+        if not self.broken:
+            with self._cv:
+                notice = self._notices(True)
+            if notice and not self._write(notice):
                 self.broken = True
-            self._unsaid = 0
+
+
+class RateLimit:
+    """At most RATE lines a second, chosen evenly through each batch (a token bucket holding at
+    most one second): what a user watching a busy server can read, at a bounded cost."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.tokens = rate
+        self.last = time.monotonic()
+
+    def take(self, n: int) -> np.ndarray | None:
+        """Indices of the N records to print (None: all of them)."""
+        now = time.monotonic()
+        self.tokens = min(self.tokens + (now - self.last) * self.rate, self.rate)
+        self.last = now
+        keep = min(n, int(self.tokens))
+        self.tokens -= keep
+        if keep == n:
+            return None
+        return np.arange(keep) * n // keep if keep else np.empty(0, np.int64)
