@@ -6,12 +6,17 @@ interleaved rounds, with:
          the floor of a possible socket-layer design (no syscall slow path for every task)
   kernel the tracer with its records drained (copied out) but not decoded: the kernel's cost
   trace  the tracer, drained and aggregated into histograms on a timer as the agent does
-and one round with the whole agent (Prometheus + histograms) for its memory.
+  stream the real `gridbpf trace http --json` process printing every request into a pipe that
+         a reader drains (like `| tail` or a file): what a user watching a busy server costs
+and one round with the whole agent (Prometheus + histograms) for its memory, and one with
+OTLP on as well (metrics every second and spans at the default cap, to a local receiver).
 
 Reported (medians over rounds): throughput ratio trace/off and floor/off, nginx CPU time per
 request (from /proc/PID/stat: BPF programs run in nginx's context, so their cost shows there),
 BPF run time per request from the kernel's own accounting (bpf_stats_enabled) for trace and for
-the floor and their ratio, lost events, and the agent's peak RSS.
+the floor and their ratio, lost events, the streaming CLI's own CPU per request and what it
+printed, left out (counted) and lost, and the agent's RSS (peak and steady, without and with
+OTLP). `side_by_side` collects the headline figures.
 """
 from __future__ import annotations
 
@@ -350,8 +355,38 @@ def run() -> dict:
         # every round, so the spread (noisy on a shared 2-core VM) is visible next to the medians
         "rps_per_round": {m: [round(r["rps"]) for r in rounds[m]] for m in rounds},
         **agent,
+        **stream_figures(rounds),
     }
+    out["side_by_side"] = side_by_side(out)
     return out
+
+
+def stream_figures(rounds: dict) -> dict:
+    """The streaming CLI's rounds: its throughput beside off (median of per-round ratios), its
+    own CPU per request, and what it printed, left out (counted) and lost."""
+    s = rounds["stream"]
+    ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds["off"])]
+    return {"rps_stream": round(statistics.median(r["rps"] for r in s)),
+            "throughput_ratio_stream_vs_off": round(statistics.median(ratios), 3),
+            "cli_cpu_us_per_req_stream": round(statistics.median(r["cli_cpu_us_per_req"] for r in s), 2),
+            "nginx_cpu_us_per_req_stream": round(statistics.median(r["cpu_us_per_req"] for r in s), 2),
+            "stream_json_bytes_per_line": round(statistics.median(r["json_bytes_per_line"] for r in s)),
+            "stream_printed": sum(r["printed"] for r in s),
+            "stream_lines_read": sum(r["lines_read"] for r in s),
+            "stream_not_printed": sum(r["not_printed"] for r in s),
+            "stream_lost": sum(r["lost"] for r in s)}
+
+
+def side_by_side(out: dict) -> dict:
+    """The issue's figures in one place: throughput ratios to untraced (medians over the
+    interleaved rounds) and the agent's memory."""
+    return {"throughput_vs_off": {
+                "floor (syscall + pid filter only)": out["throughput_ratio_floor_vs_off"],
+                "agent consumer (trace)": out["throughput_ratio_trace_vs_off"],
+                "trace http --json into a pipe (stream)": out["throughput_ratio_stream_vs_off"]},
+            "agent_rss_mb": {"peak": out["agent_peak_rss_mb"], "steady": out["agent_steady_rss_mb"],
+                             "peak_with_otlp": out["agent_otlp_peak_rss_mb"],
+                             "steady_with_otlp": out["agent_otlp_steady_rss_mb"]}}
 
 
 if __name__ == "__main__":
