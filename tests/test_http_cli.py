@@ -28,6 +28,13 @@ def test_unknown_pid_one_line():
     assert r.stderr.strip() == "gridbpf: no process with pid 999999999"
 
 
+def test_bad_max_rate_one_line():
+    r = subprocess.run(CLI + ["--pid", "1", "--max-rate", "-5"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "gridbpf: --max-rate must be positive (got -5)"
+
+
 def test_unknown_cgroup_and_no_target_one_line():
     r = subprocess.run(CLI + ["--cgroup", "/ht-no-such-cgroup"], capture_output=True, text=True,
                        timeout=30)
@@ -160,8 +167,9 @@ def _fake_tracer():
 
 def test_encoders_equal_request_objects():
     """The column encoders (stream.JsonLines, stream.TextLines) against
-    json.dumps(Request.to_dict()) and Request.line() on random records: cut and multi-block captures, pipelined ones, absent ttfb and body
-    sizes, IPv4/IPv6/unknown clients, odd bytes and quotes in paths, times out of order."""
+    json.dumps(Request.to_dict()) and Request.line() on random records: cut and multi-block
+    captures, pipelined ones, absent ttfb and body sizes, IPv4/IPv6/unknown clients, odd bytes
+    and quotes in paths, times out of order."""
     import numpy as np
     from gridbpf.bpf import BpfObject
     from gridbpf.trace.http.stream import JsonLines, TextLines
@@ -170,7 +178,8 @@ def test_encoders_equal_request_objects():
     dt = BpfObject.open("http").btf.dtype("struct http_event")
     rng, pyrng = np.random.default_rng(16), random.Random(16)
     pieces = [b"GET /a HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n", b'POST /p?q="\\ HTTP/1.0\r\n',
-              b"x" * 70, b"\r\n\r\n", b"GET /b HTTP/1.1\r\n\r\n", b"\xff\x00\x01", b"PUT /" + b"l" * 300]
+              b"x" * 70, b"\r\n\r\n", b"GET /b HTTP/1.1\r\n\r\n", b"\xff\x00\x01",
+              b"PUT /" + b"l" * 300]
     n = 2000
     a = np.zeros(n, dt)
     a["kind"] = EV_REQUEST
@@ -181,7 +190,8 @@ def test_encoders_equal_request_objects():
     for i in range(n):
         h = b"".join(pyrng.choice(pieces) for _ in range(pyrng.randint(0, 6)))[:256]
         a["hdr"][i] = h
-        a["hdr_len"][i] = pyrng.choice([len(h), pyrng.randint(0, 256), min(len(h), pyrng.randint(0, 60))])
+        a["hdr_len"][i] = pyrng.choice([len(h), pyrng.randint(0, 256),
+                                        min(len(h), pyrng.randint(0, 60))])
     a["req_bytes"] = np.where(rng.random(n) < 0.5, a["hdr_len"], rng.integers(0, 10**6, n))
     a["resp_bytes"] = rng.integers(0, 10**7, n)
     a["resp_head_len"] = np.where(rng.random(n) < 0.3, 0, rng.integers(0, 500, n))

@@ -33,6 +33,9 @@ def cmd_http(args) -> int:
     from .stream import MAX_RATE, JsonLines, LineWriter, RateLimit, TextLines
     from .tracer import DRAIN_MS, HttpTracer
 
+    if args.max_rate < 0:
+        print(f"gridbpf: --max-rate must be positive (got {args.max_rate:g})", file=sys.stderr)
+        return 2
     spec = spec_from_args(args)
     try:
         tracer = HttpTracer(spec, tls=not args.no_tls, idle_report_s=args.idle_report,
@@ -91,10 +94,12 @@ def cmd_http(args) -> int:
                         break
         except KeyboardInterrupt:
             pass
-        # the last requests of closing connections are still in the ring
-        if not (args.count and shown >= args.count) and not out.broken:
-            emit(tracer.poll_array(0))
-        out.close()
+        try:
+            # the last requests of closing connections are still in the ring
+            if not (args.count and shown >= args.count) and not out.broken:
+                emit(tracer.poll_array(0))
+        finally:
+            out.close()          # what is queued is written, and the counts of what is not
         stats = tracer.stats()
     if end_reason:
         print(f"gridbpf: {end_reason}", file=sys.stderr)

@@ -1,11 +1,12 @@
 """Streaming requests to stdout at a bounded cost: `gridbpf trace http` on a busy server.
 
 On these 2-core machines every microsecond the CLI spends per printed request is taken from the
-server it watches. So a drained batch becomes JSON lines straight from its numpy columns (no
-Request objects, no dicts, no json.dumps per request): the strings of a request line, a client
-address and a flag set are encoded once and cached, and each request is one %-format of
-numbers and cached fragments. The lines of a batch leave in one write, from a thread, so a slow
-reader never stalls the drain: what does not fit its queue is counted and said in the stream.
+server it watches. So a drained batch becomes lines (JSON or text) straight from its numpy
+columns (no Request objects, no dicts, no json.dumps per request): the strings of a request
+line, a client address and a flag set are encoded once and cached, and each request is one
+%-format of integers and cached fragments. The lines of a batch leave in one write, from a
+thread, so a slow reader never stalls the drain: what does not fit its queue is counted and
+said in the stream.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import time
 
 import numpy as np
 
-from .tracer import (EV_REQUEST, F_PIPELINED, F_TLS, FLAG_NAMES, HttpTracer, _client, parse_request_line,
-                     response_body_sizes)
+from .tracer import (EV_REQUEST, F_PIPELINED, F_TLS, FLAG_NAMES, HttpTracer, _client,
+                     parse_request_line, response_body_sizes)
 
 _CACHE_MAX = 50_000       # distinct request lines (or clients) kept encoded; then start over
 
