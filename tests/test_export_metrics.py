@@ -97,6 +97,14 @@ def test_otlp_round_trip_to_a_receiver():
     assert (spans[0].start_time_unix_nano, spans[0].end_time_unix_nano) == (10, 20)
     assert _attrs(spans[0].attributes) == {"http.request.method": "GET", "client.port": 5}
     assert len(spans[0].span_id) == 8 and len(spans[0].trace_id) == 16
+    rs = rx.traces[0].resource_spans[0]
+    assert _attrs(rs.resource.attributes)["service.name"] == "svc"
+    assert rs.scope_spans[0].scope.name == "gridbpf"
+    # the spans' framing is the library's own encoding of the same request
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    lib = ExportTraceServiceRequest()
+    lib.resource_spans.add().CopyFrom(rs)
+    assert ex.trace_request([s.SerializeToString() for s in spans]) == lib.SerializeToString()
     # negative control: nobody listens any more
     assert not ex.export_metrics(reg) and ex.metric_failures == 1
     ex = OtlpExporter(f"http://127.0.0.1:{rx.port}", "svc")
