@@ -8,8 +8,9 @@ interleaved rounds, with:
   trace  the tracer, drained and aggregated into histograms on a timer as the agent does
   stream the real `gridbpf trace http --json` process printing every request into a pipe that
          a reader drains (like `| tail` or a file): what a user watching a busy server costs
-and one round with the whole agent (Prometheus + histograms) for its memory, and one with
-OTLP on as well (metrics every second and spans at the default cap, to a local receiver).
+and rounds with the whole agent (Prometheus + histograms) for its memory, alternating with
+OTLP on as well (metrics every second and spans at the default cap, to a local receiver),
+BENCH_HTTP_AGENT_ROUNDS times each (3).
 
 Reported (medians over rounds): throughput ratio trace/off and floor/off, nginx CPU time per
 request (from /proc/PID/stat: BPF programs run in nginx's context, so their cost shows there),
@@ -296,6 +297,29 @@ def agent_rss(nginx: Nginx, otlp: bool = False) -> dict:
     return out
 
 
+AGENT_ROUNDS = int(os.environ.get("BENCH_HTTP_AGENT_ROUNDS", 3))
+
+
+def agent_rss_rounds(nginx: Nginx) -> dict:
+    """agent_rss without and with OTLP, alternated AGENT_ROUNDS times: medians, and each
+    round's peak so the spread shows."""
+    runs = {False: [], True: []}
+    for _ in range(AGENT_ROUNDS):
+        for otlp in (False, True):
+            runs[otlp].append(agent_rss(nginx, otlp))
+    out = {}
+    for otlp, rs in runs.items():
+        for k, v in rs[0].items():
+            if isinstance(v, (int, float)) and not k.endswith(("posts", "bytes_received")):
+                out[k] = round(statistics.median(r[k] for r in rs), 2)
+        tag = "agent_otlp_" if otlp else "agent_"
+        out[tag + "peak_rss_mb_per_round"] = [r[tag + "peak_rss_mb"] for r in rs]
+        if otlp:
+            out[tag + "posts"] = rs[-1][tag + "posts"]
+            out[tag + "bytes_received"] = rs[-1][tag + "bytes_received"]
+    return out
+
+
 def enable_bpf_stats() -> int:
     """BPF run-time accounting for as long as the returned fd is open. Unlike the global
     sysctl it is reference-counted, so parallel benchmarks cannot switch it off under us."""
@@ -320,8 +344,7 @@ def run() -> dict:
                 order = modes[i % len(modes):] + modes[:i % len(modes)]
                 for mode in order:
                     rounds[mode].append(one_round(nginx, mode))
-            agent = agent_rss(nginx)
-            agent.update(agent_rss(nginx, otlp=True))
+            agent = agent_rss_rounds(nginx)
     finally:
         os.close(stats_fd)
     med = lambda mode, k: statistics.median(r[k] for r in rounds[mode])
@@ -386,7 +409,8 @@ def side_by_side(out: dict) -> dict:
                 "trace http --json into a pipe (stream)": out["throughput_ratio_stream_vs_off"]},
             "agent_rss_mb": {"peak": out["agent_peak_rss_mb"], "steady": out["agent_steady_rss_mb"],
                              "peak_with_otlp": out["agent_otlp_peak_rss_mb"],
-                             "steady_with_otlp": out["agent_otlp_steady_rss_mb"]}}
+                             "steady_with_otlp": out["agent_otlp_steady_rss_mb"],
+                             "peak_with_otlp_per_round": out["agent_otlp_peak_rss_mb_per_round"]}}
 
 
 if __name__ == "__main__":
