@@ -8,6 +8,7 @@ interleaved rounds, with:
   trace  the tracer, drained and aggregated into histograms on a timer as the agent does
   stream the real `gridbpf trace http --json` process printing every request into a pipe that
          a reader drains (like `| tail` or a file): what a user watching a busy server costs
+  stream-sampled  the same with --max-rate 1000: a sample printed, the rest counted
 and rounds with the whole agent (Prometheus + histograms) for its memory, alternating with
 OTLP on as well (metrics every second and spans at the default cap, to a local receiver),
 BENCH_HTTP_AGENT_ROUNDS times each (3).
@@ -40,7 +41,8 @@ ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", 7))
 SECONDS = float(os.environ.get("BENCH_HTTP_SECONDS", 3))
 CONNS = 32
 # every mode by default; BENCH_HTTP_MODES=off,stream runs a subset while developing
-MODES = os.environ.get("BENCH_HTTP_MODES", "off,floor,sockfloor,kernel,trace,stream").split(",")
+MODES = os.environ.get("BENCH_HTTP_MODES",
+                       "off,floor,sockfloor,kernel,trace,stream,stream-sampled").split(",")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -115,12 +117,17 @@ class _Consumer:
         return self.agent.requests - before
 
 
-def stream_round(nginx: Nginx) -> dict:
+SAMPLED_RATE = 1000      # --max-rate of the stream-sampled mode
+
+
+def stream_round(nginx: Nginx, sampled: bool = False) -> dict:
     """The real `gridbpf trace http --json` process streaming every request into a pipe that a
-    reader drains (like `| tail` or a file): what a user tailing a busy server costs it."""
+    reader drains (like `| tail` or a file): what a user tailing a busy server costs it.
+    SAMPLED: with --max-rate SAMPLED_RATE (the others counted, not printed)."""
     worker = nginx.worker_pids()[0]
+    extra = ["--max-rate", str(SAMPLED_RATE)] if sampled else []
     p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "trace", "http", "--pid",
-                          str(nginx.pid), "--json", "--no-tls"],
+                          str(nginx.pid), "--json", "--no-tls", *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = [0, 0]          # newlines, bytes
 
@@ -154,8 +161,8 @@ def stream_round(nginx: Nginx) -> dict:
 
 
 def one_round(nginx: Nginx, mode: str) -> dict:
-    if mode == "stream":
-        return stream_round(nginx)
+    if mode in ("stream", "stream-sampled"):
+        return stream_round(nginx, sampled=mode == "stream-sampled")
     worker = nginx.worker_pids()[0]
     tracer, drained, stop, drainer = None, [0], threading.Event(), None
     sock = None
@@ -387,17 +394,24 @@ def run() -> dict:
 def stream_figures(rounds: dict) -> dict:
     """The streaming CLI's rounds: its throughput beside off (median of per-round ratios), its
     own CPU per request, and what it printed, left out (counted) and lost."""
-    s = rounds["stream"]
-    ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds["off"])]
-    return {"rps_stream": round(statistics.median(r["rps"] for r in s)),
-            "throughput_ratio_stream_vs_off": round(statistics.median(ratios), 3),
-            "cli_cpu_us_per_req_stream": round(statistics.median(r["cli_cpu_us_per_req"] for r in s), 2),
-            "nginx_cpu_us_per_req_stream": round(statistics.median(r["cpu_us_per_req"] for r in s), 2),
-            "stream_json_bytes_per_line": round(statistics.median(r["json_bytes_per_line"] for r in s)),
-            "stream_printed": sum(r["printed"] for r in s),
-            "stream_lines_read": sum(r["lines_read"] for r in s),
-            "stream_not_printed": sum(r["not_printed"] for r in s),
-            "stream_lost": sum(r["lost"] for r in s)}
+    out = {}
+    for mode, tag in (("stream", "stream"), ("stream-sampled", "stream_sampled")):
+        s = rounds.get(mode)
+        if not s:
+            continue
+        ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds["off"])]
+        med = lambda k: statistics.median(r[k] for r in s)
+        out.update({
+            f"rps_{tag}": round(med("rps")),
+            f"throughput_ratio_{tag}_vs_off": round(statistics.median(ratios), 3),
+            f"cli_cpu_us_per_req_{tag}": round(med("cli_cpu_us_per_req"), 2),
+            f"nginx_cpu_us_per_req_{tag}": round(med("cpu_us_per_req"), 2),
+            f"{tag}_json_bytes_per_line": round(med("json_bytes_per_line")),
+            f"{tag}_printed": sum(r["printed"] for r in s),
+            f"{tag}_lines_read": sum(r["lines_read"] for r in s),
+            f"{tag}_not_printed": sum(r["not_printed"] for r in s),
+            f"{tag}_lost": sum(r["lost"] for r in s)})
+    return out
 
 
 def side_by_side(out: dict) -> dict:
@@ -406,7 +420,9 @@ def side_by_side(out: dict) -> dict:
     return {"throughput_vs_off": {
                 "floor (syscall + pid filter only)": out["throughput_ratio_floor_vs_off"],
                 "agent consumer (trace)": out["throughput_ratio_trace_vs_off"],
-                "trace http --json into a pipe (stream)": out["throughput_ratio_stream_vs_off"]},
+                "trace http --json into a pipe (stream)": out["throughput_ratio_stream_vs_off"],
+                f"the same at --max-rate {SAMPLED_RATE} (stream-sampled)":
+                    out.get("throughput_ratio_stream_sampled_vs_off")},
             "agent_rss_mb": {"peak": out["agent_peak_rss_mb"], "steady": out["agent_steady_rss_mb"],
                              "peak_with_otlp": out["agent_otlp_peak_rss_mb"],
                              "steady_with_otlp": out["agent_otlp_steady_rss_mb"],
