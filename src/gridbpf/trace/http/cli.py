@@ -31,7 +31,7 @@ def register(sub) -> None:
 def cmd_http(args) -> int:
     from ..targets import TargetError
     from .stream import MAX_RATE, JsonLines, LineWriter, RateLimit, TextLines
-    from .tracer import DRAIN_MS, HttpTracer
+    from .tracer import DRAIN_MS, EV_REQUEST, HttpTracer
 
     if args.max_rate < 0:
         print(f"gridbpf: --max-rate must be positive (got {args.max_rate:g})", file=sys.stderr)
@@ -62,7 +62,8 @@ def cmd_http(args) -> int:
     def emit(arr) -> None:
         nonlocal shown
         if limit is not None and len(arr):
-            arr = tracer.requests_only(arr)
+            if not (arr["kind"] == EV_REQUEST).all():
+                arr = tracer.requests_only(arr)     # (a copy: only when other kinds came)
             keep = limit.take(len(arr))
             if keep is not None:        # the others are not even decoded
                 out.drop(len(arr) - len(keep), MAX_RATE)
