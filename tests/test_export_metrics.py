@@ -1,5 +1,6 @@
 """The shared exporters: bulk histograms against a plain per-value computation, the cardinality
 cap, Prometheus text parsed back with prometheus_client, OTLP data points."""
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -45,9 +46,24 @@ def test_prometheus_text_and_otlp_points():
     assert prometheus_name("http.server.request.body.size", "By") == "http_server_request_body_size_bytes"
     srv = MetricsServer(reg, 0)
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics").read().decode()
+        resp = urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics")
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+        # anything but /metrics is refused (and the server keeps serving after it)
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/other")
+            raise AssertionError("no 404")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
+        assert urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics").read().decode() == text
     finally:
         srv.close()
+    # closed: the port no longer answers
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=2)
+        raise AssertionError("still serving")
+    except urllib.error.URLError:
+        pass
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     buckets = {s.labels["le"]: s.value for s in fams["http_server_request_duration_seconds"].samples
                if s.name.endswith("_bucket")}
