@@ -6,13 +6,20 @@ interleaved rounds, with:
   trace  the tracer on its default hook (the socket tracepoints on 6.3+), drained and aggregated
          into histograms on a timer as the agent does
   trace-syscall  the same on the syscall hook (the fallback of kernels before 6.3)
-and one round with the whole agent (Prometheus + histograms) for its memory.
+  stream the real `gridbpf trace http --json` process printing every request into a pipe that
+         a reader drains (like `| tail` or a file): what a user watching a busy server costs
+  stream-sampled  the same with --max-rate 1000: a sample printed, the rest counted
+and rounds with the whole agent (Prometheus + histograms) for its memory, alternating with
+OTLP on as well (metrics every second and spans at the default cap, to a local receiver),
+BENCH_HTTP_AGENT_ROUNDS times each (3).
 
 Reported (medians over rounds): throughput ratios against off, nginx CPU time per request (from
 /proc/PID/stat: BPF programs run in nginx's context, so their cost shows there), BPF run time per
 request from the kernel's own accounting (bpf_stats_enabled; every run of the hook's programs,
 whatever task ran them) for each mode, each tracer against the floor of its own hook, lost
-events, and the agent's peak RSS.
+events, the streaming CLI's own CPU per request and what it printed, left out (counted) and
+lost, and the agent's RSS (peak and steady, without and with OTLP). `side_by_side` collects
+the headline figures.
 """
 from __future__ import annotations
 
@@ -34,6 +41,9 @@ from gridbpf.trace.targets import TargetSpec
 ROUNDS = int(os.environ.get("BENCH_HTTP_ROUNDS", 7))
 SECONDS = float(os.environ.get("BENCH_HTTP_SECONDS", 3))
 CONNS = 32
+# every mode by default; BENCH_HTTP_MODES=off,stream runs a subset while developing
+MODES = os.environ.get("BENCH_HTTP_MODES",
+                       "off,floor,sockfloor,trace,trace-syscall,stream,stream-sampled").split(",")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -108,7 +118,52 @@ class _Consumer:
         return self.agent.requests - before
 
 
+SAMPLED_RATE = 1000      # --max-rate of the stream-sampled mode
+
+
+def stream_round(nginx: Nginx, sampled: bool = False) -> dict:
+    """The real `gridbpf trace http --json` process streaming every request into a pipe that a
+    reader drains (like `| tail` or a file): what a user tailing a busy server costs it.
+    SAMPLED: with --max-rate SAMPLED_RATE (the others counted, not printed)."""
+    worker = nginx.worker_pids()[0]
+    extra = ["--max-rate", str(SAMPLED_RATE)] if sampled else []
+    p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "trace", "http", "--pid",
+                          str(nginx.pid), "--json", "--no-tls", *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = [0, 0]          # newlines, bytes
+
+    def read():
+        while chunk := p.stdout.read1(1 << 16):
+            lines[0] += chunk.count(b"\n")
+            lines[1] += len(chunk)
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        first = p.stderr.readline()
+        if not first.startswith(b"gridbpf: tracing"):
+            raise RuntimeError(f"trace http did not start: {first!r} {p.stderr.read()!r}")
+        c0, s0 = cpu_seconds(worker), cpu_seconds(p.pid)
+        rps, n = wrk(f"{nginx.url}/index.html")
+        c1, s1 = cpu_seconds(worker), cpu_seconds(p.pid)
+        time.sleep(0.3)            # wrk closed its connections: the last requests
+        p.terminate()
+        err = p.stderr.read().decode()
+        p.wait(30)
+        reader.join()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    summary = json.loads(err.strip().splitlines()[-1])["summary"]
+    return {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
+            "cli_cpu_us_per_req": (s1 - s0) / n * 1e6, "printed": summary["requests"],
+            "lines_read": lines[0], "json_bytes_per_line": lines[1] / max(lines[0], 1),
+            "not_printed": summary.get("not_printed", 0), "lost": summary["events_lost"]}
+
+
 def one_round(nginx: Nginx, mode: str) -> dict:
+    if mode in ("stream", "stream-sampled"):
+        return stream_round(nginx, sampled=mode == "stream-sampled")
     worker = nginx.worker_pids()[0]
     tracer, drained, stop, drainer = None, [0], threading.Event(), None
     sock = None
@@ -161,31 +216,117 @@ def bpf_stats(progs) -> tuple[int, int]:
     return t, c
 
 
-def agent_rss(nginx: Nginx) -> dict:
-    """Run the real agent on nginx through one wrk round; its peak RSS and what it counted."""
+class OtlpSink:
+    """An OTLP/HTTP receiver for the agent's exports: answers 200 and counts what came (the
+    tests decode it; here only the agent's side is measured)."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.posts, self.bytes = {}, 0
+        sink = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                sink.posts[self.path] = sink.posts.get(self.path, 0) + 1
+                sink.bytes += len(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _vm(pid: int, key: str) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def agent_rss(nginx: Nginx, otlp: bool = False) -> dict:
+    """Run the real agent on nginx through one wrk round; its RSS (peak: VmHWM; steady: the
+    median of VmRSS sampled during the round) and what it counted. With OTLP on, metrics every
+    second and spans (1000/s, the default cap) go to a local receiver."""
+    tag = "agent_otlp_" if otlp else "agent_"
+    sink = OtlpSink() if otlp else None
     with tempfile.TemporaryDirectory(prefix="ht-bench-") as d:
         cfg = Path(d) / "agent.toml"
-        cfg.write_text(f'[targets]\npid = [{nginx.pid}]\n[metrics]\nlisten = "127.0.0.1:0"\n'
-                       f'routes = ["/{{vo}}/{{path}}"]\n[agent]\nlock = "{d}/agent.lock"\n')
+        text = (f'[targets]\npid = [{nginx.pid}]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                f'routes = ["/{{vo}}/{{path}}"]\n[agent]\nlock = "{d}/agent.lock"\n')
+        if otlp:
+            text += (f'[otlp]\nendpoint = "http://127.0.0.1:{sink.port}"\ninterval = 1\n'
+                     f'service_name = "bench"\n')
+        cfg.write_text(text)
         p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config",
                               str(cfg), "--json"], stdout=subprocess.PIPE, text=True)
-        status = json.loads(p.stdout.readline())
-        a0 = cpu_seconds(p.pid)
-        rps, n = wrk(f"{nginx.url}/index.html")
-        time.sleep(0.5)
-        import urllib.request
-        text = urllib.request.urlopen(status["metrics"]).read().decode()
-        counted = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                      if l.startswith("http_server_request_duration_seconds_count"))
-        status_txt = Path(f"/proc/{p.pid}/status").read_text()
-        hwm = int(re.search(r"VmHWM:\s+(\d+) kB", status_txt).group(1))
-        agent_cpu = cpu_seconds(p.pid) - a0
-        rss = int(re.search(r"VmRSS:\s+(\d+) kB", status_txt).group(1))
-        p.terminate()
-        p.wait(30)
-    return {"agent_peak_rss_mb": round(hwm / 1024, 1), "agent_rss_mb": round(rss / 1024, 1),
-            "agent_rps": rps, "agent_requests": n, "agent_counted": counted,
-            "agent_cpu_us_per_req": round(agent_cpu / n * 1e6, 2)}
+        try:
+            status = json.loads(p.stdout.readline())
+            a0 = cpu_seconds(p.pid)
+            samples, done = [], threading.Event()
+
+            def sample():
+                while not done.wait(0.25):
+                    samples.append(_vm(p.pid, "VmRSS"))
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            rps, n = wrk(f"{nginx.url}/index.html")
+            done.set()
+            sampler.join()
+            time.sleep(1.5)            # a metric export after the load, the last spans
+            import urllib.request
+            text = urllib.request.urlopen(status["metrics"]).read().decode()
+            counted = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                          if l.startswith("http_server_request_duration_seconds_count"))
+            spans = [l for l in text.splitlines() if l.startswith("gridbpf_http_spans_dropped")]
+            hwm, rss = _vm(p.pid, "VmHWM"), _vm(p.pid, "VmRSS")
+            agent_cpu = cpu_seconds(p.pid) - a0
+        finally:
+            p.terminate()
+            p.wait(30)
+            if sink:
+                sink.close()
+    out = {tag + "peak_rss_mb": round(hwm, 1),
+           tag + "steady_rss_mb": round(statistics.median(samples), 1) if samples else round(rss, 1),
+           tag + "rss_after_mb": round(rss, 1), tag + "rps": rps, tag + "requests": n,
+           tag + "counted": counted, tag + "cpu_us_per_req": round(agent_cpu / n * 1e6, 2)}
+    if otlp:
+        out.update({tag + "posts": sink.posts, tag + "bytes_received": sink.bytes,
+                    tag + "spans_dropped": float(spans[0].rsplit(" ", 1)[1]) if spans else None})
+    return out
+
+
+AGENT_ROUNDS = int(os.environ.get("BENCH_HTTP_AGENT_ROUNDS", 3))
+
+
+def agent_rss_rounds(nginx: Nginx) -> dict:
+    """agent_rss without and with OTLP, alternated AGENT_ROUNDS times: medians, and each
+    round's peak so the spread shows."""
+    runs = {False: [], True: []}
+    for _ in range(AGENT_ROUNDS):
+        for otlp in (False, True):
+            runs[otlp].append(agent_rss(nginx, otlp))
+    out = {}
+    for otlp, rs in runs.items():
+        for k, v in rs[0].items():
+            if isinstance(v, (int, float)) and not k.endswith(("posts", "bytes_received")):
+                out[k] = round(statistics.median(r[k] for r in rs), 2)
+        tag = "agent_otlp_" if otlp else "agent_"
+        out[tag + "peak_rss_mb_per_round"] = [r[tag + "peak_rss_mb"] for r in rs]
+        if otlp:
+            out[tag + "posts"] = rs[-1][tag + "posts"]
+            out[tag + "bytes_received"] = rs[-1][tag + "bytes_received"]
+    return out
 
 
 def enable_bpf_stats() -> int:
@@ -205,14 +346,14 @@ def run() -> dict:
         with Nginx(workers=1, access_log=False) as nginx:
             (nginx.root / "index.html").write_bytes(b"<html>hello grid</html>\n" * 20)
             wrk(f"{nginx.url}/index.html")      # warm up
-            modes = ["off", "floor", "sockfloor", "trace", "trace-syscall"]
+            modes = MODES
             rounds = {m: [] for m in modes}
             for i in range(ROUNDS):
                 # rotate the order so drift over time does not favour one mode
                 order = modes[i % len(modes):] + modes[:i % len(modes)]
                 for mode in order:
                     rounds[mode].append(one_round(nginx, mode))
-            agent = agent_rss(nginx)
+            agent = agent_rss_rounds(nginx)
     finally:
         os.close(stats_fd)
     med = lambda mode, k: statistics.median(r[k] for r in rounds[mode])
@@ -255,8 +396,52 @@ def run() -> dict:
         "bpf_ns_per_req_per_round": {m: [round(r["bpf_ns_per_req"]) for r in rounds[m]]
                                      for m in rounds if m != "off"},
         **agent,
+        **stream_figures(rounds),
     }
+    out["side_by_side"] = side_by_side(out)
     return out
+
+
+def stream_figures(rounds: dict) -> dict:
+    """The streaming CLI's rounds: its throughput beside off (median of per-round ratios), its
+    own CPU per request, and what it printed, left out (counted) and lost."""
+    out = {}
+    for mode, tag in (("stream", "stream"), ("stream-sampled", "stream_sampled")):
+        s = rounds.get(mode)
+        if not s:
+            continue
+        ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds["off"])]
+        med = lambda k: statistics.median(r[k] for r in s)
+        out.update({
+            f"rps_{tag}": round(med("rps")),
+            f"throughput_ratio_{tag}_vs_off": round(statistics.median(ratios), 3),
+            f"cli_cpu_us_per_req_{tag}": round(med("cli_cpu_us_per_req"), 2),
+            f"nginx_cpu_us_per_req_{tag}": round(med("cpu_us_per_req"), 2),
+            f"{tag}_json_bytes_per_line": round(med("json_bytes_per_line")),
+            f"{tag}_printed": sum(r["printed"] for r in s),
+            f"{tag}_lines_read": sum(r["lines_read"] for r in s),
+            f"{tag}_not_printed": sum(r["not_printed"] for r in s),
+            f"{tag}_lost": sum(r["lost"] for r in s)})
+    return out
+
+
+def side_by_side(out: dict) -> dict:
+    """The issue's figures in one place: throughput ratios to untraced (medians over the
+    interleaved rounds) and the agent's memory."""
+    return {"throughput_vs_off": {
+                "floor (syscall + pid filter only)": out["throughput_ratio_floor_vs_off"],
+                "sockfloor (socket tracepoints + pid filter only)": out["throughput_ratio_sockfloor_vs_off"],
+                "agent consumer (trace)": out["throughput_ratio_trace_vs_off"],
+                "agent consumer, syscall hook (trace-syscall)": out["throughput_ratio_trace_syscall_vs_off"],
+                "trace http --json into a pipe (stream)": out["throughput_ratio_stream_vs_off"],
+                f"the same at --max-rate {SAMPLED_RATE} (stream-sampled)":
+                    out.get("throughput_ratio_stream_sampled_vs_off")},
+            "bpf_time_vs_floor": {"trace vs sockfloor": out["bpf_trace_vs_sockfloor"],
+                                  "trace-syscall vs floor": out["bpf_trace_syscall_vs_floor"]},
+            "agent_rss_mb": {"peak": out["agent_peak_rss_mb"], "steady": out["agent_steady_rss_mb"],
+                             "peak_with_otlp": out["agent_otlp_peak_rss_mb"],
+                             "steady_with_otlp": out["agent_otlp_steady_rss_mb"],
+                             "peak_with_otlp_per_round": out["agent_otlp_peak_rss_mb_per_round"]}}
 
 
 if __name__ == "__main__":

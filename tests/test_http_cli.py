@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 
 from gridbpf.trace.http.lab import Nginx, PythonHttps
@@ -25,6 +26,13 @@ def test_unknown_pid_one_line():
     r = subprocess.run(CLI + ["--pid", "999999999"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip() == "gridbpf: no process with pid 999999999"
+
+
+def test_bad_max_rate_one_line():
+    r = subprocess.run(CLI + ["--pid", "1", "--max-rate", "-5"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "gridbpf: --max-rate must be positive (got -5)"
 
 
 def test_unknown_cgroup_and_no_target_one_line():
@@ -144,3 +152,182 @@ def test_cgroup_picks_up_process_started_later():
     lines = [json.loads(l) for l in out.splitlines()]
     assert [(l["path"], l["status"], l["pid"]) for l in lines] == [("/", 200, srv.pid),
                                                                    ("/nope", 404, srv.pid)]
+
+
+def _fake_tracer():
+    """An HttpTracer's decoding state without a loaded program (the encoders only decode)."""
+    from gridbpf.trace.http.tracer import HttpTracer
+
+    class Decoder(HttpTracer):
+        def __init__(self):
+            self._wall_offset = time.time() - time.monotonic()
+            self._clients, self.requests_seen, self.tls_opaque = {}, 0, {}
+    return Decoder()
+
+
+def test_encoders_equal_request_objects():
+    """The column encoders (stream.JsonLines, stream.TextLines) against
+    json.dumps(Request.to_dict()) and Request.line() on random records: cut and multi-block
+    captures, pipelined ones, absent ttfb and body sizes, IPv4/IPv6/unknown clients, odd bytes
+    and quotes in paths, times out of order."""
+    import numpy as np
+    from gridbpf.bpf import BpfObject
+    from gridbpf.trace.http.stream import JsonLines, TextLines
+    from gridbpf.trace.http.tracer import EV_REQUEST
+
+    dt = BpfObject.open("http").btf.dtype("struct http_event")
+    rng, pyrng = np.random.default_rng(16), random.Random(16)
+    pieces = [b"GET /a HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n", b'POST /p?q="\\ HTTP/1.0\r\n',
+              b"x" * 70, b"\r\n\r\n", b"GET /b HTTP/1.1\r\n\r\n", b"\xff\x00\x01",
+              b"PUT /" + b"l" * 300]
+    n = 2000
+    a = np.zeros(n, dt)
+    a["kind"] = EV_REQUEST
+    a["start_ns"] = time.monotonic_ns() + rng.integers(0, 10**9, n)
+    a["end_ns"] = a["start_ns"] + rng.integers(-1000, 10**10, n)
+    a["ttfb_ns"] = np.where(rng.random(n) < 0.2, 0,
+                            a["start_ns"].astype(np.int64) + rng.integers(-1000, 10**9, n))
+    for i in range(n):
+        h = b"".join(pyrng.choice(pieces) for _ in range(pyrng.randint(0, 6)))[:256]
+        a["hdr"][i] = h
+        a["hdr_len"][i] = pyrng.choice([len(h), pyrng.randint(0, 256),
+                                        min(len(h), pyrng.randint(0, 60))])
+    a["req_bytes"] = np.where(rng.random(n) < 0.5, a["hdr_len"], rng.integers(0, 10**6, n))
+    a["resp_bytes"] = rng.integers(0, 10**7, n)
+    a["resp_head_len"] = np.where(rng.random(n) < 0.3, 0, rng.integers(0, 500, n))
+    a["interim_bytes"] = np.where(rng.random(n) < 0.9, 0, rng.integers(0, 50, n))
+    a["pid"], a["tid"] = rng.integers(1, 4, n), rng.integers(1, 2**22, n)
+    a["family"], a["cport"] = rng.choice([0, 2, 10], n), rng.integers(0, 65536, n)
+    a["caddr"] = rng.integers(0, 3, (n, 16))
+    a["caddr"][rng.random(n) < 0.3, 10:12] = 255          # IPv4-mapped IPv6
+    a["status"] = rng.choice([0, 200, 404, 101], n)
+    a["flags"] = rng.integers(0, 128, n) * (rng.random(n) < 0.3)
+    a["pipe_idx"] = np.where(rng.random(n) < 0.1, rng.integers(0, 3, n), 0)
+    t = _fake_tracer()
+    want = [r.to_dict() for r in t.decode(a)]
+    got = [json.loads(line) for line in JsonLines(t).encode(a)]
+    assert len(got) == n and t.requests_seen == 2 * n
+    for w, g in zip(want, got):
+        assert list(w) == list(g)
+        for k, v in w.items():
+            if k == "time":
+                assert abs(g[k] - v) <= 1.5e-6          # printed to the microsecond
+            elif isinstance(v, float):
+                assert abs(g[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, v, g[k])
+            else:
+                assert g[k] == v, (k, v, g[k], w)
+    # text: equal but for rounding at the last digit (times in ms, durations to the us)
+    want = [r.line() for r in t.decode(a)]
+    got = TextLines(t).encode(a)
+    assert len(got) == n
+    for w, g in zip(want, got):
+        wt, gt = w.split(" "), g.split(" ")
+        assert len(wt) == len(gt), (w, g)
+        for a_, b_ in zip(wt, gt):
+            if a_ == b_:
+                continue
+            num = lambda s: float(s.split(":")[-1].split("=")[-1].removesuffix("ms"))
+            name = lambda s: s.split("=")[0] if "=" in s else s.rsplit(":", 1)[0]
+            assert name(a_) == name(b_) and abs(num(a_) - num(b_)) <= 0.0011, (w, g)
+
+
+def test_slow_reader_lines_counted_not_silent():
+    """A reader that stops reading: the writer's queue fills, later batches are not printed
+    but counted, and the count appears in the stream once the reader is back. Negative
+    control: a reader that keeps up sees every line and no count."""
+    import os
+    from gridbpf.trace.http.stream import LineWriter
+
+    def run(stall: bool):
+        r, w = os.pipe()
+        out = LineWriter(w, json_lines=True, max_pending=(64 << 10) if stall else 8 << 20)
+        data, reader = [], None
+
+        def read():
+            while chunk := os.read(r, 1 << 16):
+                data.append(chunk)
+        if not stall:
+            reader = threading.Thread(target=read)
+            reader.start()
+        for b in range(200):
+            out.put([json.dumps({"batch": b, "i": i, "pad": "x" * 200}) for i in range(50)])
+            if not stall:
+                time.sleep(0.001)
+        if stall:
+            reader = threading.Thread(target=read)
+            reader.start()
+        out.close()
+        os.close(w)
+        reader.join()
+        os.close(r)
+        lines = [json.loads(l) for l in b"".join(data).decode().splitlines()]
+        return out, lines
+
+    out, lines = run(stall=True)
+    shown = [l for l in lines if "batch" in l]
+    said = sum(l["not_printed"] for l in lines if "not_printed" in l)
+    assert out.not_printed_total > 0 and said == out.not_printed_total
+    assert len(shown) == out.printed and out.printed + out.not_printed_total == 200 * 50
+    out, lines = run(stall=False)
+    assert out.not_printed_total == 0 and len(lines) == out.printed == 200 * 50
+
+
+def test_reader_goes_away_cli_stops():
+    """`gridbpf trace http --json | head -n 3`: once head exits the CLI stops, with status 0
+    and a summary that counts what it could not print (nothing left attached)."""
+    with Nginx() as n:
+        (n.root / "x").write_text("x")
+        p = subprocess.Popen(CLI + ["--pid", str(n.pid), "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        started(p)
+        c = http.client.HTTPConnection("127.0.0.1", n.port)
+        for _ in range(5):
+            c.request("GET", "/x")
+            c.getresponse().read()
+        head = p.stdout.readline()                 # the reader takes one line, then leaves
+        assert json.loads(head)["path"] == "/x"
+        p.stdout.close()
+        for _ in range(50):                        # more requests: the next write fails
+            c.request("GET", "/x")
+            c.getresponse().read()
+        c.close()
+        err = p.stderr.read()
+        assert p.wait(timeout=30) == 0, err
+    summary = json.loads(err.strip().splitlines()[-1])["summary"]
+    assert summary["requests"] >= 1 and summary["requests"] + summary["not_printed"] >= 5
+
+
+def test_max_rate_prints_a_sample_and_counts_the_rest():
+    """--max-rate: a burst of requests is printed at most at that rate, the rest counted in
+    the stream and the summary, printed + not printed = what nginx served. Negative control:
+    the same burst without it prints every request."""
+    def burst(extra):
+        with Nginx() as n:
+            (n.root / "x").write_text("x")
+            p = subprocess.Popen(CLI + ["--pid", str(n.pid), "--json", "--no-tls", *extra],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            started(p)
+            out = []                               # a reader that keeps up, like `| tail`
+            reader = threading.Thread(target=lambda: out.extend(p.stdout))
+            reader.start()
+            t0 = time.monotonic()
+            subprocess.run(["wrk", "-t1", "-c4", "-d1s", f"{n.url}/x"], check=True,
+                           capture_output=True)
+            time.sleep(0.5)
+            served = len(n.access_lines())
+            elapsed = time.monotonic() - t0
+        err = p.stderr.read()                      # nginx exited: so does the CLI
+        assert p.wait(timeout=30) == 0, err
+        reader.join()
+        lines = [json.loads(l) for l in out]
+        return served, elapsed, lines, json.loads(err.strip().splitlines()[-1])["summary"]
+
+    served, elapsed, lines, summary = burst(["--max-rate", "200"])
+    shown = [l for l in lines if "path" in l]
+    said = sum(l["not_printed"] for l in lines if l.get("reason") == "max rate")
+    assert served > 1000
+    assert len(shown) == summary["requests"] <= 200 * (elapsed + 1.5)
+    assert said == summary["not_printed"] == summary["not_printed_max_rate"] > 0
+    assert summary["requests"] + summary["not_printed"] == served
+    served, _e, lines, summary = burst([])
+    assert len(lines) == summary["requests"] == served and summary["not_printed"] == 0

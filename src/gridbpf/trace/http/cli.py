@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds")
     p.add_argument("--count", type=int, default=0, help="stop after this many requests")
+    p.add_argument("--max-rate", type=float, default=0, metavar="N",
+                   help="print at most N requests a second, evenly chosen; the others are "
+                        "counted in the output (default: all)")
     p.add_argument("--no-tls", action="store_true", help="do not hook libssl (SSL_read/SSL_write)")
     p.add_argument("--no-java-agent", action="store_true",
                    help="do not load the Java agent into target JVMs (their TLS stays unread)")
@@ -25,15 +28,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_http)
 
 
-def _out(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def cmd_http(args) -> int:
     from ..targets import TargetError
-    from .tracer import DRAIN_MS, HttpTracer
+    from .stream import MAX_RATE, JsonLines, LineWriter, RateLimit, TextLines
+    from .tracer import DRAIN_MS, EV_REQUEST, HttpTracer
 
+    if args.max_rate < 0:
+        print(f"gridbpf: --max-rate must be positive (got {args.max_rate:g})", file=sys.stderr)
+        return 2
     spec = spec_from_args(args)
     try:
         tracer = HttpTracer(spec, tls=not args.no_tls, idle_report_s=args.idle_report,
@@ -47,18 +49,35 @@ def cmd_http(args) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     deadline = time.monotonic() + args.duration if args.duration else None
+    # a batch is encoded from its columns and written in one go by a thread (stream.py): the
+    # cost per printed request is what a busy server pays for being watched
+    encode = (JsonLines if args.json else TextLines)(tracer).encode
+    out = LineWriter(sys.stdout.fileno(), json_lines=args.json)
+    limit = RateLimit(args.max_rate) if args.max_rate > 0 else None
+    sys.stdout.flush()
     shown, warned = 0, 0
     end_reason = None
     last_refresh = time.monotonic()
+
+    def emit(arr) -> None:
+        nonlocal shown
+        if limit is not None and len(arr):
+            if not (arr["kind"] == EV_REQUEST).all():
+                arr = tracer.requests_only(arr)     # (a copy: only when other kinds came)
+            keep = limit.take(len(arr))
+            if keep is not None:        # the others are not even decoded
+                out.drop(len(arr) - len(keep), MAX_RATE)
+                arr = arr[keep]
+        lines = encode(arr)
+        if args.count:
+            lines = lines[:args.count - shown]
+        shown += len(lines)
+        out.put(lines)
+
     with tracer:
         try:
-            while not stop:
-                reqs = tracer.poll(DRAIN_MS)
-                for r in reqs:
-                    _out(json.dumps(r.to_dict()) if args.json else r.line())
-                    shown += 1
-                    if args.count and shown >= args.count:
-                        break
+            while not stop and not out.broken:
+                emit(tracer.poll_array(DRAIN_MS))
                 for w in tracer.warnings[warned:]:
                     print(f"gridbpf: {w}", file=sys.stderr)
                 warned = len(tracer.warnings)
@@ -76,16 +95,19 @@ def cmd_http(args) -> int:
                         break
         except KeyboardInterrupt:
             pass
-        # the last requests of closing connections are still in the ring
-        for r in tracer.poll(0):
-            if args.count and shown >= args.count:
-                break
-            _out(json.dumps(r.to_dict()) if args.json else r.line())
-            shown += 1
+        try:
+            # the last requests of closing connections are still in the ring
+            if not (args.count and shown >= args.count) and not out.broken:
+                emit(tracer.poll_array(0))
+        finally:
+            out.close()          # what is queued is written, and the counts of what is not
         stats = tracer.stats()
     if end_reason:
         print(f"gridbpf: {end_reason}", file=sys.stderr)
-    summary = {"requests": shown, **stats}
+    # requests: lines printed; not_printed: requests left out by --max-rate or because the
+    # reader was behind (or went away); events_lost: records the kernel could not put in the ring
+    summary = {"requests": out.printed, "not_printed": out.not_printed_total,
+               "not_printed_max_rate": out.not_printed.get(MAX_RATE, 0), **stats}
     if args.json:
         print(json.dumps({"summary": summary}), file=sys.stderr)
     else:
