@@ -23,7 +23,7 @@ import javax.net.ssl.SSLSocket;
  * call, by the transport(s) the tracers' leases ask for:
  *  - write: write(2) on a FileOutputStream (normally /dev/null); the BPF side reads the record at
  *    sys_exit of that write (kernels without the socket tracepoints: the syscall hook).
- *  - recv: read(2) of the record's own buffer on a non-blocking, unbound UDP socket, which has
+ *  - recv: recv(2) of the record's own buffer on a non-blocking, unbound UDP socket, which has
  *    nothing to deliver and fails at once with EAGAIN, copying nothing; the BPF side reads the
  *    buffer at the socket layer's sock_recv_length tracepoint (Linux 6.3+). No syscall
  *    tracepoint is needed, so the rest of the box stays off the syscall slow path.
@@ -331,7 +331,7 @@ public final class GridbpfTlsBridge {
         } catch (Throwable t) { fail(t); }
     }
 
-    /** The record copied to this thread's direct buffer and offered as read(2)'s destination. */
+    /** The record copied to this thread's direct buffer and offered as recv(2)'s destination. */
     private static void recv(GridbpfTlsState s, byte[] r, int n) throws Throwable {
         FileDescriptor fd = recvFd;
         MethodHandle read = read0;
