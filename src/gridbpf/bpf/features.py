@@ -104,12 +104,17 @@ def hidden() -> set[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _vmlinux_btf() -> bytes:
+def _btf_tracepoints() -> frozenset[bytes] | None:
+    """Names of the kernel BTF's btf_trace_* typedefs (tp_btf targets), None without kernel
+    BTF. Only the names are kept: the 5-6 MB file is read once and let go (a long-running agent
+    would otherwise carry it)."""
+    import re
     try:
         with open(VMLINUX_BTF, "rb") as f:
-            return f.read()
+            btf = f.read()
     except OSError:
-        return b""
+        return None
+    return frozenset(re.findall(rb"\0btf_trace_([A-Za-z0-9_]+)(?=\0)", btf))
 
 
 def has_tracepoint(name: str) -> bool:
@@ -117,9 +122,9 @@ def has_tracepoint(name: str) -> bool:
     kernel BTF, fall back to tracefs (any group), which at least says whether the event exists."""
     if name in hidden() or any(name in BY_NAME[n].probe for n in hidden() if n in BY_NAME):
         return False
-    btf = _vmlinux_btf()
-    if btf:
-        return b"\0btf_trace_" + name.encode() + b"\0" in btf
+    names = _btf_tracepoints()
+    if names is not None:
+        return name.encode() in names
     return any(os.path.isdir(os.path.join(root, group, name))
                for root in TRACEFS_EVENTS if os.path.isdir(root) for group in os.listdir(root))
 
