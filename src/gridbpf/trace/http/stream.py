@@ -103,7 +103,9 @@ class _Lines:
         uflags, finv = np.unique(flags, return_inverse=True)
         fr = [self._flags.get(f) or self._flag_fragment(f) for f in uflags.tolist()]
         flag_frags = np.array(fr, object)[finv.reshape(-1)].tolist()
-        wall_us = start // 1000 + round(self.tracer._wall_offset * 1e6)
+        # rounded to the nearest microsecond, as the Request's float time is (truncating the
+        # nanoseconds and rounding the offset apart could be 1.7 us off)
+        wall_us = (start + round(self.tracer._wall_offset * 1e9) + 500) // 1000
         out = self._format(reqs, code, line_frags, self._client_fragments(reqs), flag_frags,
                            wall_us, dur, ttfb, qb, qbody, rbody)
         self.tracer.requests_seen += n
