@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+from gridbpf.lab.otlp import OtlpReceiver
 from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer, choose_hook
 from gridbpf.trace.http.lab import Nginx
 from gridbpf.trace.targets import TargetSpec
@@ -216,39 +217,6 @@ def bpf_stats(progs) -> tuple[int, int]:
     return t, c
 
 
-class OtlpSink:
-    """An OTLP/HTTP receiver for the agent's exports: answers 200 and counts what came (the
-    tests decode it; here only the agent's side is measured)."""
-
-    def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        self.posts, self.bytes = {}, 0
-        sink = self
-
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                sink.posts[self.path] = sink.posts.get(self.path, 0) + 1
-                sink.bytes += len(body)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.port = self.server.server_port
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _vm(pid: int, key: str) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
@@ -259,7 +227,7 @@ def agent_rss(nginx: Nginx, otlp: bool = False) -> dict:
     median of VmRSS sampled during the round) and what it counted. With OTLP on, metrics every
     second and spans (1000/s, the default cap) go to a local receiver."""
     tag = "agent_otlp_" if otlp else "agent_"
-    sink = OtlpSink() if otlp else None
+    sink = OtlpReceiver(decode=False) if otlp else None
     with tempfile.TemporaryDirectory(prefix="ht-bench-") as d:
         cfg = Path(d) / "agent.toml"
         text = (f'[targets]\npid = [{nginx.pid}]\n[metrics]\nlisten = "127.0.0.1:0"\n'

@@ -79,7 +79,7 @@ def _attrs(kvs):
 def test_otlp_round_trip_to_a_receiver():
     """Metrics and spans POSTed to a real OTLP/HTTP receiver and decoded there; the span rate
     cap counts what it drops; a receiver that is down is counted as failed exports."""
-    from test_http_agent import OtlpReceiver
+    from gridbpf.lab.otlp import OtlpReceiver
     reg = Registry()
     h = reg.histogram("http.server.request.duration", "d", "s", ("http.route", "code"), BOUNDS,
                       attribute_types={"code": int})

@@ -10,57 +10,13 @@ import sys
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gridbpf.lab.otlp import OtlpReceiver
 from gridbpf.trace.http.lab import Nginx
 
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP collector: keeps every decoded export request."""
-
-    def __init__(self):
-        self.metrics, self.traces = [], []
-        rx = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.path == "/v1/metrics":
-                    msg = ExportMetricsServiceRequest()
-                    msg.ParseFromString(body)
-                    rx.metrics.append(msg)
-                elif self.path == "/v1/traces":
-                    msg = ExportTraceServiceRequest()
-                    msg.ParseFromString(body)
-                    rx.traces.append(msg)
-                else:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.port = self.server.server_port
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def spans(self):
-        return [s for req in self.traces for rs in req.resource_spans for ss in rs.scope_spans
-                for s in ss.spans]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def attrs(kvs):
