@@ -73,12 +73,13 @@ def test_hook_choice(monkeypatch):
         tr.choose_hook("kprobe")
 
 
-@pytest.mark.skipif(not tr.sock_tracepoints(), reason="no socket tracepoints (Linux 6.3+)")
 def test_socket_storage_marks_only_a_targets_sockets():
     """The socket hook remembers on the socket itself (sk_conns) that a target follows it (it
     read first: a server's connection) or ignores it (it wrote first: outbound); a socket the
     target never touched, and every socket of an untraced process, has nothing."""
     import socket
+    # not in the 6.1 VM's list (tools/test-kernels/tests.txt): there the fallback hook runs
+    assert tr.sock_tracepoints(), "this host's kernel has the socket tracepoints (6.3+)"
     srv = socket.create_server(("127.0.0.1", 0))
     cli = socket.create_connection(srv.getsockname())
     conn, _ = srv.accept()
