@@ -218,7 +218,7 @@ static __always_inline int first_segment(long nr, __u64 arg1, __u64 arg2, __u64 
 }
 
 static __always_inline void start_request(struct http_conn *c, __u32 tid, __u64 buf,
-					  __u64 seglen, long n, __u64 now)
+					  __u64 seglen, long n, __u64 now, const char *kdata)
 {
 	struct http_event *ev = &c->ev;
 	__u64 cap = (__u64)n < seglen ? (__u64)n : seglen;
@@ -237,10 +237,15 @@ static __always_inline void start_request(struct http_conn *c, __u32 tid, __u64 
 	ev->hdr_len = 0;
 	ev->resp_head_len = 0;
 	ev->interim_bytes = 0;
-	if (bpf_probe_read_user(ev->hdr, cap, (void *)buf) == 0)
+	if (kdata) {
+		/* already read (a JVM record): a fixed copy, hdr_len says what is valid */
+		__builtin_memcpy(ev->hdr, kdata, HTTP_HDR_CAP);
 		ev->hdr_len = cap;
-	else
+	} else if (bpf_probe_read_user(ev->hdr, cap, (void *)buf) == 0) {
+		ev->hdr_len = cap;
+	} else {
 		gb_count(&stats, HTTP_ST_CAPTURE_FAIL);
+	}
 	c->state = HTTP_CS_REQ;
 }
 
@@ -274,8 +279,9 @@ static __always_inline int is_h2_preface(const char *h, __u16 len)
 	       h[13] == '0';
 }
 
+/* KDATA: the bytes are already in kernel memory (a JVM record), else NULL: read BUF. */
 static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, __u64 seglen,
-				    long n, __u64 now)
+				    long n, __u64 now, const char *kdata)
 {
 	if (c->h2)
 		return;
@@ -287,7 +293,7 @@ static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, _
 		emit(c, 0);
 		c->state = HTTP_CS_IDLE;
 	}
-	start_request(c, tid, buf, seglen, n, now);
+	start_request(c, tid, buf, seglen, n, now, kdata);
 	if (!starts_request(c->ev.hdr, c->ev.hdr_len)) {
 		c->state = HTTP_CS_IDLE;
 		gb_count(&stats, HTTP_ST_STRAY_READS);
@@ -325,7 +331,7 @@ static __always_inline __u16 parse_status(const char *s)
  * instead of copying the head: the body size follows from the byte count.
  */
 static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf, __u64 seglen,
-						 long n, int head_hint)
+						 long n, int head_hint, const char *kdata)
 {
 	char head[HTTP_STATUS_CAP] = {};
 	__u32 tail = 0, zero = 0;
@@ -351,7 +357,9 @@ static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf,
 			c->ev.resp_head_len = seglen;
 		return parse_status(h);
 	}
-	if (bpf_probe_read_user(head, sizeof(head), (void *)buf))
+	if (kdata)
+		__builtin_memcpy(head, kdata, sizeof(head));
+	else if (bpf_probe_read_user(head, sizeof(head), (void *)buf))
 		return 0;
 	if (head_hint >= 0)               /* the JVM agent found the head's end itself */
 		c->ev.resp_head_len = head_hint;
@@ -363,7 +371,7 @@ static __always_inline __u16 read_response_start(struct http_conn *c, __u64 buf,
 }
 
 static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 seglen, long n,
-				     __u64 now, int head_hint)
+				     __u64 now, int head_hint, const char *kdata)
 {
 	char head[HTTP_STATUS_CAP] = {};
 	__u16 status = 0;
@@ -375,7 +383,7 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 		return;
 	}
 	if (c->state == HTTP_CS_REQ) {
-		status = read_response_start(c, buf, seglen, n, head_hint);
+		status = read_response_start(c, buf, seglen, n, head_hint, kdata);
 		if (status >= 100 && status < 200 && status != 101) {
 			/* 100 Continue: the body is still to be read; the final response comes later */
 			c->ev.flags |= HTTP_F_INTERIM;
@@ -388,8 +396,12 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 		c->ev.ttfb_ns = now;
 		c->ev.status = status;
 	} else {
-		if (seglen >= 12 && bpf_probe_read_user(head, sizeof(head), (void *)buf) == 0)
+		if (seglen >= 12 && kdata) {
+			__builtin_memcpy(head, kdata, sizeof(head));
 			status = parse_status(head);
+		} else if (seglen >= 12 && bpf_probe_read_user(head, sizeof(head), (void *)buf) == 0) {
+			status = parse_status(head);
+		}
 		if (status && c->ev.resp_bytes) {
 			/* a second status line while responding: the next pipelined request's response */
 			emit(c, 0);
@@ -399,7 +411,7 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 			c->ev.resp_bytes = 0;
 			c->ev.ttfb_ns = now;
 			c->ev.interim_bytes = 0;
-			c->ev.status = read_response_start(c, buf, seglen, n, head_hint);
+			c->ev.status = read_response_start(c, buf, seglen, n, head_hint, kdata);
 		}
 	}
 	c->ev.resp_bytes += n;
@@ -527,7 +539,8 @@ static __always_inline void note_last_conn(__u32 tid, struct http_conn_key *key,
 	bpf_map_update_elem(&jvm_last_conn, &tid, &last, BPF_ANY);
 }
 
-static __always_inline void on_jvm_record(__u64 pid_tgid, __u64 buf, long n);
+static __always_inline struct http_jvm_record *read_jvm_record(__u64 buf, long n);
+static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r, long n);
 
 /*
  * A read or write of NR on a followed connection, after the hook found its entry: the part
@@ -580,9 +593,9 @@ static __always_inline void on_io(struct http_conn_key *key, struct http_conn *c
 			return;
 		}
 		c->seen = 1;
-		on_read(c, pid_tgid, buf, seglen, ret, now);
+		on_read(c, pid_tgid, buf, seglen, ret, now, NULL);
 	} else {
-		on_write(c, buf, seglen, ret, now, -1);
+		on_write(c, buf, seglen, ret, now, -1, NULL);
 	}
 }
 
@@ -624,8 +637,15 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 	if (!c)
 		return 0;
 	if (c->bridge) {
-		if (nr == NR_write)
-			on_jvm_record(pid_tgid, arg1, ret);
+		struct http_jvm_record *r;
+
+		if (nr != NR_write)
+			return 0;
+		r = read_jvm_record(arg1, ret);
+		if (r)
+			on_jvm_record(pid_tgid, r, ret);
+		else
+			gb_count(&stats, HTTP_ST_JVM_BAD);
 		return 0;
 	}
 	if (nr == NR_close) {
@@ -716,15 +736,15 @@ static __always_inline struct http_conn *sock_adopt(struct http_conn_key *key, s
 static __always_inline void sock_bridge_record(__u64 pid_tgid, long nr, __u64 buf, __u64 len)
 {
 	__u32 tgid = pid_tgid >> 32;
-	__u64 magic = 0;
+	struct http_jvm_record *r;
 
 	if (nr != NR_recvfrom && nr != NR_read)
 		return;
 	if (!bpf_map_lookup_elem(&targets, &tgid))
 		return;
-	if (bpf_probe_read_user(&magic, sizeof(magic), (void *)buf) || magic != HTTP_JVM_MAGIC)
-		return;
-	on_jvm_record(pid_tgid, buf, len);
+	r = read_jvm_record(buf, len);
+	if (r)
+		on_jvm_record(pid_tgid, r, len);
 }
 
 static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int is_send)
@@ -933,9 +953,9 @@ static __always_inline int ssl_exit(struct pt_regs *ctx)
 	}
 	c->tls = 1;
 	if (call->is_write)
-		on_write(c, call->buf, n, n, bpf_ktime_get_ns(), -1);
+		on_write(c, call->buf, n, n, bpf_ktime_get_ns(), -1, NULL);
 	else
-		on_read(c, tid, call->buf, n, n, bpf_ktime_get_ns());
+		on_read(c, tid, call->buf, n, n, bpf_ktime_get_ns(), NULL);
 out:
 	bpf_map_delete_elem(&ssl_calls, &tid);
 	return 0;
@@ -951,7 +971,7 @@ SEC("uretprobe") int BPF_KRETPROBE(http_ssl_ret) { return ssl_exit(ctx); }
 
 #define JVM_HDR_SIZE __builtin_offsetof(struct http_jvm_record, data)
 
-/* The record's header, read here (too big for the stack with the parsing below). */
+/* The record, header and data, read here (too big for the stack). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -1029,22 +1049,34 @@ static __always_inline struct http_conn *jvm_client_conn(__u32 tgid, struct http
 	return c;
 }
 
-static __always_inline void on_jvm_record(__u64 pid_tgid, __u64 buf, long n)
+/*
+ * The record at BUF (N bytes long), header and data in ONE read into the per-CPU scratch (a
+ * user read is the dearest step here, ~90 ns with hardened usercopy: the magic, header and
+ * data used to take three), or NULL if it is no record.
+ */
+static __always_inline struct http_jvm_record *read_jvm_record(__u64 buf, long n)
 {
-	__u32 zero = 0, tid = pid_tgid, tgid = pid_tgid >> 32;
+	__u32 zero = 0;
 	struct http_jvm_record *r = bpf_map_lookup_elem(&jvm_scratch, &zero);
+	__u64 len = n;
+
+	if (!r || n < (long)JVM_HDR_SIZE)
+		return NULL;
+	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(len) : "i"(sizeof(*r)));
+	if (bpf_probe_read_user(r, len, (void *)buf) || r->magic != HTTP_JVM_MAGIC)
+		return NULL;
+	return r;
+}
+
+/* A record R of N bytes, already read: its plaintext goes to the connection's request. */
+static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r, long n)
+{
+	__u32 tid = pid_tgid, tgid = pid_tgid >> 32;
 	struct http_conn_key key;
 	struct http_conn *c;
-	__u64 data = buf + JVM_HDR_SIZE, copied;
+	__u64 copied;
 	int client;
 
-	if (!r)
-		return;
-	if (n < (long)JVM_HDR_SIZE || bpf_probe_read_user(r, JVM_HDR_SIZE, (void *)buf) ||
-	    r->magic != HTTP_JVM_MAGIC) {
-		gb_count(&stats, HTTP_ST_JVM_BAD);
-		return;
-	}
 	gb_count(&stats, HTTP_ST_JVM_RECORDS);
 	copied = r->copied;
 	if (copied > (__u64)(n - JVM_HDR_SIZE))
@@ -1064,9 +1096,10 @@ static __always_inline void on_jvm_record(__u64 pid_tgid, __u64 buf, long n)
 	c->tls = 1;
 	/* a client sends the request and receives the response: the directions swap */
 	if ((r->dir == HTTP_JVM_RECV) != !!client)
-		on_read(c, tid, data, copied, r->len, bpf_ktime_get_ns());
+		on_read(c, tid, 0, copied, r->len, bpf_ktime_get_ns(), (const char *)r->data);
 	else
-		on_write(c, data, copied, r->len, bpf_ktime_get_ns(), r->head_len);
+		on_write(c, 0, copied, r->len, bpf_ktime_get_ns(), r->head_len,
+			 (const char *)r->data);
 }
 
 /* --- target processes that appear later ---------------------------------------------------- */

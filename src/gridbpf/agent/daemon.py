@@ -236,11 +236,11 @@ class HttpAgent:
 
     def drain(self, timeout_ms: int) -> None:
         """Drain the ring; decode and record it in chunks so memory stays flat under load."""
-        arr = self.tracer.poll_array(timeout_ms)
-        if len(arr) and not (arr["kind"] == EV_REQUEST).all():
-            arr = self.tracer.requests_only(arr)     # (a copy: only when other kinds came)
-        for i in range(0, len(arr), CHUNK):
-            self.record_array(arr[i:i + CHUNK])
+        with self.tracer.lend_array(timeout_ms) as arr:    # read in the ring: nothing kept
+            if len(arr) and not (arr["kind"] == EV_REQUEST).all():
+                arr = self.tracer.requests_only(arr)     # (a copy: only when other kinds came)
+            for i in range(0, len(arr), CHUNK):
+                self.record_array(arr[i:i + CHUNK])
 
     def run(self, duration: float = 0) -> None:
         drain = self.cfg.drain_ms

@@ -7,6 +7,7 @@ could not reserve are counted by the BPF side in NAME_lost (GB_RINGBUF in common
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import select
 import struct
@@ -105,6 +106,29 @@ class RingBuffer:
         out = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.empty(0, dtype))
         self.received += len(out)
         return out
+
+    @contextlib.contextmanager
+    def lend_array(self, dtype, timeout_ms: int = 0):
+        """poll_array without its copy: the leading run of records of DTYPE's size is lent as a
+        view of the ring itself and its space goes back to the kernel when the block ends (the
+        copy of each cold record cost as much as the agent's whole aggregation of it). For
+        consumers that keep nothing of the rows after the block: slices and column views die
+        with it, fancy-indexed copies do not. Records of another size, or none, come as
+        poll_array gives them."""
+        dtype = np.dtype(dtype)
+        regular = self._regular(dtype)
+        if regular is None and timeout_ms:
+            self.wait(timeout_ms)
+            regular = self._regular(dtype)
+        if regular is None:
+            yield self.poll_array(dtype)
+            return
+        rows, cons = regular
+        try:
+            yield rows
+        finally:
+            self._commit(cons)
+            self.received += len(rows)
 
     def _regular(self, dtype):
         """(strided view of the leading records whose length is DTYPE's size, consumer position

@@ -77,7 +77,8 @@ def cmd_http(args) -> int:
     with tracer:
         try:
             while not stop and not out.broken:
-                emit(tracer.poll_array(DRAIN_MS))
+                with tracer.lend_array(DRAIN_MS) as arr:   # encoded in the ring: no copy
+                    emit(arr)
                 for w in tracer.warnings[warned:]:
                     print(f"gridbpf: {w}", file=sys.stderr)
                 warned = len(tracer.warnings)

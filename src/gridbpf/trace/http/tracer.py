@@ -6,6 +6,7 @@ turn records into Request objects (one per request, never per syscall).
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import time
@@ -385,7 +386,20 @@ class HttpTracer:
         """Drain the ring into a numpy array of struct http_event (all kinds)."""
         if timeout_ms:
             time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
-        arr = self.ring.poll_array(self.dtype)
+        return self._completed(self.ring.poll_array(self.dtype))
+
+    @contextlib.contextmanager
+    def lend_array(self, timeout_ms: int = 0):
+        """poll_array without copying the records out of the ring: the array is valid inside
+        the block only (see RingBuffer.lend_array). For consumers that reduce or encode a
+        batch and keep nothing of it: the agent's histograms, the streaming CLI."""
+        if timeout_ms:
+            time.sleep(timeout_ms / 1000)
+        with self.ring.lend_array(self.dtype) as arr:
+            yield self._completed(arr)
+
+    def _completed(self, arr: np.ndarray) -> np.ndarray:
+        """A drained batch less the requests already reported idle, plus the newly idle ones."""
         if self._early and len(arr):
             arr = self._drop_early(arr)
         if self.idle_report_s and not self.floor and \
