@@ -120,14 +120,16 @@ struct {
 } ssl_fds SEC(".maps");
 
 /*
- * The TLS connection each thread touched last (tid -> fd and accept time): a JVM record from a
- * stream read/write, or the first plaintext an engine unwraps, belongs to the socket the thread
- * just read or wrote. A cache: LRU is fine.
+ * The TLS connection each thread touched last (fd and accept time): a JVM record from a stream
+ * read/write, or the first plaintext an engine unwraps, belongs to the socket the thread just
+ * read or wrote. Kept on the thread itself (task local storage): a plain store per TLS socket
+ * I/O, where an LRU hash paid a locked update whenever the thread changed connection (at
+ * every request of a thread pool).
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct http_jvm_bind);
 } jvm_last_conn SEC(".maps");
 
@@ -527,16 +529,16 @@ static __always_inline int looks_like_tls(__u64 buf)
 	return bpf_probe_read_user(&b, 1, (void *)buf) == 0 && b >= 0x14 && b <= 0x17;
 }
 
-static __always_inline void note_last_conn(__u32 tid, struct http_conn_key *key,
-					   struct http_conn *c)
+static __always_inline void note_last_conn(struct http_conn_key *key, struct http_conn *c)
 {
-	struct http_jvm_bind last = {.fd = key->fd, .born_ns = c->born_ns}, *was;
+	struct http_jvm_bind *last = bpf_task_storage_get(&jvm_last_conn,
+							   bpf_get_current_task_btf(), 0,
+							   BPF_LOCAL_STORAGE_GET_F_CREATE);
 
-	/* a thread mostly works one connection for a while: an LRU update only when it changes */
-	was = bpf_map_lookup_elem(&jvm_last_conn, &tid);
-	if (was && was->fd == last.fd && was->born_ns == last.born_ns)
-		return;
-	bpf_map_update_elem(&jvm_last_conn, &tid, &last, BPF_ANY);
+	if (last) {
+		last->fd = key->fd;
+		last->born_ns = c->born_ns;
+	}
 }
 
 static __always_inline struct http_jvm_record *read_jvm_record(__u64 buf, long n);
@@ -558,7 +560,7 @@ static __always_inline void on_io(struct http_conn_key *key, struct http_conn *c
 		struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
 		if (call)
 			call->fd = key->fd;
-		note_last_conn(tid, key, c);
+		note_last_conn(key, c);
 		return;
 	}
 	now = bpf_ktime_get_ns();
@@ -589,7 +591,7 @@ static __always_inline void on_io(struct http_conn_key *key, struct http_conn *c
 			struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
 			if (call)
 				call->fd = key->fd;
-			note_last_conn(tid, key, c);
+			note_last_conn(key, c);
 			return;
 		}
 		c->seen = 1;
@@ -1003,7 +1005,7 @@ static __always_inline struct http_conn *jvm_server_conn(__u32 tgid, __u32 tid,
 				return c;
 		}
 	}
-	last = bpf_map_lookup_elem(&jvm_last_conn, &tid);
+	last = bpf_task_storage_get(&jvm_last_conn, bpf_get_current_task_btf(), 0, 0);
 	if (!last)
 		return NULL;
 	key->fd = last->fd;
