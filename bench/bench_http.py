@@ -102,7 +102,8 @@ class _Consumer:
     def __init__(self, tracer):
         from gridbpf.agent.daemon import HttpAgent
         agent = HttpAgent.__new__(HttpAgent)
-        agent.tracer, agent.otlp, agent.requests, agent._line_cache = tracer, None, 0, {}
+        agent.tracer, agent.otlp, agent.requests = tracer, None, 0
+        agent._line_cache, agent._capture_cache = {}, {}
         from gridbpf.agent.routes import Routes
         from gridbpf.export.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Registry
         from gridbpf.agent.daemon import LABELS

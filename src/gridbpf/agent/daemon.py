@@ -78,7 +78,8 @@ class HttpAgent:
         self.checksums = self.checksum_watcher = None
         self._stop = threading.Event()
         self.requests = 0
-        self._line_cache: dict[bytes, tuple] = {}
+        self._line_cache: dict[tuple, tuple] = {}
+        self._capture_cache: dict[tuple, tuple] = {}
         try:
             self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s,
                                       java_agent=cfg.java_agent)
@@ -164,20 +165,33 @@ class HttpAgent:
                 if k in STAT_NAMES or k in ("events_lost", "idle_reported", "late_bytes_after_idle_report")}
 
     def _group(self, hdrs: list[bytes], statuses: list[int]) -> tuple[list[tuple], np.ndarray]:
-        """Label tuples of a batch, grouped: (distinct tuples, index per request). The tuple of
-        a (request line, status) pair is cached, so repeated requests cost two dict lookups;
-        a miss parses the line and routes its path. The cache is bounded."""
-        cache, groups, inv = self._line_cache, {}, []
-        for h, st in zip(hdrs, statuses):
-            key = (h.split(b"\r\n", 1)[0], st)
-            lab = cache.get(key)
-            if lab is None:
-                method, path, _ = parse_request_line(key[0] + b"\r\n")
-                lab = (method if method in KNOWN_METHODS else OVERFLOW, str(st) if st else "",
-                       self.routes.route(path))
-                if len(cache) < 100_000:
-                    cache[key] = lab
-            inv.append(groups.setdefault(lab, len(groups)))
+        """Label tuples of a batch, grouped: (distinct tuples, index per request). Captures
+        repeat (a client's requests, stale bytes and all), so the tuple is cached per whole
+        (capture, status) first, which costs one dict lookup per request (map in C); a miss
+        goes through a cache per (request line, status), and a miss there parses the line and
+        routes its path. Both caches are bounded (the first to 4096 captures, ~1 MB)."""
+        by_capture, by_line = self._capture_cache, self._line_cache
+        pairs = list(zip(hdrs, statuses))
+        labels = list(map(by_capture.get, pairs))
+        if None in labels:
+            for i, lab in enumerate(labels):
+                if lab is not None:
+                    continue
+                h, st = pairs[i]
+                key = (h.split(b"\r\n", 1)[0], st)
+                lab = by_line.get(key)
+                if lab is None:
+                    method, path, _ = parse_request_line(key[0] + b"\r\n")
+                    lab = (method if method in KNOWN_METHODS else OVERFLOW, str(st) if st else "",
+                           self.routes.route(path))
+                    if len(by_line) < 100_000:
+                        by_line[key] = lab
+                if len(by_capture) >= 4096:      # up to 256-byte keys: kept small, renewed
+                    by_capture.clear()
+                by_capture[pairs[i]] = lab
+                labels[i] = lab
+        groups: dict[tuple, int] = {}
+        inv = [groups.setdefault(lab, len(groups)) for lab in labels]
         return list(groups), np.array(inv, np.int64)
 
     def record_array(self, reqs) -> None:
