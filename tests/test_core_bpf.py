@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 
+import numpy as np
 import pytest
 from scapy.all import IP, UDP, Ether
 
@@ -75,6 +76,39 @@ def test_tracepoint_events_through_ring_buffer(selftest):
     assert set(events["tgid"]) == {os.getpid()} and set(events["kind"]) == {1}
     assert all(events["time_ns"][1:] >= events["time_ns"][:-1])
     assert events["comm"][0].startswith(b"py")
+
+
+def test_ring_buffer_lends_records_in_chunks_and_gives_the_space_back(selftest):
+    """lend_chunks: every record once, as views of the ring in chunks, its space given back
+    as the next chunk is asked for (a second drain finds nothing), also when the reader stops
+    early; a backlog of more than half the ring comes as copies instead of views."""
+    selftest.rodata["target_tgid"] = os.getpid()
+    selftest.load()
+    dtype = selftest.btf.dtype("event")
+    with selftest.program("on_getppid").attach_tracepoint("syscalls", "sys_enter_getppid"), \
+            RingBuffer(selftest, "events") as rb:
+        for _ in range(25):
+            os.getppid()
+        chunks = [(c.base is not None, c["time_ns"].copy()) for c in rb.lend_chunks(dtype, 10)]
+        assert [len(t) for _v, t in chunks] == [10, 10, 5] and all(v for v, _t in chunks)
+        times = np.concatenate([t for _v, t in chunks])
+        assert all(times[1:] > times[:-1])
+        assert list(rb.lend_chunks(dtype, 10)) == [] and rb.received == 25
+        for _ in range(7):
+            os.getppid()
+        for chunk in rb.lend_chunks(dtype, 3):
+            break                                # a reader that stops: that chunk is consumed
+        del chunk                                # a view of the ring: it must go before close
+        assert sum(len(c) for c in rb.lend_chunks(dtype, 3)) == 4
+        stride = (dtype.itemsize + 8 + 7) & ~7
+        n = rb.size // 2 // stride + 2           # more than half the ring waiting
+        for _ in range(n):
+            os.getppid()
+        copied = [c for c in rb.lend_chunks(dtype, 4096)]
+        assert sum(len(c) for c in copied) == n and all(c.base is None or c.flags.owndata
+                                                       or c.base.flags.owndata for c in copied)
+        assert rb.lost == 0
+        del chunks, copied
 
 
 def test_uprobe_on_function_of_started_process(selftest, tmp_path):

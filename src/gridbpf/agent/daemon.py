@@ -250,11 +250,10 @@ class HttpAgent:
 
     def drain(self, timeout_ms: int) -> None:
         """Drain the ring; decode and record it in chunks so memory stays flat under load."""
-        with self.tracer.lend_array(timeout_ms) as arr:    # read in the ring: nothing kept
-            if len(arr) and not (arr["kind"] == EV_REQUEST).all():
+        for arr in self.tracer.lend_chunks(timeout_ms, CHUNK):   # read in the ring: no copy
+            if not (arr["kind"] == EV_REQUEST).all():
                 arr = self.tracer.requests_only(arr)     # (a copy: only when other kinds came)
-            for i in range(0, len(arr), CHUNK):
-                self.record_array(arr[i:i + CHUNK])
+            self.record_array(arr)
 
     def run(self, duration: float = 0) -> None:
         drain = self.cfg.drain_ms

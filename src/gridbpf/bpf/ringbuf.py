@@ -7,7 +7,6 @@ could not reserve are counted by the BPF side in NAME_lost (GB_RINGBUF in common
 """
 from __future__ import annotations
 
-import contextlib
 import mmap
 import select
 import struct
@@ -107,28 +106,37 @@ class RingBuffer:
         self.received += len(out)
         return out
 
-    @contextlib.contextmanager
-    def lend_array(self, dtype, timeout_ms: int = 0):
-        """poll_array without its copy: the leading run of records of DTYPE's size is lent as a
-        view of the ring itself and its space goes back to the kernel when the block ends (the
-        copy of each cold record cost as much as the agent's whole aggregation of it). For
-        consumers that keep nothing of the rows after the block: slices and column views die
-        with it, fancy-indexed copies do not. Records of another size, or none, come as
-        poll_array gives them."""
+    def lend_chunks(self, dtype, rows: int):
+        """poll_array without its copy, for consumers that keep nothing of the records: the
+        leading run of records of DTYPE's size is lent as views of the ring itself, ROWS
+        records at a time, and each chunk's space goes back to the kernel when the next one
+        is asked for (or the loop ends, however it ends). Copying every cold record out cost
+        as much as the agent's whole aggregation of it. The ring is then the reader's only
+        backlog: a reader starved while it works leaves the kernel less room, so at most ROWS
+        records are held, and a backlog of more than half the ring is copied out instead.
+        Records of another size, or none, come as poll_array gives them."""
         dtype = np.dtype(dtype)
-        regular = self._regular(dtype)
-        if regular is None and timeout_ms:
-            self.wait(timeout_ms)
-            regular = self._regular(dtype)
+        cons, prod = self._positions()
+        regular = self._regular(dtype) if prod - cons <= self.size // 2 else None
         if regular is None:
-            yield self.poll_array(dtype)
+            # nothing regular, or a reader that fell behind (more than half the ring waiting):
+            # copied out at once, so the kernel has its whole ring again while we work
+            arr = self.poll_array(dtype)
+            for i in range(0, len(arr), rows):
+                yield arr[i:i + rows]
             return
-        rows, cons = regular
+        view, end = regular
+        stride = (dtype.itemsize + HEADER + 7) & ~7
+        cons = end - len(view) * stride
         try:
-            yield rows
+            for i in range(0, len(view), rows):
+                part = view[i:i + rows]
+                cons += len(part) * stride       # consumed once the caller asks for more
+                self.received += len(part)
+                yield part
+                self._commit(cons)
         finally:
-            self._commit(cons)
-            self.received += len(rows)
+            self._commit(cons)                   # also when the caller stopped (or raised)
 
     def _regular(self, dtype):
         """(strided view of the leading records whose length is DTYPE's size, consumer position

@@ -64,6 +64,7 @@ class _Lines:
         self._lines: dict[bytes, str] = {}       # request-line key -> its fragment
         self._clients: dict[bytes, str] = {}     # address bytes + family -> its fragment
         self._flags: dict[int, str] = {}         # flags -> their fragment
+        self._captures: dict[tuple, tuple] = {}  # (capture, length) -> (fragment, head end)
 
     def encode(self, arr: np.ndarray) -> list[str]:
         """The lines of the requests in a drained batch (all record kinds), in ring order."""
@@ -74,17 +75,28 @@ class _Lines:
         if not n:
             return []
         # the request line (a cached fragment) and the end of the header block of each capture
-        lines_c, make_line = self._lines, self._line_fragment
-        line_frags, heads = [], []
-        for hdr, hl in zip(reqs["hdr"].tolist(), reqs["hdr_len"].tolist()):
-            line = hdr[:hl]
-            cut = line.find(b"\r\n")
-            key = line[:cut + 2] if cut >= 0 else line
-            f = lines_c.get(key)
-            line_frags.append(f if f is not None else make_line(key))
-            e = line.find(b"\r\n\r\n", cut)
-            heads.append(e + 4 if e >= 0 and cut >= 0 else -1)
-        head = np.array(heads, np.int64)
+        # captures repeat (a client's requests, stale bytes and all): (fragment, head end) is
+        # cached per whole capture, one dict lookup per request through map
+        lines_c, make_line, captures = self._lines, self._line_fragment, self._captures
+        keys = list(zip(reqs["hdr"].tolist(), reqs["hdr_len"].tolist()))
+        found = list(map(captures.get, keys))
+        if None in found:
+            for i, got in enumerate(found):
+                if got is not None:
+                    continue
+                hdr, hl = keys[i]
+                line = hdr[:hl]
+                cut = line.find(b"\r\n")
+                key = line[:cut + 2] if cut >= 0 else line
+                f = lines_c.get(key)
+                e = line.find(b"\r\n\r\n", cut)
+                got = found[i] = (f if f is not None else make_line(key),
+                                  e + 4 if e >= 0 and cut >= 0 else -1)
+                if len(captures) >= 4096:        # up to 256-byte keys: kept small, renewed
+                    captures.clear()
+                captures[keys[i]] = got
+        line_frags = [got[0] for got in found]
+        head = np.array([got[1] for got in found], np.int64)
         start = reqs["start_ns"].astype(np.int64)
         ttfb_ns = reqs["ttfb_ns"].astype(np.int64)
         dur = reqs["end_ns"].astype(np.int64) - start

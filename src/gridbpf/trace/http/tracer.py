@@ -6,7 +6,6 @@ turn records into Request objects (one per request, never per syscall).
 """
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import time
@@ -388,27 +387,38 @@ class HttpTracer:
             time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
         return self._completed(self.ring.poll_array(self.dtype))
 
-    @contextlib.contextmanager
-    def lend_array(self, timeout_ms: int = 0):
-        """poll_array without copying the records out of the ring: the array is valid inside
-        the block only (see RingBuffer.lend_array). For consumers that reduce or encode a
-        batch and keep nothing of it: the agent's histograms, the streaming CLI."""
+    def lend_chunks(self, timeout_ms: int = 0, rows: int = 1024):
+        """poll_array without copying the records out of the ring, as chunks of up to ROWS
+        records, each valid until the next is asked for (see RingBuffer.lend_chunks). For
+        consumers that reduce or encode a batch and keep nothing of it: the agent's
+        histograms, the streaming CLI."""
         if timeout_ms:
-            time.sleep(timeout_ms / 1000)
-        with self.ring.lend_array(self.dtype) as arr:
-            yield self._completed(arr)
+            time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
+        for part in self.ring.lend_chunks(self.dtype, rows):
+            if self._early:
+                part = self._drop_early(part)
+            if len(part):
+                yield part
+        idle = self._idle_due()
+        if len(idle):
+            yield idle
 
     def _completed(self, arr: np.ndarray) -> np.ndarray:
         """A drained batch less the requests already reported idle, plus the newly idle ones."""
         if self._early and len(arr):
             arr = self._drop_early(arr)
+        idle = self._idle_due()
+        if len(idle):
+            arr = np.concatenate([arr, idle]) if len(arr) else idle
+        return arr
+
+    def _idle_due(self) -> np.ndarray:
+        """The idle requests of the connection table, when a scan is due (else none)."""
         if self.idle_report_s and not self.floor and \
                 time.monotonic() - self._last_idle_scan >= max(1.0, self.idle_report_s / 2):
             self._last_idle_scan = time.monotonic()
-            idle = self._idle_records()
-            if len(idle):
-                arr = np.concatenate([arr, idle]) if len(arr) else idle
-        return arr
+            return self._idle_records()
+        return np.empty(0, self.dtype)
 
     def _idle_records(self) -> np.ndarray:
         """Requests whose response looks finished on a connection idle for idle_report_s.
