@@ -325,41 +325,57 @@ def run() -> dict:
             agent = agent_rss_rounds(nginx)
     finally:
         os.close(stats_fd)
-    med = lambda mode, k: statistics.median(r[k] for r in rounds[mode])
-    ratio = lambda mode: round(statistics.median(
-        t["rps"] / o["rps"] for t, o in zip(rounds[mode], rounds["off"])), 3)
-    # per round, each tracer against the floor of its own hook (same round: same noise)
-    bpf_ratio = lambda mode, floor: round(statistics.median(
-        t["bpf_ns_per_req"] / max(f["bpf_ns_per_req"], 1)
-        for t, f in zip(rounds[mode], rounds[floor])), 2)
+    # a subset of modes (BENCH_HTTP_MODES) leaves the figures of the others out (None)
+    def med(mode, k, digits=None):
+        if not rounds.get(mode):
+            return None
+        return round(statistics.median(r[k] for r in rounds[mode]), digits)
+
+    def ratio(mode):
+        if not (rounds.get(mode) and rounds.get("off")):
+            return None
+        return round(statistics.median(
+            t["rps"] / o["rps"] for t, o in zip(rounds[mode], rounds["off"])), 3)
+
+    def bpf_ratio(mode, floor):
+        # per round, each tracer against the floor of its own hook (same round: same noise)
+        if not (rounds.get(mode) and rounds.get(floor)):
+            return None
+        return round(statistics.median(t["bpf_ns_per_req"] / max(f["bpf_ns_per_req"], 1)
+                                       for t, f in zip(rounds[mode], rounds[floor])), 2)
+
+    def added_cpu(mode):
+        if not (rounds.get(mode) and rounds.get("off")):
+            return None
+        return round(med(mode, "cpu_us_per_req", 4) - med("off", "cpu_us_per_req", 4), 2)
     out = {
         "rounds": ROUNDS, "seconds_per_round": SECONDS, "connections": CONNS,
         "hook": choose_hook()[0],
-        "rps_off": round(med("off", "rps")), "rps_floor": round(med("floor", "rps")),
-        "rps_sockfloor": round(med("sockfloor", "rps")), "rps_trace": round(med("trace", "rps")),
-        "rps_trace_syscall": round(med("trace-syscall", "rps")),
+        "rps_off": med("off", "rps"), "rps_floor": med("floor", "rps"),
+        "rps_sockfloor": med("sockfloor", "rps"), "rps_trace": med("trace", "rps"),
+        "rps_trace_syscall": med("trace-syscall", "rps"),
         # throughput against no BPF at all (goal: trace >= 0.95)
         "throughput_ratio_trace_vs_off": ratio("trace"),
         "throughput_ratio_trace_syscall_vs_off": ratio("trace-syscall"),
         "throughput_ratio_floor_vs_off": ratio("floor"),
         "throughput_ratio_sockfloor_vs_off": ratio("sockfloor"),
         # BPF time per request (goal: trace <= 1.5x the floor of its hook)
-        "bpf_ns_per_req_trace": round(med("trace", "bpf_ns_per_req")),
-        "bpf_ns_per_req_sockfloor": round(med("sockfloor", "bpf_ns_per_req")),
-        "bpf_ns_per_req_trace_syscall": round(med("trace-syscall", "bpf_ns_per_req")),
-        "bpf_ns_per_req_floor": round(med("floor", "bpf_ns_per_req")),
+        "bpf_ns_per_req_trace": med("trace", "bpf_ns_per_req"),
+        "bpf_ns_per_req_sockfloor": med("sockfloor", "bpf_ns_per_req"),
+        "bpf_ns_per_req_trace_syscall": med("trace-syscall", "bpf_ns_per_req"),
+        "bpf_ns_per_req_floor": med("floor", "bpf_ns_per_req"),
         "bpf_trace_vs_sockfloor": bpf_ratio("trace", "sockfloor"),
         "bpf_trace_syscall_vs_floor": bpf_ratio("trace-syscall", "floor"),
         # the socket hook against the syscall floor: what moving hooks saved
         "bpf_trace_vs_floor": bpf_ratio("trace", "floor"),
-        "bpf_runs_per_req_trace": round(med("trace", "bpf_runs_per_req"), 2),
-        "bpf_runs_per_req_trace_syscall": round(med("trace-syscall", "bpf_runs_per_req"), 2),
-        "nginx_cpu_us_per_req": {m: round(med(m, "cpu_us_per_req"), 2) for m in modes},
-        "added_cpu_us_per_req_trace": round(med("trace", "cpu_us_per_req") - med("off", "cpu_us_per_req"), 2),
+        "bpf_runs_per_req_trace": med("trace", "bpf_runs_per_req", 2),
+        "bpf_runs_per_req_trace_syscall": med("trace-syscall", "bpf_runs_per_req", 2),
+        "nginx_cpu_us_per_req": {m: med(m, "cpu_us_per_req", 2) for m in modes},
+        "added_cpu_us_per_req_trace": added_cpu("trace"),
         "traced_equals_requests_plus_inflight": all(
             r["traced"] + r["lost"] >= r["requests"] for m in ("trace", "trace-syscall")
-            for r in rounds[m]),
-        "lost_events": sum(r["lost"] for m in ("trace", "trace-syscall") for r in rounds[m]),
+            for r in rounds.get(m, [])),
+        "lost_events": sum(r["lost"] for m in ("trace", "trace-syscall") for r in rounds.get(m, [])),
         # every round, so the spread (noisy on a shared 2-core VM) is visible next to the medians
         "rps_per_round": {m: [round(r["rps"]) for r in rounds[m]] for m in rounds},
         "bpf_ns_per_req_per_round": {m: [round(r["bpf_ns_per_req"]) for r in rounds[m]]
@@ -379,11 +395,11 @@ def stream_figures(rounds: dict) -> dict:
         s = rounds.get(mode)
         if not s:
             continue
-        ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds["off"])]
+        ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds.get("off", []))]
         med = lambda k: statistics.median(r[k] for r in s)
         out.update({
             f"rps_{tag}": round(med("rps")),
-            f"throughput_ratio_{tag}_vs_off": round(statistics.median(ratios), 3),
+            f"throughput_ratio_{tag}_vs_off": round(statistics.median(ratios), 3) if ratios else None,
             f"cli_cpu_us_per_req_{tag}": round(med("cli_cpu_us_per_req"), 2),
             f"nginx_cpu_us_per_req_{tag}": round(med("cpu_us_per_req"), 2),
             f"{tag}_json_bytes_per_line": round(med("json_bytes_per_line")),

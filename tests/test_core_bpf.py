@@ -1,5 +1,6 @@
 """The binding against the running kernel: test runs, maps, tracepoints, uprobes, ring buffers,
 verifier errors."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -58,12 +59,19 @@ def test_map_update_delete_and_typed_errors(selftest):
         selftest.rodata["target_tgid"] = 1
 
 
-def test_tracepoint_events_through_ring_buffer(selftest):
+@contextlib.contextmanager
+def getppid_events(selftest):
+    """The selftest's getppid() tracepoint program attached for this process, and its ring."""
     selftest.rodata["target_tgid"] = os.getpid()
     selftest.load()
-    dtype = selftest.btf.dtype("event")
     with selftest.program("on_getppid").attach_tracepoint("syscalls", "sys_enter_getppid"), \
             RingBuffer(selftest, "events") as rb:
+        yield rb
+
+
+def test_tracepoint_events_through_ring_buffer(selftest):
+    dtype = selftest.btf.dtype("event")
+    with getppid_events(selftest) as rb:
         for _ in range(25):
             os.getppid()
         events = rb.poll_array(dtype, timeout_ms=1000)
@@ -82,11 +90,8 @@ def test_ring_buffer_lends_records_in_chunks_and_gives_the_space_back(selftest):
     """lend_chunks: every record once, as views of the ring in chunks, its space given back
     as the next chunk is asked for (a second drain finds nothing), also when the reader stops
     early; a backlog of more than half the ring comes as copies instead of views."""
-    selftest.rodata["target_tgid"] = os.getpid()
-    selftest.load()
     dtype = selftest.btf.dtype("event")
-    with selftest.program("on_getppid").attach_tracepoint("syscalls", "sys_enter_getppid"), \
-            RingBuffer(selftest, "events") as rb:
+    with getppid_events(selftest) as rb:
         for _ in range(25):
             os.getppid()
         chunks = [(c.base is not None, c["time_ns"].copy()) for c in rb.lend_chunks(dtype, 10)]
