@@ -987,7 +987,7 @@ struct {
  * its first record (its first plaintext follows the read that carried it, on the same thread)
  * and keeps it: it may unwrap bytes that an earlier read left in its buffer.
  */
-static __always_inline struct http_conn *jvm_server_conn(__u32 tgid, __u32 tid,
+static __always_inline struct http_conn *jvm_server_conn(__u32 tgid,
 							 struct http_jvm_record *r,
 							 struct http_conn_key *key)
 {
@@ -1085,7 +1085,7 @@ static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record
 	if (copied > (__u64)(n - JVM_HDR_SIZE))
 		copied = n - JVM_HDR_SIZE;
 	client = r->flags & HTTP_JVM_F_CLIENT;
-	c = client ? jvm_client_conn(tgid, r, &key) : jvm_server_conn(tgid, tid, r, &key);
+	c = client ? jvm_client_conn(tgid, r, &key) : jvm_server_conn(tgid, r, &key);
 	if (!c) {
 		if (r->dir != HTTP_JVM_CLOSE)
 			gb_count(&stats, HTTP_ST_JVM_UNLINKED);

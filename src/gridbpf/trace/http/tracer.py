@@ -385,13 +385,19 @@ class HttpTracer:
         """Drain the ring into a numpy array of struct http_event (all kinds)."""
         if timeout_ms:
             time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
-        return self._completed(self.ring.poll_array(self.dtype))
+        arr = self.ring.poll_array(self.dtype)
+        if self._early and len(arr):
+            arr = self._drop_early(arr)
+        idle = self._idle_due()
+        if len(idle):
+            arr = np.concatenate([arr, idle]) if len(arr) else idle
+        return arr
 
     def lend_chunks(self, timeout_ms: int = 0, rows: int = 1024):
         """poll_array without copying the records out of the ring, as chunks of up to ROWS
         records, each valid until the next is asked for (see RingBuffer.lend_chunks). For
-        consumers that reduce or encode a batch and keep nothing of it: the agent's
-        histograms, the streaming CLI."""
+        consumers that reduce a batch quickly and keep nothing of it: the agent's histograms
+        (the streaming CLI copies: its slower encoding would leave the backlog in the ring)."""
         if timeout_ms:
             time.sleep(timeout_ms / 1000)     # records come without wakeups: drain on a timer
         for part in self.ring.lend_chunks(self.dtype, rows):
@@ -402,15 +408,6 @@ class HttpTracer:
         idle = self._idle_due()
         if len(idle):
             yield idle
-
-    def _completed(self, arr: np.ndarray) -> np.ndarray:
-        """A drained batch less the requests already reported idle, plus the newly idle ones."""
-        if self._early and len(arr):
-            arr = self._drop_early(arr)
-        idle = self._idle_due()
-        if len(idle):
-            arr = np.concatenate([arr, idle]) if len(arr) else idle
-        return arr
 
     def _idle_due(self) -> np.ndarray:
         """The idle requests of the connection table, when a scan is due (else none)."""
