@@ -77,9 +77,18 @@ def _varint(buf, i):
 def test_offcpu_folded_and_pprof(dozer):
     p = subprocess.Popen([str(dozer)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
-    import threading
-    threading.Timer(0.5, lambda: (p.stdin.write("go\n"), p.stdin.flush())).start()
-    totals, stats = run_offcpu([p.pid], 2.0, stop=lambda: p.poll() is not None)
+    started = []
+
+    def stop():
+        # first asked once the tracer is attached: only then the dozer may start (a timer
+        # started before loading lost the first doze when loading took longer than it)
+        if not started:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            started.append(True)
+        return p.poll() is not None
+
+    totals, stats = run_offcpu([p.pid], 5.0, stop=stop)
     p.wait(timeout=10)
     assert stats["kernel_stack_errors"] == 0 and stats["offcpu_map_full"] == 0
     text = folded(totals)
@@ -90,7 +99,7 @@ def test_offcpu_folded_and_pprof(dozer):
     stack, micros = dozing[0].rsplit(" ", 1)
     assert stack.startswith("dozer;") and "do_nanosleep_[k]" in stack
     assert stack.index("main") < stack.index("work_then_doze")
-    assert int(micros) / 1e6 == pytest.approx(0.8, rel=0.10)
+    assert int(micros) / 1e6 == pytest.approx(0.8, rel=0.10), text
     top = [t for t in totals if any(f.name == "work_then_doze" for f in t.user)][0]
     assert top.count == 8
 
