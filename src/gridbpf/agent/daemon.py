@@ -19,6 +19,7 @@ import numpy as np
 from .. import sdnotify
 from ..export.metrics import DURATION_BUCKETS, OVERFLOW, SIZE_BUCKETS, Registry
 from ..export.prometheus import MetricsServer
+from ..trace.http.memo import memo_map
 from ..trace.http.tracer import (EV_REQUEST, F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths,
                           parse_request_line, response_body_sizes)
 from .config import AgentConfig
@@ -165,34 +166,26 @@ class HttpAgent:
                 if k in STAT_NAMES or k in ("events_lost", "idle_reported", "late_bytes_after_idle_report")}
 
     def _group(self, hdrs: list[bytes], statuses: list[int]) -> tuple[list[tuple], np.ndarray]:
-        """Label tuples of a batch, grouped: (distinct tuples, index per request). Captures
-        repeat (a client's requests, stale bytes and all), so the tuple is cached per whole
-        (capture, status) first, which costs one dict lookup per request (map in C); a miss
-        goes through a cache per (request line, status), and a miss there parses the line and
-        routes its path. Both caches are bounded (the first to 4096 captures, ~1 MB)."""
-        by_capture, by_line = self._capture_cache, self._line_cache
-        pairs = list(zip(hdrs, statuses))
-        labels = list(map(by_capture.get, pairs))
-        if None in labels:
-            for i, lab in enumerate(labels):
-                if lab is not None:
-                    continue
-                h, st = pairs[i]
-                key = (h.split(b"\r\n", 1)[0], st)
-                lab = by_line.get(key)
-                if lab is None:
-                    method, path, _ = parse_request_line(key[0] + b"\r\n")
-                    lab = (method if method in KNOWN_METHODS else OVERFLOW, str(st) if st else "",
-                           self.routes.route(path))
-                    if len(by_line) < 100_000:
-                        by_line[key] = lab
-                if len(by_capture) >= 4096:      # up to 256-byte keys: kept small, renewed
-                    by_capture.clear()
-                by_capture[pairs[i]] = lab
-                labels[i] = lab
+        """Label tuples of a batch, grouped: (distinct tuples, index per request). The tuple is
+        cached per whole (capture, status) first (memo_map: one dict lookup per request); a
+        miss goes through a cache per (request line, status), and a miss there parses the line
+        and routes its path."""
+        labels = memo_map(self._capture_cache, list(zip(hdrs, statuses)), self._label_of)
         groups: dict[tuple, int] = {}
         inv = [groups.setdefault(lab, len(groups)) for lab in labels]
         return list(groups), np.array(inv, np.int64)
+
+    def _label_of(self, capture_status: tuple[bytes, int]) -> tuple:
+        h, st = capture_status
+        key = (h.split(b"\r\n", 1)[0], st)
+        lab = self._line_cache.get(key)
+        if lab is None:
+            method, path, _ = parse_request_line(key[0] + b"\r\n")
+            lab = (method if method in KNOWN_METHODS else OVERFLOW, str(st) if st else "",
+                   self.routes.route(path))
+            if len(self._line_cache) < 100_000:
+                self._line_cache[key] = lab
+        return lab
 
     def record_array(self, reqs) -> None:
         """One drained batch of request records into the histograms, from the columns: no

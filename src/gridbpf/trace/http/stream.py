@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from .memo import memo_map
 from .tracer import (EV_REQUEST, F_PIPELINED, F_TLS, FLAG_NAMES, HttpTracer, _client,
                      parse_request_line, response_body_sizes)
 
@@ -66,6 +67,16 @@ class _Lines:
         self._flags: dict[int, str] = {}         # flags -> their fragment
         self._captures: dict[tuple, tuple] = {}  # (capture, length) -> (fragment, head end)
 
+    def _capture_parts(self, capture: tuple[bytes, int]) -> tuple[str, int]:
+        """(request-line fragment, end of the header block or -1) of one (capture, length)."""
+        hdr, hl = capture
+        line = hdr[:hl]
+        cut = line.find(b"\r\n")
+        key = line[:cut + 2] if cut >= 0 else line
+        f = self._lines.get(key)
+        e = line.find(b"\r\n\r\n", cut)
+        return (f if f is not None else self._line_fragment(key), e + 4 if e >= 0 and cut >= 0 else -1)
+
     def encode(self, arr: np.ndarray) -> list[str]:
         """The lines of the requests in a drained batch (all record kinds), in ring order."""
         if len(arr) and not (arr["kind"] == EV_REQUEST).all():
@@ -75,26 +86,9 @@ class _Lines:
         if not n:
             return []
         # the request line (a cached fragment) and the end of the header block of each capture
-        # captures repeat (a client's requests, stale bytes and all): (fragment, head end) is
-        # cached per whole capture, one dict lookup per request through map
-        lines_c, make_line, captures = self._lines, self._line_fragment, self._captures
+        # (fragment, head end) cached per whole capture (memo_map: one dict lookup per request)
         keys = list(zip(reqs["hdr"].tolist(), reqs["hdr_len"].tolist()))
-        found = list(map(captures.get, keys))
-        if None in found:
-            for i, got in enumerate(found):
-                if got is not None:
-                    continue
-                hdr, hl = keys[i]
-                line = hdr[:hl]
-                cut = line.find(b"\r\n")
-                key = line[:cut + 2] if cut >= 0 else line
-                f = lines_c.get(key)
-                e = line.find(b"\r\n\r\n", cut)
-                got = found[i] = (f if f is not None else make_line(key),
-                                  e + 4 if e >= 0 and cut >= 0 else -1)
-                if len(captures) >= 4096:        # up to 256-byte keys: kept small, renewed
-                    captures.clear()
-                captures[keys[i]] = got
+        found = memo_map(self._captures, keys, self._capture_parts)
         line_frags = [got[0] for got in found]
         head = np.array([got[1] for got in found], np.int64)
         start = reqs["start_ns"].astype(np.int64)
