@@ -508,6 +508,11 @@ static __always_inline void on_close(struct http_conn_key *key, struct http_conn
 		emit(c, HTTP_F_CLOSED);
 	else if (c->state == HTTP_CS_REQ)
 		emit(c, HTTP_F_CLOSED | HTTP_F_NO_RESPONSE);
+	if (c->engine_bound) {
+		struct http_jvm_key jk = {.tgid = key->tgid, .conn_id = c->engine_id};
+
+		bpf_map_delete_elem(&jvm_binds, &jk);
+	}
 	if (emit_request_start && !c->ignored) {
 		c->ev.kind = HTTP_EV_CONN_CLOSE;
 		c->ev.start_ns = bpf_ktime_get_ns();     /* the entry goes away: reuse it */
@@ -556,6 +561,8 @@ static __always_inline void on_io(struct http_conn_key *key, struct http_conn *c
 	__u32 tid = pid_tgid;
 
 	if (c->tls) {
+		if (c->engine_bound)
+			return;
 		/* ciphertext: only note which socket an SSL call in flight on this thread uses */
 		struct http_ssl_call *call = bpf_map_lookup_elem(&ssl_calls, &tid);
 		if (call)
@@ -826,6 +833,12 @@ static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int 
 known:
 	if (c->ignored || ret == 0)
 		return 0;
+	if (c->engine_bound) {
+		/* a JVM engine's ciphertext: the socket's later I/O stops at its storage */
+		if (st)
+			st->ignored = 1;
+		return 0;
+	}
 	on_io(&key, c, pid_tgid, nr, ret, arg1, arg2, !is_send && (flags & MSG_PEEK));
 	return 0;
 }
@@ -1012,8 +1025,13 @@ static __always_inline struct http_conn *jvm_server_conn(__u32 tgid,
 	c = bpf_map_lookup_elem(&conns, key);
 	if (!c || c->born_ns != last->born_ns)
 		return NULL;
-	if (!(r->flags & HTTP_JVM_F_SOCKET))
+	if (!(r->flags & HTTP_JVM_F_SOCKET)) {
+		/* while the entry lives (the bind is deleted with it: no LRU eviction of a live
+		 * engine, whose socket I/O no longer names it the thread's last connection) */
 		bpf_map_update_elem(&jvm_binds, &jk, last, BPF_ANY);
+		c->engine_bound = 1;
+		c->engine_id = jk.conn_id;
+	}
 	return c;
 }
 

@@ -222,13 +222,20 @@ def test_jdk_https_server_exact_bytes(jdk):
         assert t.jvm_agents, t.warnings
         c = RawClient(srv.port, tls=True)
         want = [c.request(m, p, n) for m, p, n in JDK_STEPS]
+        binds = list(t.obj.map("jvm_binds").keys())     # the engine, bound to its connection
         c.close()
         reqs = drain(t, len(want))
         stats = t.stats()
+        # the bind goes with the connection (the server closes it once the client did)
+        deadline = time.monotonic() + 5
+        while list(t.obj.map("jvm_binds").keys()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        binds_after = list(t.obj.map("jvm_binds").keys())
         info = t.jvm_agents[srv.pid].read_info()
         err = srv.output_lines()["stderr"]
     check(reqs, want, srv.pid, tls=True)
     assert stats["jvm_unlinked"] == 0 and stats["jvm_records"] >= 2 * len(want)
+    assert len(binds) == 1 and binds_after == [], (binds, binds_after)
     # (the server logs its own HEAD warning; nothing else may appear)
     ours = [l for l in err if "agent" in l.lower() or "gridbpf" in l.lower()]
     if jdk == "21":

@@ -99,7 +99,8 @@ struct http_conn {
 	__u8 client;             /* a JVM's outbound connection: requests are sent, not received */
 	__u8 ignored;            /* socket hook: a socket of a target we do not follow (it spoke
 				    first: an outbound connection); its socket storage says so too */
-	__u8 _pad;
+	__u8 engine_bound;       /* a JVM engine's records name this connection (jvm_binds): its
+				    socket I/O has nothing more to tell, and is skipped */
 	/*
 	 * Accept time (syscall hook) or first I/O (socket hook): tells a reused fd number from the
 	 * connection (the JVM binds check it).
@@ -110,6 +111,8 @@ struct http_conn {
 	 * I/O on the same fd with another sock means the connection was closed unseen.
 	 */
 	__u64 sk;
+	__u32 engine_id;         /* that engine (record conn_id): its bind goes with this entry */
+	__u32 _pad;
 };
 
 /* Socket hook: kept on a target's socket (socket local storage) once its entry is made. */
