@@ -99,7 +99,9 @@ def test_offcpu_folded_and_pprof(dozer):
     stack, micros = dozing[0].rsplit(" ", 1)
     assert stack.startswith("dozer;") and "do_nanosleep_[k]" in stack
     assert stack.index("main") < stack.index("work_then_doze")
-    assert int(micros) / 1e6 == pytest.approx(0.8, rel=0.10), text
+    # (a switch into the dozer that the tracepoint did not deliver, seen under load, is
+    # recovered from its CPU time and counted in switch_in_missed: it must not lose a doze)
+    assert int(micros) / 1e6 == pytest.approx(0.8, rel=0.10), f"{text}\n{stats}"
     top = [t for t in totals if any(f.name == "work_then_doze" for f in t.user)][0]
     assert top.count == 8
 

@@ -16,7 +16,8 @@ from ..symbols import Frame, Symbolizer
 from ..targets import TargetError, TargetSpec
 
 STACK_DEPTH = 127
-STAT_NAMES = ["kernel_stack_errors", "user_stack_errors", "blocked_map_full", "offcpu_map_full"]
+STAT_NAMES = ["kernel_stack_errors", "user_stack_errors", "blocked_map_full", "offcpu_map_full",
+              "switch_in_missed"]
 
 
 def parse_duration(text: str) -> float:
