@@ -89,6 +89,32 @@ class BirdRouter:
         out = self.host.ip(fam, "route", "show", prefix, check=False).stdout.split()
         return sorted(out[i + 1] for i, w in enumerate(out) if w == "via")
 
+    def bfd_sessions(self) -> dict[str, tuple[str, float]]:
+        """Neighbour address -> (state, transmit interval in seconds), from `show bfd sessions`."""
+        out = {}
+        for line in self.birdc("show", "bfd", "sessions").splitlines():
+            f = line.split()
+            if len(f) >= 6 and f[2] in ("Up", "Down", "Init", "AdminDown"):
+                try:
+                    out[f[0]] = (f[2], float(f[-2]))
+                except ValueError:
+                    pass
+        return out
+
+    def wait_bfd_up(self, addresses: list[str], interval: float, timeout: float = 20) -> None:
+        """Poll until the BFD sessions with ADDRESSES are Up at the fast INTERVAL: a session
+        still coming up (or still at its idle rate) detects a failure seconds later, not in
+        3 intervals."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.bfd_sessions()
+            if all(a in s and s[a][0] == "Up" and s[a][1] <= interval + 1e-6 for a in addresses):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.host.name}: BFD sessions {s}, want {addresses} Up "
+                                   f"at {interval} s, after {timeout} s")
+            time.sleep(0.05)
+
     def wait_next_hops(self, prefix: str, want: list[str], timeout: float = 20) -> float:
         """Poll the FIB until PREFIX has exactly the gateways WANT; returns the monotonic time."""
         deadline = time.monotonic() + timeout

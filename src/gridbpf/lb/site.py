@@ -600,6 +600,8 @@ def fail_during_uploads(site: Site, kind: str, uploads: int = 24, seconds: float
     try:
         up.wait_connected()
         time.sleep(1.5)
+        if site.bird:      # the lab's nodes run BFD every 100 ms (config_text)
+            site.bird.wait_bfd_up([site.node_addr(lb2, fam) for fam in (4, 6)], 0.1)
         via_lb2 = node_flows(site, lb2) - before
         t = site.fail_node(lb2, kind)
         bird_gone = wait_dead(bird_pid, 2) - t if kind == "kill" else None
