@@ -125,9 +125,8 @@ class RingBuffer:
             for i in range(0, len(arr), rows):
                 yield arr[i:i + rows]
             return
-        view, end = regular
+        view, _end = regular                     # starts at cons: only we move it
         stride = (dtype.itemsize + HEADER + 7) & ~7
-        cons = end - len(view) * stride
         try:
             for i in range(0, len(view), rows):
                 part = view[i:i + rows]
