@@ -204,18 +204,34 @@ def test_encoders_equal_request_objects():
     a["flags"] = rng.integers(0, 128, n) * (rng.random(n) < 0.3)
     a["pipe_idx"] = np.where(rng.random(n) < 0.1, rng.integers(0, 3, n), 0)
     t = _fake_tracer()
-    want = [r.to_dict() for r in t.decode(a)]
-    got = [json.loads(line) for line in JsonLines(t).encode(a)]
-    assert len(got) == n and t.requests_seen == 2 * n
-    for w, g in zip(want, got):
-        assert list(w) == list(g)
-        for k, v in w.items():
-            if k == "time":
-                assert abs(g[k] - v) <= 1.5e-6          # printed to the microsecond
-            elif isinstance(v, float):
-                assert abs(g[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, v, g[k])
-            else:
-                assert g[k] == v, (k, v, g[k], w)
+
+    def same_json(arr, enc):
+        t.requests_seen = 0
+        want = [r.to_dict() for r in t.decode(arr)]
+        got = [json.loads(line) for line in enc.encode(arr)]
+        assert len(got) == n and t.requests_seen == 2 * n
+        for w, g in zip(want, got):
+            assert list(w) == list(g)
+            for k, v in w.items():
+                if k == "time":
+                    assert abs(g[k] - v) <= 1.5e-6          # printed to the microsecond
+                elif isinstance(v, float):
+                    assert abs(g[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, v, g[k])
+                else:
+                    assert g[k] == v, (k, v, g[k], w)
+    same_json(a, JsonLines(t))              # all distinct: one %-format per record
+    # 40 of them repeated with their own times, as keep-alive connections bring them: lines
+    # joined from fragments made once per connection and response (not one by one)
+    b = a[rng.integers(0, 40, n)]
+    start = time.monotonic_ns() + rng.integers(0, 10**9, n)
+    b["start_ns"], b["end_ns"] = start, start + rng.integers(-1000, 10**10, n)
+    b["ttfb_ns"] = np.where(b["ttfb_ns"] == 0, 0, start + rng.integers(-1000, 10**9, n))
+    fragments = JsonLines(t)
+
+    def one_by_one(*_args):
+        raise AssertionError("records formatted one by one")
+    fragments._format_each = one_by_one
+    same_json(b, fragments)
     # text: equal but for rounding at the last digit (times in ms, durations to the us)
     want = [r.line() for r in t.decode(a)]
     got = TextLines(t).encode(a)
