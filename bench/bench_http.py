@@ -9,6 +9,9 @@ interleaved rounds, with:
   stream the real `gridbpf trace http --json` process printing every request into a pipe that
          a reader drains (like `| tail` or a file): what a user watching a busy server costs
   stream-sampled  the same with --max-rate 1000: a sample printed, the rest counted
+  off-varied, stream-varied  off and stream again with every request for another file (20,000
+         files of varied sizes, in turn): a storage node's traffic, where a batch of records
+         shares connections but no path or size (the stream encoder shares what repeats)
 and rounds with the whole agent (Prometheus + histograms) for its memory, alternating with
 OTLP on as well (metrics every second and spans at the default cap, to a local receiver),
 BENCH_HTTP_AGENT_ROUNDS times each (3).
@@ -44,7 +47,8 @@ SECONDS = float(os.environ.get("BENCH_HTTP_SECONDS", 3))
 CONNS = 32
 # every mode by default; BENCH_HTTP_MODES=off,stream runs a subset while developing
 MODES = os.environ.get("BENCH_HTTP_MODES",
-                       "off,floor,sockfloor,trace,trace-syscall,stream,stream-sampled").split(",")
+                       "off,floor,sockfloor,trace,trace-syscall,stream,stream-sampled,"
+                       "off-varied,stream-varied").split(",")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -88,9 +92,32 @@ def prog_stats(prog) -> tuple[int, int]:
     return get("run_time_ns"), get("run_cnt")
 
 
-def wrk(url: str) -> tuple[float, int]:
-    out = subprocess.run(["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS:g}s", url], capture_output=True,
-                         text=True, check=True).stdout
+VARIED_FILES = 20_000
+# each request for the next of the VARIED_FILES files under /v/
+VARIED_SCRIPT = f"""
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/v/" .. (n % {VARIED_FILES}) .. ".html")
+end
+"""
+
+
+def varied_files(root: Path) -> Path:
+    """VARIED_FILES files of 100-2,100 bytes under ROOT/v, and the wrk script asking for them."""
+    d = root / "v"
+    d.mkdir(exist_ok=True)
+    for i in range(VARIED_FILES):
+        (d / f"{i}.html").write_bytes(b"x" * (100 + i * 7919 % 2000))
+    script = root.parent / "varied.lua"
+    script.write_text(VARIED_SCRIPT)
+    return script
+
+
+def wrk(url: str, script: Path | None = None) -> tuple[float, int]:
+    extra = ["-s", str(script)] if script else []
+    out = subprocess.run(["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS:g}s", *extra, url],
+                         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     n = int(re.search(r"(\d+) requests in", out).group(1))
     return rps, n
@@ -123,10 +150,11 @@ class _Consumer:
 SAMPLED_RATE = 1000      # --max-rate of the stream-sampled mode
 
 
-def stream_round(nginx: Nginx, sampled: bool = False) -> dict:
+def stream_round(nginx: Nginx, sampled: bool = False, script: Path | None = None) -> dict:
     """The real `gridbpf trace http --json` process streaming every request into a pipe that a
     reader drains (like `| tail` or a file): what a user tailing a busy server costs it.
-    SAMPLED: with --max-rate SAMPLED_RATE (the others counted, not printed)."""
+    SAMPLED: with --max-rate SAMPLED_RATE (the others counted, not printed); SCRIPT: wrk's
+    request script (varied paths)."""
     worker = nginx.worker_pids()[0]
     extra = ["--max-rate", str(SAMPLED_RATE)] if sampled else []
     p = subprocess.Popen([sys.executable, "-m", "gridbpf.cli", "trace", "http", "--pid",
@@ -145,7 +173,7 @@ def stream_round(nginx: Nginx, sampled: bool = False) -> dict:
         if not first.startswith(b"gridbpf: tracing"):
             raise RuntimeError(f"trace http did not start: {first!r} {p.stderr.read()!r}")
         c0, s0 = cpu_seconds(worker), cpu_seconds(p.pid)
-        rps, n = wrk(f"{nginx.url}/index.html")
+        rps, n = wrk(f"{nginx.url}/index.html", script)
         c1, s1 = cpu_seconds(worker), cpu_seconds(p.pid)
         time.sleep(0.3)            # wrk closed its connections: the last requests
         p.terminate()
@@ -163,9 +191,12 @@ def stream_round(nginx: Nginx, sampled: bool = False) -> dict:
             "not_printed": summary.get("not_printed", 0), "lost": summary["events_lost"]}
 
 
-def one_round(nginx: Nginx, mode: str) -> dict:
+def one_round(nginx: Nginx, mode: str, script: Path | None = None) -> dict:
+    """One round of MODE; SCRIPT (wrk's request script) for the -varied modes."""
+    varied = mode.endswith("-varied")
+    mode = mode.removesuffix("-varied")
     if mode in ("stream", "stream-sampled"):
-        return stream_round(nginx, sampled=mode == "stream-sampled")
+        return stream_round(nginx, sampled=mode == "stream-sampled", script=script if varied else None)
     worker = nginx.worker_pids()[0]
     tracer, drained, stop, drainer = None, [0], threading.Event(), None
     sock = None
@@ -187,7 +218,7 @@ def one_round(nginx: Nginx, mode: str) -> dict:
     try:
         b0 = bpf_stats(progs)
         c0 = cpu_seconds(worker)
-        rps, n = wrk(f"{nginx.url}/index.html")
+        rps, n = wrk(f"{nginx.url}/index.html", script if varied else None)
         c1 = cpu_seconds(worker)
         b1 = bpf_stats(progs)
         stop.set()
@@ -314,14 +345,16 @@ def run() -> dict:
     try:
         with Nginx(workers=1, access_log=False) as nginx:
             (nginx.root / "index.html").write_bytes(b"<html>hello grid</html>\n" * 20)
+            script = varied_files(nginx.root)
             wrk(f"{nginx.url}/index.html")      # warm up
+            wrk(f"{nginx.url}/index.html", script)
             modes = MODES
             rounds = {m: [] for m in modes}
             for i in range(ROUNDS):
                 # rotate the order so drift over time does not favour one mode
                 order = modes[i % len(modes):] + modes[:i % len(modes)]
                 for mode in order:
-                    rounds[mode].append(one_round(nginx, mode))
+                    rounds[mode].append(one_round(nginx, mode, script))
             agent = agent_rss_rounds(nginx)
     finally:
         os.close(stats_fd)
@@ -391,15 +424,18 @@ def stream_figures(rounds: dict) -> dict:
     """The streaming CLI's rounds: its throughput beside off (median of per-round ratios), its
     own CPU per request, and what it printed, left out (counted) and lost."""
     out = {}
-    for mode, tag in (("stream", "stream"), ("stream-sampled", "stream_sampled")):
+    for mode, tag, off in (("stream", "stream", "off"),
+                           ("stream-sampled", "stream_sampled", "off"),
+                           ("stream-varied", "stream_varied", "off-varied")):
         s = rounds.get(mode)
         if not s:
             continue
-        ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds.get("off", []))]
+        ratios = [x["rps"] / o["rps"] for x, o in zip(s, rounds.get(off, []))]
         med = lambda k: statistics.median(r[k] for r in s)
         out.update({
             f"rps_{tag}": round(med("rps")),
-            f"throughput_ratio_{tag}_vs_off": round(statistics.median(ratios), 3) if ratios else None,
+            f"throughput_ratio_{tag}_vs_{off.replace('-', '_')}":
+                round(statistics.median(ratios), 3) if ratios else None,
             f"cli_cpu_us_per_req_{tag}": round(med("cli_cpu_us_per_req"), 2),
             f"nginx_cpu_us_per_req_{tag}": round(med("cpu_us_per_req"), 2),
             f"{tag}_json_bytes_per_line": round(med("json_bytes_per_line")),
@@ -420,7 +456,9 @@ def side_by_side(out: dict) -> dict:
                 "agent consumer, syscall hook (trace-syscall)": out["throughput_ratio_trace_syscall_vs_off"],
                 "trace http --json into a pipe (stream)": out["throughput_ratio_stream_vs_off"],
                 f"the same at --max-rate {SAMPLED_RATE} (stream-sampled)":
-                    out.get("throughput_ratio_stream_sampled_vs_off")},
+                    out.get("throughput_ratio_stream_sampled_vs_off"),
+                "the same, every request another file (stream-varied vs off-varied)":
+                    out.get("throughput_ratio_stream_varied_vs_off_varied")},
             "bpf_time_vs_floor": {"trace vs sockfloor": out["bpf_trace_vs_sockfloor"],
                                   "trace-syscall vs floor": out["bpf_trace_syscall_vs_floor"]},
             "agent_rss_mb": {"peak": out["agent_peak_rss_mb"], "steady": out["agent_steady_rss_mb"],

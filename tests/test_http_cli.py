@@ -219,19 +219,37 @@ def test_encoders_equal_request_objects():
                     assert abs(g[k] - v) <= 1e-9 * max(1.0, abs(v)), (k, v, g[k])
                 else:
                     assert g[k] == v, (k, v, g[k], w)
-    same_json(a, JsonLines(t))              # all distinct: one %-format per record
+
+    def same_json_made(arr, per_record: bool):
+        """same_json, checking which way the responses of the batch were made: pieces of each
+        record's own, or fragments made once per response."""
+        enc, made = JsonLines(t), []
+        pieces = enc._response_pieces
+        enc._response_pieces = lambda *args: made.append(1) or pieces(*args)
+        same_json(arr, enc)
+        assert bool(made) == per_record, "made record by record" if made else "made per response"
+    same_json_made(a, per_record=True)              # all distinct
     # 40 of them repeated with their own times, as keep-alive connections bring them: lines
-    # joined from fragments made once per connection and response (not one by one)
+    # joined from fragments made once per connection and response (not record by record)
     b = a[rng.integers(0, 40, n)]
     start = time.monotonic_ns() + rng.integers(0, 10**9, n)
     b["start_ns"], b["end_ns"] = start, start + rng.integers(-1000, 10**10, n)
     b["ttfb_ns"] = np.where(b["ttfb_ns"] == 0, 0, start + rng.integers(-1000, 10**9, n))
-    fragments = JsonLines(t)
-
-    def one_by_one(*_args):
-        raise AssertionError("records formatted one by one")
-    fragments._format_each = one_by_one
-    same_json(b, fragments)
+    same_json_made(b, per_record=False)
+    # storage traffic: a response of its own per request (its numbers from tables, long ones
+    # and those of a uint64 past 2**63 written whole) on 8 keep-alive connections
+    c = a.copy()
+    conn = rng.integers(0, 8, n)
+    for f in ("pid", "tid", "family", "cport", "caddr"):
+        c[f] = a[f][:8][conn]
+    c["resp_bytes"] = rng.integers(0, 10**12, n)
+    c["resp_bytes"][::50] = 2**64 - 1 - np.arange(n // 50, dtype=np.uint64)
+    c["req_bytes"][::7] += rng.integers(10**8, 10**10, len(c[::7])).astype(np.uint64)
+    c["end_ns"][::11] += np.uint64(2000 * 10**9)       # a duration of 1000 s or more
+    late = np.uint64(1500 * 10**9)                     # a ttfb of 1000 s or more
+    c["ttfb_ns"][::13] += (c["ttfb_ns"][::13] > 0) * late
+    c["end_ns"][::13] += late
+    same_json_made(c, per_record=True)
     # text: equal but for rounding at the last digit (times in ms, durations to the us)
     want = [r.line() for r in t.decode(a)]
     got = TextLines(t).encode(a)

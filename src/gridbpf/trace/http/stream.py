@@ -6,10 +6,10 @@ columns (no Request objects, no dicts, no json.dumps per request): the strings o
 line, a client address and a flag set are encoded once and cached. A text line is one %-format
 of integers and cached fragments; a JSON line is joined from fragments made once per
 connection and per response in the batch (records grouped with numpy) and cached 3-digit
-strings, so no integer is formatted per request (a batch whose records share few fragments is
-%-formatted record by record). The lines of a batch leave in one write, from a thread, so a
-slow reader never stalls the drain: what does not fit its queue is counted and said in the
-stream.
+strings (where most responses differ, from pieces of each: its numbers as 3-digit strings of
+tables), so no integer is formatted per request. The lines of a batch leave in one write, from
+a thread, so a slow reader never stalls the drain: what does not fit its queue is counted and
+said in the stream.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import json
 import os
 import threading
 import time
+from json.encoder import encode_basestring_ascii as _json_str   # = json.dumps(str), in C
 
 import numpy as np
 
@@ -26,34 +27,34 @@ from .tracer import (EV_REQUEST, F_PIPELINED, F_TLS, FLAG_NAMES, HttpTracer, _cl
 
 _CACHE_MAX = 50_000       # distinct request lines (or clients) kept encoded; then start over
 
-# JSON, one %-format per record: one template per combination of the three fields that may be
-# null: 4 ttfb, 2 request body, 1 response body. Keys and their order are those of
-# Request.to_dict(). Numbers are written from integers (seconds and microseconds, nanoseconds):
-# Python formats floats at half the speed.
-_JSON_HEAD = ('{"time":%d.%06d,"pid":%d,"tid":%d,"client":%s,"port":%d,%s,"status":%d,'
-              '"request_bytes":%d,"response_bytes":%d,"duration":%d.%09d,"ttfb":')
-
-
-def _json_template(code: int) -> str:
-    ttfb = "%d.%09d" if code & 4 else "null%.0s%.0s"
-    qbody = "%d" if code & 2 else "null%.0s"
-    rbody = "%d" if code & 1 else "null%.0s"
-    return (_JSON_HEAD + ttfb + ',%s,"request_body_bytes":' + qbody
-            + ',"response_body_bytes":' + rbody + "}")
-
-
-_JSON_TEMPLATES = [_json_template(c) for c in range(8)]
-# JSON, from fragments: a line is joined from 13 pieces: the fragments of its connection (with
-# the second of its time) and of its response (request line, status, sizes, flags, the whole
-# seconds of duration and ttfb), each made once per batch, and the fraction digits as 3-digit
-# strings of _DIGITS3. Formatting an int costs ~0.1 us here; 17 fields were most of the cost.
+# JSON: a line is joined from pieces: the fragments of its connection (with the second of its
+# time), made once per batch, the fraction digits as 3-digit strings of _DIGITS3, and its
+# response (request line, status, sizes, flags, the whole seconds of duration and ttfb): 3
+# fragments made once per batch where responses repeat, else ~20 pieces of its own, the numbers
+# as 3-digit strings of tables (_numbers). Formatting an int costs ~0.1 us here, a %-field
+# ~40 ns, a piece of a join ~5 ns.
 _JSON_CONN = '{"time":%d.\0,"pid":%d,"tid":%d,"client":%s,"port":%d,'
-_JSON_RESP = ('%s,"status":%d,"request_bytes":%d,"response_bytes":%d,"duration":%d.\0,"ttfb":%s'
+_JSON_RESP = ('%s,"status":%d,"request_bytes":%d,"response_bytes":%d,"duration":%d.\0%s'
               '\0,%s,"request_body_bytes":%s,"response_body_bytes":%s}')
 # text: Request.line(); durations in milliseconds to the microsecond
 _TEXT_TEMPLATES = ["%s.%03d pid=%d tid=%d %s:%d %s %s req=%d resp=%d dur=%d.%03dms ttfb="
                    + ("%d.%03dms" if code & 4 else "-%.0s%.0s") + "%s" for code in range(8)]
-_DIGITS3 = np.array(["%03d" % i for i in range(1000)] + [""], object)   # [1000]: no ttfb
+# [1000]: no ttfb; [1001 + i]: the last digits of duration, then the key of ttfb
+_DIGITS3 = np.array(["%03d" % i for i in range(1000)] + [""]
+                    + ['%03d,"ttfb":' % i for i in range(1000)], object)
+# the numbers of a response (see _numbers): status, request and response bytes, the whole
+# seconds of duration and ttfb, request and response body bytes: (the text that follows,
+# null, how many 3-digit strings)
+_NUMBERS = [(',"request_bytes":', None, 2), (',"response_bytes":', None, 3),
+            (',"duration":', None, 3), (".", None, 1), (".", "null", 1),
+            (',"response_body_bytes":', 'null,"response_body_bytes":', 3), ("}", "null}", 3)]
+_LEAD = np.array([str(i) for i in range(1000)] + ["%03d" % i for i in range(1000)] + [""], object)
+# [2002 k + i]: the last 3 digits of number k and the text that follows (+1000: 0-padded);
+# [2002 k + 2000]: that text alone (after a number formatted whole), [2002 k + 2001]: null
+_LAST = np.array([t for follow, null, _c in _NUMBERS for t in [f"{i}{follow}" for i in range(1000)]
+                  + [f"{i:03d}{follow}" for i in range(1000)] + [follow, null]], object)
+_LIMITS = np.array([[1000 ** c] for _f, _n, c in _NUMBERS], np.int64)
+_OFFSETS = np.arange(0, 2002 * len(_NUMBERS), 2002)[:, None]
 _MIX = np.arange(1, 80, 2, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # a row's hash
 _MASKS = np.array([(1 << 8 * k) - 1 for k in range(9)], np.uint64)  # the first k bytes of a u64
 
@@ -77,6 +78,29 @@ def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     group = np.empty(len(keys), np.intp)
     group[order] = np.cumsum(new) - 1
     return order[new], group
+
+
+def _numbers(x: np.ndarray, null: np.ndarray, cols: list) -> list[list[str]]:
+    """The pieces of the numbers X ((len(_NUMBERS), m) int64, from the columns COLS) of m
+    responses: number k as _NUMBERS[k][2] lists of 3-digit strings (the leading ones empty
+    where it is shorter), the last followed by its text, all looked up in tables: no int is
+    formatted (~0.1 us each). A number too long for its strings, or negative (or of 2**63 or
+    more, from a uint64 column), is formatted whole (rare); NULL: where it is null."""
+    hi, last = np.divmod(x, 1000)
+    top, mid = np.divmod(hi, 1000)
+    big = ((x < 0) | (x >= _LIMITS)) & ~null
+    last += (x >= 1000) * 1000 + _OFFSETS
+    last[big] = _OFFSETS.repeat(x.shape[1], 1)[big] + 2000
+    last[null] = _OFFSETS.repeat(x.shape[1], 1)[null] + 2001
+    lead = np.empty((2,) + x.shape, np.intp)
+    lead[0] = np.where(x >= 1_000_000, top, 2000)
+    lead[1] = np.where(x >= 1_000_000, mid + 1000, np.where(x >= 1000, mid, 2000))
+    lead[:, big | null] = 2000
+    last = _LAST.take(last).tolist()
+    for k, i in np.argwhere(big).tolist():
+        last[k][i] = f"{cols[k][i]}{_NUMBERS[k][0]}"
+    return [[*(_LEAD.take(lead[j, k]).tolist() for j in range(3 - c, 2)), last[k]]
+            for k, (_f, _n, c) in enumerate(_NUMBERS)]
 
 
 def _split(fragments) -> np.ndarray:
@@ -228,8 +252,10 @@ class JsonLines(_Lines):
 
     @staticmethod
     def _line_text(method, path, version) -> str:
-        return (f'"method":{json.dumps(method)},"path":{json.dumps(path)},'
-                f'"version":{json.dumps(version)}')
+        # made for every new path (a storage node's usual request): json.dumps' own call
+        # costs three times its escaping
+        return f'"method":{_json_str(method)},"path":{_json_str(path)},"version":{_json_str(version)}'
+
 
     _client_text = staticmethod(json.dumps)
 
@@ -249,7 +275,6 @@ class JsonLines(_Lines):
         sec, usec = np.divmod(wall_us, 1_000_000)
         dsec, dns = np.divmod(dur, 1_000_000_000)
         tsec, tns = np.divmod(ttfb, 1_000_000_000)
-        each = (reqs, cap, cap_lines, sec, usec, dsec, dns, has_ttfb, tsec, tns, qb, qbody, rbody)
         # the connection (and second) of each record: '{"time":S.' and ',"pid":..,"port":P,'
         caddr = _rows(reqs["caddr"]).view(u64)
         key = np.empty((n, 5), u64)
@@ -274,49 +299,59 @@ class JsonLines(_Lines):
         key[:, 4] = dsec
         key[:, 5] = np.where(has_ttfb, tsec, no_t)
         rfirst, resp = _groups(key)
-        if len(cfirst) + 2 * len(rfirst) > 2 * n:
-            # records that share few fragments cost less formatted one by one (measured here:
-            # ~2 us a record, or ~0.9 us + ~0.35 us a connection and ~0.95 us a response)
-            return self._format_each(*each)
         # (the pieces of all groups split at once: a split and a list per group cost more)
         conns = _split(_JSON_CONN % row for row in zip(
             sec[cfirst].tolist(), reqs["pid"][cfirst].tolist(), reqs["tid"][cfirst].tolist(),
             clients, reqs["cport"][cfirst].tolist()))
-        resps = _split(_JSON_RESP % (
-            cap_lines[c], st, q, r, d, "null" if t == no_t else "%d." % t,
-            self._flags.get(f) or self._flag_fragment(f), "null" if qy < 0 else qy,
-            "null" if ry < 0 else ry)
-            for c, st, f, q, r, d, t, qy, ry in zip(
-                cap[rfirst].tolist(), reqs["status"][rfirst].tolist(),
-                reqs["flags"][rfirst].tolist(), qb[rfirst].tolist(),
-                reqs["resp_bytes"][rfirst].tolist(), dsec[rfirst].tolist(),
-                key[rfirst, 5].view(np.int64).tolist(), qbody[rfirst].tolist(),
-                rbody[rfirst].tolist()))
+        if 2 * len(rfirst) <= n:
+            # responses repeat: their fragments made once each (and split at once, as conns)
+            resps = _split(_JSON_RESP % (
+                cap_lines[c], st, q, r, d, "null" if t == no_t else "%d." % t,
+                self._flags.get(f) or self._flag_fragment(f), "null" if qy < 0 else qy,
+                "null" if ry < 0 else ry)
+                for c, st, f, q, r, d, t, qy, ry in zip(
+                    cap[rfirst].tolist(), reqs["status"][rfirst].tolist(),
+                    reqs["flags"][rfirst].tolist(), qb[rfirst].tolist(),
+                    reqs["resp_bytes"][rfirst].tolist(), dsec[rfirst].tolist(),
+                    key[rfirst, 5].view(np.int64).tolist(), qbody[rfirst].tolist(),
+                    rbody[rfirst].tolist()))
+            p1, p2, p3 = ([r] for r in resps.take(resp, axis=0).T.tolist())
+        else:
+            # most records have a response of their own: its pieces are made per record (the
+            # numbers from tables) and joined straight into the lines
+            p1, p2, p3 = self._response_pieces(reqs, cap, cap_lines, dsec, has_ttfb, tsec, qb,
+                                               qbody, rbody)
         # the fraction digits: microseconds of the time, nanoseconds of duration and ttfb
         digits = np.empty((8, n), np.intp)
         digits[0], digits[1] = np.divmod(usec, 1000)
         digits[2], rest = np.divmod(dns, 1_000_000)
         digits[3], digits[4] = np.divmod(rest, 1000)
+        digits[4] += 1001
         digits[5], rest = np.divmod(tns, 1_000_000)
         digits[6], digits[7] = np.divmod(rest, 1000)
         digits[5:, ~has_ttfb] = 1000
         t0, c = conns.take(conn, axis=0).T.tolist()
-        r1, r2, r3 = resps.take(resp, axis=0).T.tolist()
         u1, u2, d1, d2, d3, t1, t2, t3 = _DIGITS3.take(digits).tolist()
-        return list(map("".join, zip(t0, u1, u2, c, r1, d1, d2, d3, r2, t1, t2, t3, r3)))
+        return list(map("".join, zip(t0, u1, u2, c, *p1, d1, d2, d3, *p2, t1, t2, t3, *p3)))
 
-    def _format_each(self, reqs, cap, cap_lines, sec, usec, dsec, dns, has_ttfb, tsec, tns, qb,
-                     qbody, rbody) -> list[str]:
-        """One %-format per record (of 17 fields): when records share few fragments."""
-        code = (has_ttfb * 4 + (qbody >= 0) * 2 + (rbody >= 0)).tolist()
-        cols = zip(sec.tolist(), usec.tolist(), reqs["pid"].tolist(), reqs["tid"].tolist(),
-                   self._client_fragments(reqs), reqs["cport"].tolist(),
-                   np.array(cap_lines, object)[cap].tolist(), reqs["status"].tolist(),
-                   qb.tolist(), reqs["resp_bytes"].tolist(), dsec.tolist(), dns.tolist(),
-                   tsec.tolist(), tns.tolist(), self._flag_fragments(reqs["flags"]),
-                   qbody.tolist(), rbody.tolist())
-        tpl = _JSON_TEMPLATES
-        return [tpl[c] % row for c, row in zip(code, cols)]
+    def _response_pieces(self, reqs, cap, cap_lines, dsec, has_ttfb, tsec, qb, qbody,
+                         rbody) -> tuple[list, list, list]:
+        """The pieces of the response part of each record's line: (request line and status
+        to the whole seconds of duration; whole seconds of ttfb; flags to the end)."""
+        heads = np.array([line + ',"status":' for line in cap_lines], object)
+        uflags, finv = np.unique(reqs["flags"], return_inverse=True)
+        flags = np.array([',%s,"request_body_bytes":' % (self._flags.get(f)
+                                                          or self._flag_fragment(f))
+                          for f in uflags.tolist()], object)
+        cols = [reqs["status"], qb, reqs["resp_bytes"], dsec, tsec, qbody, rbody]
+        x = np.empty((len(cols), len(reqs)), np.int64)
+        for k, col in enumerate(cols):
+            x[k] = col                      # (a uint64 of 2**63 or more: negative here)
+        null = np.zeros(x.shape, bool)
+        null[4], null[5], null[6] = ~has_ttfb, x[5] < 0, x[6] < 0
+        status, q, r, d, t, qy, ry = _numbers(x, null, cols)
+        return ([heads[cap].tolist(), *status, *q, *r, *d], t,
+                [flags[finv.reshape(-1)].tolist(), *qy, *ry])
 
 
 class TextLines(_Lines):
