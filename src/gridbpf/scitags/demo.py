@@ -46,6 +46,8 @@ def _capture(host, stop: threading.Event, seen: collections.Counter) -> socket.s
                 pkt = s.recv(128)
             except socket.timeout:
                 continue
+            except OSError:          # closed under us at the end (stop is set just before)
+                return
             if len(pkt) >= 58 and pkt[20] == 6:
                 fl = struct.unpack("!I", pkt[14:18])[0] & 0xFFFFF
                 sport, dport = struct.unpack("!HH", pkt[54:58])
