@@ -34,7 +34,7 @@ import re
 
 from bench.bench_http import SockFloor, _Consumer, cpu_seconds, enable_bpf_stats, prog_stats
 from gridbpf.trace.http import jvm_agent
-from gridbpf.trace.http.jvm_servers import Tomcat
+from gridbpf.trace.http.jvm_servers import Tomcat, jit_seconds
 from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer, choose_hook
 from gridbpf.trace.targets import TargetSpec
 
@@ -52,22 +52,6 @@ def wrk(url: str, seconds: float = SECONDS, settling: bool = False) -> tuple[flo
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), n
 HERE = Path(__file__).resolve().parent
 TRANSPORT_OBJ = HERE.parent / "tests" / "bpf" / "jvm_transport.bpf.o"
-
-
-def jit_seconds(pid: int) -> float:
-    """CPU time of the JVM's JIT compiler threads: a round is only comparable once they are idle
-    (loading the agent, and the first switches between inactive and active, recompile the
-    hooked TLS methods: 20-30 s of C2 time on this 2-core VM)."""
-    total = 0.0
-    for t in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
-        except OSError:
-            continue
-        if stat[stat.index("(") + 1:].startswith(("C1 Compiler", "C2 Compiler")):
-            f = stat[stat.rindex(")") + 2:].split()
-            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def bpf_stats(progs) -> tuple[int, int]:

@@ -68,6 +68,29 @@ public class GbEnginePair {
 """
 
 
+def _jit_stats(pid: int) -> dict[int, list[str]]:
+    """/proc stat fields after the name, of a JVM's JIT compiler threads (C1 and C2), by tid."""
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1:].startswith(("C1 Compiler", "C2 Compiler")):
+            out[int(t)] = stat[stat.rindex(")") + 2:].split()
+    return out
+
+
+def jit_threads(pid: int) -> list[int]:
+    """Thread ids of a JVM's JIT compiler threads (HotSpot adds more under load)."""
+    return sorted(_jit_stats(pid))
+
+
+def jit_seconds(pid: int) -> float:
+    """CPU seconds of a JVM's JIT compiler threads so far."""
+    return sum(int(f[11]) + int(f[12]) for f in _jit_stats(pid).values()) / os.sysconf("SC_CLK_TCK")
+
+
 def compile_with_engine_pair(directory: Path, name: str, source: str) -> None:
     """javac NAME.java (source) into DIRECTORY together with GbEnginePair."""
     (directory / f"{name}.java").write_text(source)
