@@ -49,6 +49,14 @@ char LICENSE[] SEC("license") = "GPL";
  */
 const volatile __u8 emit_request_start = 0;
 
+/*
+ * Set by userspace once it has followed the connections that existed when the hooks were
+ * attached (from /proc). Until then a socket's first write makes no entry: it may be the
+ * response of an accepted connection to a request read before we started, not an outbound one
+ * (measured: a keep-alive HTTPS connection under load, ignored for its whole life).
+ */
+volatile __u8 seeded = 0;
+
 /* 4 MB: ~11900 records; its pages count (twice) in the reader's RSS */
 GB_RINGBUF(events, 4 << 20);
 
@@ -703,6 +711,8 @@ static __always_inline struct http_conn *sock_adopt(struct http_conn_key *key, s
 	__u16 family = sk->__sk_common.skc_family;
 
 	if ((family != AF_INET && family != AF_INET6) || sk->sk_protocol != IPPROTO_TCP)
+		return NULL;
+	if (is_send && !seeded)
 		return NULL;
 	if (!bpf_map_lookup_elem(&targets, &key->tgid))
 		return NULL;

@@ -3,6 +3,7 @@
 The socket hook (sock_recv_length/sock_send_length) runs only on socket I/O; the syscall hook
 (sys_exit) runs on every syscall of every task. Counted by the kernel's own run counters."""
 import ctypes
+import time
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from gridbpf.trace.http import tracer as tr
 from gridbpf.trace.http.tracer import HttpTracer
 from gridbpf.trace.targets import TargetSpec
+from test_http_servers import drain
 
 
 def runs(progs) -> int:
@@ -98,3 +100,71 @@ def test_socket_storage_marks_only_a_targets_sockets():
         t.close()
         for s in (cli, conn, idle, srv):
             s.close()
+
+
+# A plain HTTP/1.1 server on one keep-alive connection that holds its first response until the
+# file argv[2] exists (the test opens that gate while the tracer starts).
+GATED_SERVER = """\
+import os, socket, sys, time
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+first = True
+while True:
+    req = b""
+    while b"\\r\\n\\r\\n" not in req:
+        got = conn.recv(4096)
+        if not got:
+            sys.exit(0)
+        req += got
+    while first and not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    first = False
+    body = req.split(b" ")[1]
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+"""
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["fixed", "control"])
+def test_a_response_written_while_the_tracer_starts_keeps_its_connection(tmp_path, control):
+    """A connection open before the tracer whose first I/O the hooks see is the server's write
+    (the response to a request read before we started), written after the hooks were attached
+    and before /proc was read: its next requests are traced. The control makes the hooks treat
+    a first write as an outbound connection from the start, as they did before: the keep-alive
+    connection was then ignored for its whole life (found under load on a JVM server)."""
+    import socket
+    import subprocess
+    import sys
+    assert tr.sock_tracepoints(), "this host's kernel has the socket tracepoints (6.3+)"
+    gate = tmp_path / "gate"
+    srv = subprocess.Popen([sys.executable, "-c", GATED_SERVER, str(gate)], stdout=subprocess.PIPE,
+                           text=True)
+    cli = None
+
+    def ask(path: str) -> bytes:
+        cli.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        return cli.recv(4096)
+
+    class Racing(HttpTracer):
+        def seed_connections(self, pid):
+            # hooks attached, /proc not read yet: the held response goes out now
+            if control:
+                self.obj.bss["seeded"] = 1
+            gate.touch()
+            assert cli.recv(4096).endswith(b"/before")
+            return super().seed_connections(pid)
+
+    try:
+        cli = socket.create_connection(("127.0.0.1", int(srv.stdout.readline())), timeout=10)
+        cli.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)                         # read by the server, its answer held
+        with Racing(TargetSpec(pids=[srv.pid]), tls=False, hook="sock") as t:
+            assert ask("/second").endswith(b"/second")
+            assert ask("/third").endswith(b"/third")      # its read reports /second
+            paths = [r.path for r in drain(t, 1, timeout=2)]
+    finally:
+        if cli:
+            cli.close()
+        srv.kill()
+        srv.wait()
+    assert paths == ([] if control else ["/second"]), paths

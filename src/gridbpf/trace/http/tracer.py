@@ -253,6 +253,9 @@ class HttpTracer:
             # time base: the kernel stamps CLOCK_MONOTONIC
             self._wall_offset = time.time() - time.monotonic()
             self.refresh()
+            # what existed at attach is followed now: a socket's first write may make an
+            # entry (an outbound connection's) from here on (see `seeded` in http.bpf.c)
+            self.obj.bss["seeded"] = 1
         except Exception:
             self.close()
             raise
