@@ -556,6 +556,7 @@ static __always_inline void note_last_conn(struct http_conn_key *key, struct htt
 
 static __always_inline struct http_jvm_record *read_jvm_record(__u64 buf, long n);
 static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r, long n);
+static __always_inline int on_jvm_records(__u64 pid_tgid, __u64 buf, long n);
 
 /*
  * A read or write of NR on a followed connection, after the hook found its entry: the part
@@ -654,14 +655,9 @@ int BPF_PROG(http_sys_exit, struct pt_regs *regs, long ret)
 	if (!c)
 		return 0;
 	if (c->bridge) {
-		struct http_jvm_record *r;
-
 		if (nr != NR_write)
 			return 0;
-		r = read_jvm_record(arg1, ret);
-		if (r)
-			on_jvm_record(pid_tgid, r, ret);
-		else
+		if (!on_jvm_records(pid_tgid, arg1, ret))
 			gb_count(&stats, HTTP_ST_JVM_BAD);
 		return 0;
 	}
@@ -755,15 +751,12 @@ static __always_inline struct http_conn *sock_adopt(struct http_conn_key *key, s
 static __always_inline void sock_bridge_record(__u64 pid_tgid, long nr, __u64 buf, __u64 len)
 {
 	__u32 tgid = pid_tgid >> 32;
-	struct http_jvm_record *r;
 
 	if (nr != NR_recvfrom && nr != NR_read)
 		return;
 	if (!bpf_map_lookup_elem(&targets, &tgid))
 		return;
-	r = read_jvm_record(buf, len);
-	if (r)
-		on_jvm_record(pid_tgid, r, len);
+	on_jvm_records(pid_tgid, buf, len);
 }
 
 static __always_inline int on_sock_io(struct sock *sk, long ret, int flags, int is_send)
@@ -1028,6 +1021,9 @@ static __always_inline struct http_conn *jvm_server_conn(__u32 tgid,
 				return c;
 		}
 	}
+	/* a held record comes from whichever thread sent the next one: never a bind */
+	if (r->flags & HTTP_JVM_F_HELD)
+		return NULL;
 	last = bpf_task_storage_get(&jvm_last_conn, bpf_get_current_task_btf(), 0, 0);
 	if (!last)
 		return NULL;
@@ -1105,7 +1101,7 @@ static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record
 	__u32 tid = pid_tgid, tgid = pid_tgid >> 32;
 	struct http_conn_key key;
 	struct http_conn *c;
-	__u64 copied;
+	__u64 copied, now;
 	int client;
 
 	gb_count(&stats, HTTP_ST_JVM_RECORDS);
@@ -1125,12 +1121,36 @@ static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record
 		return;
 	}
 	c->tls = 1;
+	/* a held record is dated to its call */
+	now = bpf_ktime_get_ns() - (__u64)r->age_us * 1000;
 	/* a client sends the request and receives the response: the directions swap */
 	if ((r->dir == HTTP_JVM_RECV) != !!client)
-		on_read(c, tid, 0, copied, r->len, bpf_ktime_get_ns(), (const char *)r->data);
+		on_read(c, tid, 0, copied, r->len, now, (const char *)r->data);
 	else
-		on_write(c, 0, copied, r->len, bpf_ktime_get_ns(), r->head_len,
-			 (const char *)r->data);
+		on_write(c, 0, copied, r->len, now, r->head_len, (const char *)r->data);
+}
+
+/*
+ * The records of one system call at BUF (N bytes): one, or a held-back record followed by the
+ * call's own (the agent sends at most two). Returns 0 if BUF holds no record.
+ */
+static __always_inline int on_jvm_records(__u64 pid_tgid, __u64 buf, long n)
+{
+	struct http_jvm_record *r = read_jvm_record(buf, n);
+	long first;
+
+	if (!r)
+		return 0;
+	first = JVM_HDR_SIZE + r->copied;
+	if (first >= n) {
+		on_jvm_record(pid_tgid, r, n);
+		return 1;
+	}
+	on_jvm_record(pid_tgid, r, first);
+	r = read_jvm_record(buf + first, n - first);
+	if (r)
+		on_jvm_record(pid_tgid, r, n - first);
+	return 1;
 }
 
 /* --- target processes that appear later ---------------------------------------------------- */

@@ -146,11 +146,13 @@ enum http_jvm_dir {
 enum http_jvm_flags {
 	HTTP_JVM_F_CLIENT = 1,   /* the JVM is the TLS client */
 	HTTP_JVM_F_SOCKET = 2,   /* an SSLSocket stream (the socket syscall is inside the call) */
+	HTTP_JVM_F_HELD = 4,     /* held back by the agent: sent with a later record, age_us old */
 };
 
 struct http_jvm_record {
 	__u64 magic;
-	__u64 conn_id;           /* identity hash of the engine or socket */
+	__u32 conn_id;           /* identity hash of the engine or socket */
+	__u32 age_us;            /* held records: microseconds since the call, else 0 */
 	__u32 len;               /* plaintext bytes of this call */
 	__u16 copied;            /* valid bytes in data: the first min(len, HTTP_JVM_DATA_CAP) */
 	__u16 head_len;          /* sent response heads: length through CRLF CRLF, else 0 */

@@ -250,7 +250,10 @@ public final class Agent {
         t.start();
         leaseThread = t;
         try {
-            Runtime.getRuntime().addShutdownHook(new Thread(Agent::removeDir, "gridbpf-jvm-cleanup"));
+            Runtime.getRuntime().addShutdownHook(new Thread(() -> {
+                Control.flushHeld(true);      // the held-back records of the last requests
+                removeDir();
+            }, "gridbpf-jvm-cleanup"));
         } catch (Throwable ignored) {
             // already shutting down: nothing to clean then
         }

@@ -23,7 +23,7 @@ final class Control {
     static final String PACKAGE = "sun.security.ssl";
     static final String BRIDGE = PACKAGE + ".GridbpfTlsBridge";
     /** Defined in this order; the jar holds them under gridbpf-bridge/ (not loadable from there). */
-    static final String[] CLASSES = {"GridbpfTlsState", "GridbpfTlsLocal", "GridbpfTlsBridge"};
+    static final String[] CLASSES = {"GridbpfTlsState", "GridbpfTlsLocal", "GridbpfTlsSlot", "GridbpfTlsBridge"};
     static final long LEASE_FRESH_MS = 5000;
 
     private static volatile Class<?> bridge;
@@ -115,11 +115,13 @@ final class Control {
     static boolean refreshLease(String dir) {
         boolean active = false, write = false, recv = false;
         File[] files = dir == null ? null : new File(dir).listFiles();
+        java.util.TreeSet<String> fresh = new java.util.TreeSet<>();
         if (files != null) {
             long now = System.currentTimeMillis();
             for (File f : files) {
                 if (f.getName().startsWith("lease-") && now - f.lastModified() < LEASE_FRESH_MS) {
                     active = true;
+                    fresh.add(f.getName());
                     if (leaseWantsRecv(f)) recv = true;
                     else write = true;
                 }
@@ -132,11 +134,32 @@ final class Control {
                 trySetBoolean("viaWrite", write);
                 trySetBoolean("viaRecv", recv);
             }
+            if (!fresh.equals(lastLeases)) {
+                // a tracer came or went: engines send alone again, so that a new one binds them
+                lastLeases = fresh;
+                try {
+                    Field e = bridge.getField("holdEpoch");
+                    e.setInt(null, e.getInt(null) + 1);
+                } catch (NoSuchFieldException older) { /* an older bridge holds nothing back */ }
+            }
             setBoolean("active", active);
+            flushHeld(false);
             return active;
         } catch (Throwable t) {
             return false;
         }
+    }
+
+    private static java.util.Set<String> lastLeases = java.util.Collections.emptySet();
+    private static Method flushHeld;
+
+    /** Held-back records older than the bridge's HOLD_MAX_NS go now, or ALL of them (an older
+     *  bridge holds none back). */
+    static void flushHeld(boolean all) {
+        try {
+            if (flushHeld == null) flushHeld = bridge.getMethod("flushHeld", boolean.class);
+            flushHeld.invoke(null, all);
+        } catch (Throwable ignored) { }
     }
 
     private static boolean leaseWantsRecv(File lease) {

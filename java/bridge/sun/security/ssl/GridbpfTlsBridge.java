@@ -39,7 +39,7 @@ public final class GridbpfTlsBridge {
     static final int MAX_BUFFERS = 64;     // positions saved per wrap/unwrap call
 
     static final int DIR_RECV = 0, DIR_SEND = 1, DIR_CLOSE = 2;
-    static final int FLAG_CLIENT = 1, FLAG_SOCKET = 2;
+    static final int FLAG_CLIENT = 1, FLAG_SOCKET = 2, FLAG_HELD = 4;
 
     /** True while some tracer holds a fresh lease (set by the agent's lease thread). */
     public static volatile boolean active;
@@ -62,6 +62,25 @@ public final class GridbpfTlsBridge {
     private GridbpfTlsBridge() {}
 
     private static final GridbpfTlsLocal STATE = new GridbpfTlsLocal();
+
+    /**
+     * Held-back records (one system call per request instead of two). Once a server engine's
+     * record has gone alone (the kernel side then knows the engine's connection), the plaintext
+     * it receives (a request head, a body chunk) waits in the engine's slot and goes in the same
+     * call as the engine's next record (normally the response's wrap), or from the agent's
+     * lease thread after HOLD_MAX_NS. Every record of such an engine passes its slot under the
+     * slot's lock, so the records reach the kernel in the order of the calls whatever threads
+     * make them (Jetty unwraps and wraps on different ones); a held record says its age, so it
+     * is dated to its call. A new set of tracers (holdEpoch) makes every engine send alone again.
+     */
+    static final int SLOT_COUNT = 1024;
+    static final long HOLD_MAX_NS = 200_000_000L;
+    private static final GridbpfTlsSlot[] SLOTS = new GridbpfTlsSlot[SLOT_COUNT];
+    static {
+        for (int i = 0; i < SLOT_COUNT; i++) SLOTS[i] = new GridbpfTlsSlot();
+    }
+    /** Bumped by the agent when the set of leases changes: engines are known to no new tracer. */
+    public static volatile int holdEpoch;
 
     /** Opens the record sink once; later calls keep the first one. Returns the path in use. */
     public static synchronized String open(String path) throws java.io.IOException {
@@ -126,13 +145,42 @@ public final class GridbpfTlsBridge {
         } catch (Throwable t) { fail(t); }
     }
 
-    /** Entry of SSLEngineImpl.closeOutbound(): a close record for client engines. */
+    /** Entry of SSLEngineImpl.closeOutbound(): a close record for client engines; a server
+     *  engine's held record goes. */
     public static void engineClose(Object engine) {
         if (!active) return;
         try {
             GridbpfTlsState s = STATE.get();
             identifyEngine(s, (SSLEngine) engine);
-            if ((s.flags & FLAG_CLIENT) != 0) emit(s, 0, 0, 0, DIR_CLOSE);
+            if ((s.flags & FLAG_CLIENT) != 0) {
+                emit(s, 0, 0, 0, DIR_CLOSE);
+                return;
+            }
+            GridbpfTlsSlot slot = SLOTS[s.connId & (SLOT_COUNT - 1)];
+            synchronized (slot) {
+                if (slot.engine == s.connId) {
+                    send(s, slot, null, 0);
+                    slot.engine = 0;
+                }
+            }
+        } catch (Throwable t) { fail(t); }
+    }
+
+    /** From the agent's lease thread, 5 times a second: held records older than HOLD_MAX_NS go
+     *  (ALL: every one, at the JVM's shutdown). */
+    public static void flushHeld(boolean all) {
+        try {
+            GridbpfTlsState s = null;
+            long now = System.nanoTime(), age = all ? Long.MIN_VALUE : HOLD_MAX_NS;
+            for (GridbpfTlsSlot slot : SLOTS) {
+                if (!slot.held || now - slot.heldAt < age) continue;   // checked again locked
+                synchronized (slot) {
+                    if (slot.held && now - slot.heldAt >= age) {
+                        if (s == null) s = STATE.get();
+                        send(s, slot, null, 0);
+                    }
+                }
+            }
         } catch (Throwable t) { fail(t); }
     }
 
@@ -306,14 +354,13 @@ public final class GridbpfTlsBridge {
                 && rec[HEADER + 3] == 'P' && rec[HEADER + 4] == '/';
     }
 
-    /** Fills the 48-byte header (data already in place) and writes the record with one write(2). */
+    /** Fills the 48-byte header (data already in place) and sends the record (or holds it back). */
     private static void emit(GridbpfTlsState s, int len, int copied, int headLen, int dir) {
-        FileOutputStream o = out;
         byte[] r = s.rec;
         // magic "\0GRBJVM1"
         r[0] = 0; r[1] = 'G'; r[2] = 'R'; r[3] = 'B'; r[4] = 'J'; r[5] = 'V'; r[6] = 'M'; r[7] = '1';
         putInt(r, 8, s.connId);
-        putInt(r, 12, 0);
+        putInt(r, 12, 0);                  // age in microseconds: set if held back
         putInt(r, 16, len);
         putShort(r, 20, copied);
         putShort(r, 22, headLen);
@@ -324,10 +371,57 @@ public final class GridbpfTlsBridge {
         putShort(r, 30, 0);
         System.arraycopy(s.addr, 0, r, 32, 16);
         int n = HEADER + copied;
+        if ((s.flags & (FLAG_CLIENT | FLAG_SOCKET)) == 0 && dir != DIR_CLOSE) emitEngine(s, r, n, dir);
+        else send(s, null, r, n);
+    }
+
+    /** A server engine's record: held back, or sent after the one its slot holds. */
+    private static void emitEngine(GridbpfTlsState s, byte[] r, int n, int dir) {
+        GridbpfTlsSlot slot = SLOTS[s.connId & (SLOT_COUNT - 1)];
+        int epoch = holdEpoch;
+        synchronized (slot) {
+            if (slot.engine == s.connId && slot.epoch == epoch && dir == DIR_RECV && !slot.held) {
+                System.arraycopy(r, 0, slot.rec, 0, n);
+                slot.rec[25] |= FLAG_HELD;
+                slot.heldLen = n;
+                slot.heldAt = System.nanoTime();
+                slot.held = true;
+                return;
+            }
+            send(s, slot, r, n);          // the held record first (this engine's or another's)
+            slot.engine = s.connId;       // known to the tracers now: its next receipt may wait
+            slot.epoch = epoch;
+        }
+    }
+
+    /**
+     * One system call with HELD's record (if it holds one: its age filled in), then R's N bytes
+     * (if R is not null), by the transports the leases ask for. Callers hold HELD's lock.
+     */
+    private static void send(GridbpfTlsState s, GridbpfTlsSlot held, byte[] r, int n) {
+        byte[] data = r;
+        int total = n, count = 1;
+        if (held != null && held.held) {
+            held.held = false;
+            putInt(held.rec, 12, (int) Math.min((System.nanoTime() - held.heldAt) / 1000, Integer.MAX_VALUE));
+            if (r == null) {
+                data = held.rec;
+                total = held.heldLen;
+            } else {
+                System.arraycopy(held.rec, 0, s.pair, 0, held.heldLen);
+                System.arraycopy(r, 0, s.pair, held.heldLen, n);
+                data = s.pair;
+                total = held.heldLen + n;
+                count = 2;
+            }
+        } else if (r == null) {
+            return;
+        }
+        FileOutputStream o = out;
         try {
-            if (viaRecv) recv(s, r, n);
-            if (viaWrite && o != null) o.write(r, 0, n);
-            records.increment();
+            if (viaRecv) recv(s, data, total);
+            if (viaWrite && o != null) o.write(data, 0, total);
+            records.add(count);
         } catch (Throwable t) { fail(t); }
     }
 
