@@ -1153,6 +1153,8 @@ static __always_inline int on_jvm_records(__u64 pid_tgid, __u64 buf, long n)
 	r = read_jvm_record(buf + first, n - first);
 	if (r)
 		on_jvm_record(pid_tgid, r, n - first);
+	else
+		gb_count(&stats, HTTP_ST_JVM_BAD);      /* counted, as a lone bad record is */
 	return 1;
 }
 
