@@ -130,7 +130,7 @@ class _Consumer:
         from gridbpf.agent.daemon import HttpAgent
         agent = HttpAgent.__new__(HttpAgent)
         agent.tracer, agent.otlp, agent.requests = tracer, None, 0
-        agent._line_cache, agent._capture_cache = {}, {}
+        agent._reset_label_caches()
         from gridbpf.agent.routes import Routes
         from gridbpf.export.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Registry
         from gridbpf.agent.daemon import LABELS

@@ -60,6 +60,26 @@ def test_head_lengths_vectorised_matches_find():
     assert head_lengths(np.array([heads[0]], "S256"), np.array([10])).tolist() == [-1]
 
 
+def test_agent_groups_a_batch_by_label_and_finds_head_ends():
+    """The agent's batch grouping: one label per (request line, status), in the order of the
+    label ids; the head end of each capture as head_lengths finds it (before the valid-length
+    check, which record_array applies)."""
+    from gridbpf.agent.daemon import HttpAgent
+    agent = HttpAgent.__new__(HttpAgent)
+    agent.routes = Routes(["/{vo}/{path}"])
+    agent._reset_label_caches()
+    caps = [b"GET /atlas/a HTTP/1.1\r\nHost: x\r\n\r\n", b"PUT /cms/b HTTP/1.1\r\nA: b\r\n\r\nbody",
+            b"GET /atlas/c HTTP/1.1\r\nHost: x\r\n\r\n", b"FOO /x HTTP/1.1\r\nHost: x",
+            b"GET /atlas/a HTTP/1.1\r\nHost: x\r\n\r\n"]
+    statuses = [200, 201, 200, 0, 404]
+    for _ in range(2):          # the second time from the caches
+        keys, inv, ends = agent._group(caps, statuses)
+        assert [keys[i] for i in inv] == [("GET", "200", "/{vo}/{path}"), ("PUT", "201", "/{vo}/{path}"),
+                                          ("GET", "200", "/{vo}/{path}"), ("_OTHER", "", ""),
+                                          ("GET", "404", "/{vo}/{path}")]
+        assert ends.tolist() == head_lengths(np.array(caps, "S256"), np.full(5, 256)).tolist()
+
+
 def test_request_line_longer_than_capture():
     cap = (b"PROPFIND /" + b"a" * 300 + b" HTTP/1.1\r\n")[:256]
     m, p, v = parse_request_line(cap)

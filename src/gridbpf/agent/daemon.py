@@ -20,7 +20,7 @@ from .. import sdnotify
 from ..export.metrics import DURATION_BUCKETS, OVERFLOW, SIZE_BUCKETS, Registry
 from ..export.prometheus import MetricsServer
 from ..trace.http.memo import memo_map
-from ..trace.http.tracer import (EV_REQUEST, F_PIPELINED, STAT_NAMES, HttpTracer, head_lengths,
+from ..trace.http.tracer import (EV_REQUEST, F_PIPELINED, STAT_NAMES, HttpTracer,
                           parse_request_line, response_body_sizes)
 from .config import AgentConfig
 from .routes import Routes
@@ -79,8 +79,7 @@ class HttpAgent:
         self.checksums = self.checksum_watcher = None
         self._stop = threading.Event()
         self.requests = 0
-        self._line_cache: dict[tuple, tuple] = {}
-        self._capture_cache: dict[tuple, tuple] = {}
+        self._reset_label_caches()
         try:
             self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s,
                                       java_agent=cfg.java_agent)
@@ -165,27 +164,50 @@ class HttpAgent:
         return {(k,): v for k, v in s.items()
                 if k in STAT_NAMES or k in ("events_lost", "idle_reported", "late_bytes_after_idle_report")}
 
-    def _group(self, hdrs: list[bytes], statuses: list[int]) -> tuple[list[tuple], np.ndarray]:
-        """Label tuples of a batch, grouped: (distinct tuples, index per request). The tuple is
-        cached per whole (capture, status) first (memo_map: one dict lookup per request); a
-        miss goes through a cache per (request line, status), and a miss there parses the line
-        and routes its path."""
-        labels = memo_map(self._capture_cache, list(zip(hdrs, statuses)), self._label_of)
-        groups: dict[tuple, int] = {}
-        inv = [groups.setdefault(lab, len(groups)) for lab in labels]
-        return list(groups), np.array(inv, np.int64)
+    def _reset_label_caches(self) -> None:
+        """The per-batch label caches (_group): emptied together, as their values refer to
+        each other's ids."""
+        self._line_cache: dict[tuple, int] = {}       # (request line, status) -> label id
+        self._capture_cache: dict[tuple, int] = {}    # (capture, status) -> packed id
+        self._label_ids: dict[tuple, int] = {}        # label tuple -> id
+        self._labels: list[tuple] = []                # id -> label tuple
 
-    def _label_of(self, capture_status: tuple[bytes, int]) -> tuple:
+    def _group(self, hdrs: list[bytes], statuses: list[int]) -> tuple[list[tuple], np.ndarray,
+                                                                       np.ndarray]:
+        """Label tuples of a batch, grouped: (distinct tuples, index per request, end of the
+        header block in each capture or -1). A whole (capture, status) is cached as one int
+        (label id and head end packed: memo_map, one dict lookup per request); a miss goes
+        through a cache per (request line, status), and a miss there parses the line and
+        routes its path. The grouping and the head ends are then array work: no per-request
+        tuple hashing, no scan of the captures."""
+        if len(self._labels) >= 100_000:
+            self._reset_label_caches()
+        packed = np.fromiter(memo_map(self._capture_cache, list(zip(hdrs, statuses)),
+                                      self._packed_label_of), np.int64, len(hdrs))
+        ids, inv = np.unique(packed >> 16, return_inverse=True)
+        return [self._labels[i] for i in ids.tolist()], inv, (packed & 0xffff) - 1
+
+    def _packed_label_of(self, capture_status: tuple[bytes, int]) -> int:
+        """label id << 16 | (end of the header block in the capture + 1, 0 if none): the
+        first CRLF CRLF of the capture's bytes (the valid-length check is the caller's, as
+        a capture's stale tail may hold one)."""
         h, st = capture_status
-        key = (h.split(b"\r\n", 1)[0], st)
-        lab = self._line_cache.get(key)
-        if lab is None:
-            method, path, _ = parse_request_line(key[0] + b"\r\n")
+        end = h.find(b"\r\n\r\n")
+        return self._label_id(h.split(b"\r\n", 1)[0], st) << 16 | (end + 5 if end >= 0 else 0)
+
+    def _label_id(self, line: bytes, st: int) -> int:
+        key = (line, st)
+        lid = self._line_cache.get(key)
+        if lid is None:
+            method, path, _ = parse_request_line(line + b"\r\n")
             lab = (method if method in KNOWN_METHODS else OVERFLOW, str(st) if st else "",
                    self.routes.route(path))
-            if len(self._line_cache) < 100_000:
-                self._line_cache[key] = lab
-        return lab
+            lid = self._label_ids.get(lab)
+            if lid is None:
+                lid = self._label_ids[lab] = len(self._labels)
+                self._labels.append(lab)
+            self._line_cache[key] = lid
+        return lid
 
     def record_array(self, reqs) -> None:
         """One drained batch of request records into the histograms, from the columns: no
@@ -196,9 +218,9 @@ class HttpAgent:
         pipelined = (reqs["pipe_idx"] > 0) | ((reqs["flags"] & F_PIPELINED) > 0)
         simple = reqs[~pipelined] if pipelined.any() else reqs
         if len(simple):
-            keys, inv = self._group(simple["hdr"].tolist(), simple["status"].tolist())
+            keys, inv, ends = self._group(simple["hdr"].tolist(), simple["status"].tolist())
             self.duration.observe_grouped((simple["end_ns"] - simple["start_ns"]) / 1e9, keys, inv)
-            hl = head_lengths(simple["hdr"], simple["hdr_len"])
+            hl = np.where(ends <= simple["hdr_len"], ends, -1)    # a header end in valid bytes
             req_body = np.where(hl >= 0, np.maximum(simple["req_bytes"].astype(np.int64) - hl, 0), -1)
             for fam, body in ((self.req_body, req_body), (self.resp_body, response_body_sizes(simple))):
                 ok = body >= 0
