@@ -12,7 +12,7 @@ import pytest
 
 from gridbpf.trace.http import tracer as tr
 from gridbpf.trace.http.tracer import HttpTracer
-from gridbpf.trace.targets import TargetSpec
+from gridbpf.trace.targets import TargetSpec, comm_of
 from test_http_servers import drain
 
 
@@ -103,7 +103,8 @@ def test_socket_storage_marks_only_a_targets_sockets():
 
 
 # A plain HTTP/1.1 server on one keep-alive connection that holds its first response until the
-# file argv[2] exists (the test opens that gate while the tracer starts).
+# file argv[1] exists (the test opens that gate while the tracer starts or refreshes); given
+# argv[2], it takes that name (comm) once it has read its first request.
 GATED_SERVER = """\
 import os, socket, sys, time
 srv = socket.create_server(("127.0.0.1", 0))
@@ -117,6 +118,9 @@ while True:
         if not got:
             sys.exit(0)
         req += got
+    if first and len(sys.argv) > 2:
+        with open("/proc/self/comm", "w") as f:
+            f.write(sys.argv[2])
     while first and not os.path.exists(sys.argv[1]):
         time.sleep(0.01)
     first = False
@@ -159,6 +163,61 @@ def test_a_response_written_while_the_tracer_starts_keeps_its_connection(tmp_pat
         cli.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
         time.sleep(0.3)                         # read by the server, its answer held
         with Racing(TargetSpec(pids=[srv.pid]), tls=False, hook="sock") as t:
+            assert ask("/second").endswith(b"/second")
+            assert ask("/third").endswith(b"/third")      # its read reports /second
+            paths = [r.path for r in drain(t, 1, timeout=2)]
+    finally:
+        if cli:
+            cli.close()
+        srv.kill()
+        srv.wait()
+    assert paths == ([] if control else ["/second"]), paths
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["fixed", "control"])
+def test_a_process_matched_later_keeps_a_connection_it_answers_meanwhile(tmp_path, control):
+    """The same window for a running process that a refresh matches later (here by comm: it
+    renames itself): its /proc connections are read before it becomes a target, so a response
+    it writes meanwhile is not seen and its connection stays followed. The control makes it a
+    target first and reads /proc after, as before: the response's write then made an ignored
+    (outbound) entry, and the connection's next requests were lost."""
+    import socket
+    import subprocess
+    import sys
+    assert tr.sock_tracepoints(), "this host's kernel has the socket tracepoints (6.3+)"
+    gate = tmp_path / "gate"
+    srv = subprocess.Popen([sys.executable, "-c", GATED_SERVER, str(gate), "gb-later"],
+                           stdout=subprocess.PIPE, text=True)
+    cli = None
+
+    def ask(path: str) -> bytes:
+        cli.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        return cli.recv(4096)
+
+    class Racing(HttpTracer):
+        def _take_new_targets(self, tgids):
+            if control:
+                self.tgids = self.spec.refresh(self.obj, tgids)     # targets first, as before
+            else:
+                super()._take_new_targets(tgids)
+
+        def seed_connections(self, pid):
+            if pid == srv.pid and not gate.exists():
+                gate.touch()            # the held response goes out now
+                assert cli.recv(4096).endswith(b"/before")
+            return super().seed_connections(pid)
+
+    try:
+        cli = socket.create_connection(("127.0.0.1", int(srv.stdout.readline())), timeout=10)
+        with Racing(TargetSpec(comms=["gb-later"]), tls=False, hook="sock") as t:
+            assert t.targets() == []
+            cli.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while comm_of(srv.pid) != "gb-later":            # read, renamed, answer held
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            t.refresh()
+            assert t.targets() == [srv.pid] and gate.exists()
             assert ask("/second").endswith(b"/second")
             assert ask("/third").endswith(b"/third")      # its read reports /second
             paths = [r.path for r in drain(t, 1, timeout=2)]

@@ -176,9 +176,11 @@ class TargetSpec:
                     maps["target_cgroups"][cg] = 1
         return tgids
 
-    def refresh(self, obj) -> set[int]:
-        """Add processes that match now (e.g. started before install by a fork we did not see)."""
-        tgids = self.resolve()
+    def refresh(self, obj, tgids: set[int] | None = None) -> set[int]:
+        """Add processes that match now (e.g. started before install by a fork we did not see);
+        TGIDS: those already resolved by the caller."""
+        if tgids is None:
+            tgids = self.resolve()
         if "targets" in obj.maps:
             m = obj.maps["targets"]
             for t in tgids:

@@ -271,10 +271,10 @@ class HttpTracer:
 
     def refresh(self) -> None:
         """Pick up processes that match now, hook new libssl copies, forget dead processes."""
-        self.tgids = self.spec.refresh(self.obj)
+        self._take_new_targets(self.spec.resolve())
         live = self.targets()
         if not self.floor:
-            for pid in set(live) - self._seeded:
+            for pid in set(live) - self._seeded:        # new by fork or exec (in the kernel)
                 self.seed_connections(pid)
         gone = self._seeded - set(live)
         self._seeded = set(live)
@@ -286,6 +286,18 @@ class HttpTracer:
         if gone:
             # the kernel drops a process's connections when it exits; this catches the rest
             self._sweep(set(live))
+
+    def _take_new_targets(self, tgids: set[int]) -> None:
+        """Make TGIDS targets, reading the connections of the running ones that were not
+        (matched now by comm or cgroup) first: while a process is no target its I/O is not
+        seen, so a response written before /proc is read cannot make an ignored (outbound)
+        entry of its connection, as it could once the process is a target."""
+        if not self.floor:
+            known = set(self.targets())
+            for pid in tgids - known - self._seeded:
+                self.seed_connections(pid)
+                self._seeded.add(pid)
+        self.tgids = self.spec.refresh(self.obj, tgids)
 
     def seed_connections(self, pid: int) -> int:
         """Follow connections PID accepted before we started (from /proc): established TCP
