@@ -110,6 +110,54 @@ def test_lb_unit_start_crash_restart_stop(installed, lab):
     assert "stopping" in sup.log()
 
 
+@pytest.mark.parametrize("control", [False, True], ids=["unit", "control"])
+def test_lb_unit_with_bgp_announces_and_withdraws(installed, control):
+    """With [bgp] the unit's daemon runs BIRD as its child, under the unit's bounding set: BIRD
+    listens on port 179 (CAP_NET_BIND_SERVICE), the session comes up and the router's FIB gets
+    the VIPs; SIGTERM (KillMode=mixed: the daemon only) withdraws them and takes BIRD down.
+    The control drops CAP_NET_BIND_SERVICE from the bounding set: BIRD has no listening socket,
+    no session comes up and the router learns nothing."""
+    from gridbpf.lb import config as lbconfig
+    from gridbpf.lb.bgp import _bird_running, run_dir, status
+    from gridbpf.lb.site import build_site
+    conf = installed / "etc" / "lb.toml"
+    with Lab("pkbgp") as lab:
+        site = build_site(lab, backends=1, nodes=1)
+        node = site.nodes[0]
+        conf.write_text(site.config_text(node, free_port()))
+        sup = Supervisor(installed / "units" / "gridbpf-lb.service", installed / "lb-bgp.log",
+                         extra_caps=("sys_admin",),       # setns into the lab node (see above)
+                         drop_caps=("net_bind_service",) if control else ())
+        bird = run_dir(site.instance(node))
+        try:
+            sup.start()
+            if control:
+                with pytest.raises(TimeoutError):
+                    site.wait_routes([node], timeout=8)
+            else:
+                site.wait_routes([node], timeout=30)
+            listening = node.run(["ss", "-Htln", "sport = :179"]).stdout.strip()
+            sessions = status(site.instance(node), lbconfig.load(str(conf)))["sessions"]
+        finally:
+            rc = sup.stop()
+        try:
+            if not control:
+                # the router's FIB has no VIP left once the unit stopped
+                site.bird.wait_next_hops(site.vip4, [], timeout=10)
+                site.bird.wait_next_hops(site.vip6, [], timeout=5)
+        finally:
+            site.close()
+    log = sup.log()
+    assert rc == 0, log[-2000:]
+    assert not _bird_running(bird), "BIRD outlived its daemon"
+    if control:
+        assert not listening and not any(x["established"] for x in sessions), (listening, sessions)
+        assert {(x["state"], x["detail"]) for x in sessions} == {("Error", "No listening socket")}
+    else:
+        assert listening and all(x["established"] for x in sessions), (listening, sessions)
+        assert "bgp: withdrawn" in log, log[-2000:]
+
+
 def test_scitags_unit_start_stop(installed, lab):
     api = free_port()
     pipe = installed / "flowd"

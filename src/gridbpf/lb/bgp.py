@@ -206,8 +206,11 @@ def sessions(ctl: str, cfg: Config) -> list[dict]:
     for i, p in enumerate(cfg.bgp.peers):
         pr = protos.get(f"peer{i}", {})
         info = pr.get("info", "")
+        # BIRD's info column: a state, then why (e.g. "Error: No listening socket")
+        state, _, detail = info.partition(" ")
         out.append({"peer": p.address, "remote_as": p.remote_as, "protocol": f"peer{i}",
-                    "state": info.split()[0] if info else (pr.get("protocol") or "unknown"),
+                    "state": state.rstrip(":") if info else (pr.get("protocol") or "unknown"),
+                    "detail": detail.strip(),
                     "established": info.startswith("Established"),
                     "bfd": (bfd.get(p.address, "none") if p.bfd else "off"),
                     "since": pr.get("since", "")})

@@ -59,7 +59,8 @@ def _status_text(st: dict) -> str:
             if not v["announced"]:
                 lines.append(f"    {vip}: not announced ({v['why_not'] or 'eligible, within announce_delay'})")
         for s in bgp["sessions"]:
-            lines.append(f"    peer {s['peer']} AS{s['remote_as']}: {s['state']}, BFD {s['bfd']}"
+            why = f" ({s['detail']})" if s.get("detail") else ""
+            lines.append(f"    peer {s['peer']} AS{s['remote_as']}: {s['state']}{why}, BFD {s['bfd']}"
                          + (f" since {s['since']}" if s["since"] else ""))
     return "\n".join(lines)
 
