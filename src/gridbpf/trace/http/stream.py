@@ -221,7 +221,7 @@ class _Lines:
 
     def _flag_fragments(self, flags: np.ndarray) -> list[str]:
         uflags, finv = np.unique(flags, return_inverse=True)
-        fr = [self._flags.get(f) or self._flag_fragment(f) for f in uflags.tolist()]
+        fr = [self._flag(f) for f in uflags.tolist()]
         return np.array(fr, object)[finv.reshape(-1)].tolist()
 
     def _line_fragment(self, key: bytes) -> str:
@@ -240,9 +240,12 @@ class _Lines:
         self._clients[key] = text
         return text
 
-    def _flag_fragment(self, flags: int) -> str:
-        f = self._flags[flags] = self._flags_text(flags, [n for b, n in FLAG_NAMES.items()
-                                                          if flags & b])
+    def _flag(self, flags: int) -> str:
+        """The fragment of a flags value (made once: few values ever occur)."""
+        f = self._flags.get(flags)
+        if f is None:
+            f = self._flags[flags] = self._flags_text(flags, [n for b, n in FLAG_NAMES.items()
+                                                              if flags & b])
         return f
 
 
@@ -307,7 +310,7 @@ class JsonLines(_Lines):
             # responses repeat: their fragments made once each (and split at once, as conns)
             resps = _split(_JSON_RESP % (
                 cap_lines[c], st, q, r, d, "null" if t == no_t else "%d." % t,
-                self._flags.get(f) or self._flag_fragment(f), "null" if qy < 0 else qy,
+                self._flag(f), "null" if qy < 0 else qy,
                 "null" if ry < 0 else ry)
                 for c, st, f, q, r, d, t, qy, ry in zip(
                     cap[rfirst].tolist(), reqs["status"][rfirst].tolist(),
@@ -340,9 +343,8 @@ class JsonLines(_Lines):
         to the whole seconds of duration; whole seconds of ttfb; flags to the end)."""
         heads = np.array([line + ',"status":' for line in cap_lines], object)
         uflags, finv = np.unique(reqs["flags"], return_inverse=True)
-        flags = np.array([',%s,"request_body_bytes":' % (self._flags.get(f)
-                                                          or self._flag_fragment(f))
-                          for f in uflags.tolist()], object)
+        flags = np.array([',%s,"request_body_bytes":' % self._flag(f) for f in uflags.tolist()],
+                         object)
         cols = [reqs["status"], qb, reqs["resp_bytes"], dsec, tsec, qbody, rbody]
         x = np.empty((len(cols), len(reqs)), np.int64)
         for k, col in enumerate(cols):
