@@ -21,7 +21,6 @@ from json.encoder import encode_basestring_ascii as _json_str   # = json.dumps(s
 
 import numpy as np
 
-from .memo import memo_map
 from .tracer import (EV_REQUEST, F_PIPELINED, F_TLS, FLAG_NAMES, HttpTracer, _client,
                      parse_request_line, response_body_sizes)
 
@@ -124,7 +123,6 @@ class _Lines:
         self._lines: dict[bytes, str] = {}       # request-line key -> its fragment
         self._clients: dict[bytes, str] = {}     # address bytes + family -> its fragment
         self._flags: dict[int, str] = {}         # flags -> their fragment
-        self._captures: dict[tuple, tuple] = {}  # (capture, length) -> (fragment, head end)
 
     def _capture_parts(self, capture: tuple[bytes, int]) -> tuple[str, int]:
         """(request-line fragment, end of the header block or -1) of one (capture, length)."""
@@ -158,8 +156,9 @@ class _Lines:
         nul = (hl > 0) & (raw[np.arange(n), hl - 1] == 0)
         keys[nul, words + 1] = np.flatnonzero(nul) + 1
         first, group = _groups(keys)
-        found = memo_map(self._captures, list(zip(reqs["hdr"][first].tolist(),
-                                                  hl[first].tolist())), self._capture_parts)
+        # (no cache across batches: repeated captures are one group already, and a storage
+        # node's captures seldom repeat: a cache of them missed on every record there)
+        found = list(map(self._capture_parts, zip(reqs["hdr"][first].tolist(), hl[first].tolist())))
         head = np.array([got[1] for got in found], np.int64)[group]
         return group, [got[0] for got in found], head
 
