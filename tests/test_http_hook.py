@@ -129,6 +129,42 @@ while True:
 """
 
 
+class Gated:
+    """GATED_SERVER (ARGS: its extra arguments) and a keep-alive connection to it."""
+
+    def __init__(self, tmp_path, *args):
+        import socket
+        import subprocess
+        import sys
+        self.gate = tmp_path / "gate"
+        self.srv = subprocess.Popen([sys.executable, "-c", GATED_SERVER, str(self.gate), *args],
+                                    stdout=subprocess.PIPE, text=True)
+        try:
+            self.cli = socket.create_connection(("127.0.0.1", int(self.srv.stdout.readline())),
+                                                timeout=10)
+        except BaseException:
+            self.srv.kill()
+            self.srv.wait()
+            raise
+
+    def ask(self, path: str) -> bytes:
+        self.cli.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+        return self.cli.recv(4096)
+
+    def release(self) -> None:
+        """Open the gate: the held response to /before goes out (and has arrived)."""
+        self.gate.touch()
+        assert self.cli.recv(4096).endswith(b"/before")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cli.close()
+        self.srv.kill()
+        self.srv.wait()
+
+
 @pytest.mark.parametrize("control", [False, True], ids=["fixed", "control"])
 def test_a_response_written_while_the_tracer_starts_keeps_its_connection(tmp_path, control):
     """A connection open before the tracer whose first I/O the hooks see is the server's write
@@ -136,41 +172,23 @@ def test_a_response_written_while_the_tracer_starts_keeps_its_connection(tmp_pat
     and before /proc was read: its next requests are traced. The control makes the hooks treat
     a first write as an outbound connection from the start, as they did before: the keep-alive
     connection was then ignored for its whole life (found under load on a JVM server)."""
-    import socket
-    import subprocess
-    import sys
     assert tr.sock_tracepoints(), "this host's kernel has the socket tracepoints (6.3+)"
-    gate = tmp_path / "gate"
-    srv = subprocess.Popen([sys.executable, "-c", GATED_SERVER, str(gate)], stdout=subprocess.PIPE,
-                           text=True)
-    cli = None
+    with Gated(tmp_path) as g:
 
-    def ask(path: str) -> bytes:
-        cli.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
-        return cli.recv(4096)
+        class Racing(HttpTracer):
+            def seed_connections(self, pid):
+                # hooks attached, /proc not read yet: the held response goes out now
+                if control:
+                    self.obj.bss["seeded"] = 1
+                g.release()
+                return super().seed_connections(pid)
 
-    class Racing(HttpTracer):
-        def seed_connections(self, pid):
-            # hooks attached, /proc not read yet: the held response goes out now
-            if control:
-                self.obj.bss["seeded"] = 1
-            gate.touch()
-            assert cli.recv(4096).endswith(b"/before")
-            return super().seed_connections(pid)
-
-    try:
-        cli = socket.create_connection(("127.0.0.1", int(srv.stdout.readline())), timeout=10)
-        cli.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+        g.cli.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
         time.sleep(0.3)                         # read by the server, its answer held
-        with Racing(TargetSpec(pids=[srv.pid]), tls=False, hook="sock") as t:
-            assert ask("/second").endswith(b"/second")
-            assert ask("/third").endswith(b"/third")      # its read reports /second
+        with Racing(TargetSpec(pids=[g.srv.pid]), tls=False, hook="sock") as t:
+            assert g.ask("/second").endswith(b"/second")
+            assert g.ask("/third").endswith(b"/third")      # its read reports /second
             paths = [r.path for r in drain(t, 1, timeout=2)]
-    finally:
-        if cli:
-            cli.close()
-        srv.kill()
-        srv.wait()
     assert paths == ([] if control else ["/second"]), paths
 
 
@@ -181,51 +199,33 @@ def test_a_process_matched_later_keeps_a_connection_it_answers_meanwhile(tmp_pat
     it writes meanwhile is not seen and its connection stays followed. The control makes it a
     target first and reads /proc after, as before: the response's write then made an ignored
     (outbound) entry, and the connection's next requests were lost."""
-    import socket
-    import subprocess
-    import sys
     assert tr.sock_tracepoints(), "this host's kernel has the socket tracepoints (6.3+)"
-    gate = tmp_path / "gate"
-    srv = subprocess.Popen([sys.executable, "-c", GATED_SERVER, str(gate), "gb-later"],
-                           stdout=subprocess.PIPE, text=True)
-    cli = None
+    with Gated(tmp_path, "gb-later") as g:
 
-    def ask(path: str) -> bytes:
-        cli.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
-        return cli.recv(4096)
+        class Racing(HttpTracer):
+            def _take_new_targets(self, tgids):
+                if control:
+                    self.tgids = self.spec.refresh(self.obj, tgids)     # targets first, as before
+                else:
+                    super()._take_new_targets(tgids)
 
-    class Racing(HttpTracer):
-        def _take_new_targets(self, tgids):
-            if control:
-                self.tgids = self.spec.refresh(self.obj, tgids)     # targets first, as before
-            else:
-                super()._take_new_targets(tgids)
+            def seed_connections(self, pid):
+                if pid == g.srv.pid and not g.gate.exists():
+                    g.release()
+                return super().seed_connections(pid)
 
-        def seed_connections(self, pid):
-            if pid == srv.pid and not gate.exists():
-                gate.touch()            # the held response goes out now
-                assert cli.recv(4096).endswith(b"/before")
-            return super().seed_connections(pid)
-
-    try:
-        cli = socket.create_connection(("127.0.0.1", int(srv.stdout.readline())), timeout=10)
         with Racing(TargetSpec(comms=["gb-later"]), tls=False, hook="sock") as t:
             assert t.targets() == []
-            cli.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+            g.cli.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
             deadline = time.monotonic() + 5
-            while comm_of(srv.pid) != "gb-later":            # read, renamed, answer held
+            while comm_of(g.srv.pid) != "gb-later":          # read, renamed, answer held
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             t.refresh()
-            assert t.targets() == [srv.pid] and gate.exists()
-            assert ask("/second").endswith(b"/second")
-            assert ask("/third").endswith(b"/third")      # its read reports /second
+            assert t.targets() == [g.srv.pid] and g.gate.exists()
+            assert g.ask("/second").endswith(b"/second")
+            assert g.ask("/third").endswith(b"/third")      # its read reports /second
             paths = [r.path for r in drain(t, 1, timeout=2)]
-    finally:
-        if cli:
-            cli.close()
-        srv.kill()
-        srv.wait()
     assert paths == ([] if control else ["/second"]), paths
 
 
