@@ -78,6 +78,12 @@ def test_agent_groups_a_batch_by_label_and_finds_head_ends():
                                           ("GET", "200", "/{vo}/{path}"), ("_OTHER", "", ""),
                                           ("GET", "404", "/{vo}/{path}")]
         assert ends.tolist() == head_lengths(np.array(caps, "S256"), np.full(5, 256)).tolist()
+    # bounded: past LABEL_CACHE_MAX request lines the caches start again (before a batch)
+    agent.LABEL_CACHE_MAX = 2
+    full = agent._line_cache
+    keys, inv, _ends = agent._group(caps, statuses)
+    assert agent._line_cache is not full and len(agent._line_cache) <= 2 + len(caps)
+    assert keys[inv[1]] == ("PUT", "201", "/{vo}/{path}") and keys[inv[3]] == ("_OTHER", "", "")
 
 
 def test_request_line_longer_than_capture():

@@ -71,6 +71,8 @@ class Lock:
 
 
 class HttpAgent:
+    LABEL_CACHE_MAX = 100_000      # request lines whose label id is kept (then all start again)
+
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
         self.lock = Lock(cfg.lock)
@@ -165,7 +167,7 @@ class HttpAgent:
                 if k in STAT_NAMES or k in ("events_lost", "idle_reported", "late_bytes_after_idle_report")}
 
     def _reset_label_caches(self) -> None:
-        """The per-batch label caches (_group): emptied together, as their values refer to
+        """The label caches of _group: emptied together, as their values refer to
         each other's ids."""
         self._line_cache: dict[tuple, int] = {}       # (request line, status) -> label id
         self._capture_cache: dict[tuple, int] = {}    # (capture, status) -> packed id
@@ -180,7 +182,7 @@ class HttpAgent:
         through a cache per (request line, status), and a miss there parses the line and
         routes its path. The grouping and the head ends are then array work: no per-request
         tuple hashing, no scan of the captures."""
-        if len(self._labels) >= 100_000:
+        if len(self._line_cache) >= self.LABEL_CACHE_MAX:   # (a storage node's paths are new)
             self._reset_label_caches()
         packed = np.fromiter(memo_map(self._capture_cache, list(zip(hdrs, statuses)),
                                       self._packed_label_of), np.int64, len(hdrs))
