@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings, strategies as st
 from gridbpf.agent.routes import RouteError, Routes, compile_template
 from gridbpf.bpf import BpfObject
 from gridbpf.trace.cli import get_trace_subparsers
-from gridbpf.trace.http.tracer import _body, _pipelined_bytes, F_PIPELINED, head_lengths, parse_request_line
+from gridbpf.trace.http.tracer import _body, _pipelined_bytes, F_PIPELINED, parse_request_line
 from gridbpf.trace.targets import TargetError, TargetSpec
 
 token = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_!#", min_size=1, max_size=12)
@@ -49,20 +49,9 @@ def test_body_size_after_header_block(method, p, body):
     assert _body(cap, len(head)) == expect
 
 
-def test_head_lengths_vectorised_matches_find():
-    heads = [b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody", b"HTTP/1.1 204 No\r\n\r\n", b"HTTP/1.1 200 OK\r\nX: y",
-             b"\r\n\r\n" + b"z" * 200, b"HTTP/1.1 200 OK\r\n\r\n" + b"\r\n\r\n"]
-    arr = np.array(heads, dtype="S256")
-    lens = np.array([len(h) for h in heads])
-    want = [h.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in h else -1 for h in heads]
-    assert head_lengths(arr, lens).tolist() == want
-    # a header end beyond the valid bytes (a stale capture) does not count
-    assert head_lengths(np.array([heads[0]], "S256"), np.array([10])).tolist() == [-1]
-
-
 def test_agent_groups_a_batch_by_label_and_finds_head_ends():
     """The agent's batch grouping: one label per (request line, status), in the order of the
-    label ids; the head end of each capture as head_lengths finds it (before the valid-length
+    label ids; the head end of each capture, its first CRLF CRLF (before the valid-length
     check, which record_array applies)."""
     from gridbpf.agent.daemon import HttpAgent
     agent = HttpAgent.__new__(HttpAgent)
@@ -77,7 +66,7 @@ def test_agent_groups_a_batch_by_label_and_finds_head_ends():
         assert [keys[i] for i in inv] == [("GET", "200", "/{vo}/{path}"), ("PUT", "201", "/{vo}/{path}"),
                                           ("GET", "200", "/{vo}/{path}"), ("_OTHER", "", ""),
                                           ("GET", "404", "/{vo}/{path}")]
-        assert ends.tolist() == head_lengths(np.array(caps, "S256"), np.full(5, 256)).tolist()
+        assert ends.tolist() == [c.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in c else -1 for c in caps]
     # bounded: past LABEL_CACHE_MAX request lines the caches start again (before a batch)
     agent.LABEL_CACHE_MAX = 2
     full = agent._line_cache

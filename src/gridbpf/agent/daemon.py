@@ -180,8 +180,8 @@ class HttpAgent:
         header block in each capture or -1). A whole (capture, status) is cached as one int
         (label id and head end packed: memo_map, one dict lookup per request); a miss goes
         through a cache per (request line, status), and a miss there parses the line and
-        routes its path. The grouping and the head ends are then array work: no per-request
-        tuple hashing, no scan of the captures."""
+        routes its path. The grouping is then array work: no per-request tuple hashing, and
+        a capture seen before is not scanned for its header's end again."""
         if len(self._line_cache) >= self.LABEL_CACHE_MAX:   # (a storage node's paths are new)
             self._reset_label_caches()
         packed = np.fromiter(memo_map(self._capture_cache, list(zip(hdrs, statuses)),

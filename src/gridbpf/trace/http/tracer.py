@@ -639,29 +639,6 @@ def response_body_sizes(reqs: np.ndarray) -> np.ndarray:
     return np.where(head > 0, np.maximum(body, 0), -1)
 
 
-def head_lengths(heads: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Length of the first header block (through CRLF CRLF) of each captured head, -1 if the
-    block does not end within the valid bytes. Vectorised over a batch: heads is the 'S256'
-    column, lens the valid byte counts (bytes past them are stale captures).
-
-    CRLF CRLF is the little-endian u32 0x0A0D0A0D: compare 4-byte words at the 4 byte
-    alignments (4 compares over n x width/4 words, no per-row Python)."""
-    n = len(heads)
-    if not n:
-        return np.empty(0, np.int64)
-    width = heads.dtype.itemsize
-    raw = heads.tobytes() + b"\0" * 4
-    words = width // 4
-    best = np.full(n, width, np.int64)
-    for k in range(4):
-        w = np.frombuffer(raw, "<u4", count=n * words, offset=k).reshape(n, words) == 0x0A0D0A0D
-        pos = w.argmax(axis=1)
-        hit = w[np.arange(n), pos]
-        best = np.where(hit, np.minimum(best, pos * 4 + k), best)
-    end = best + 4
-    return np.where((best < width) & (end <= lens), end, -1)
-
-
 TCP_ESTABLISHED, TCP_LISTEN = 1, 10
 
 
