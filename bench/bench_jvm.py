@@ -2,21 +2,23 @@
 
 1. HTTPS small GETs (wrk, keep-alive) to Tomcat 10's WebDAV servlet, in interleaved rounds:
      untraced  a twin Tomcat, the same in all but that no agent is ever loaded into it (the
-               agent cannot be unloaded, and rounds measured before loading it were measured
-               earlier, in another state of this VM: 0.78x once for nothing). Before the agent
-               is loaded, both are measured untraced in alternation: that ratio (control) is
-               what two instances differ by without any agent.
+               agent cannot be unloaded). Before the agent is loaded, both are measured
+               untraced in alternation: that ratio (control) is what two instances differ by.
+     traced    the tracer with the agent active, drained and aggregated as the agent does
+     agent     the agent active (recv transport) with no BPF program reading the records: the
+               Java side's share of the cost (hooks, copies, one syscall a request)
      inactive  agent loaded, no tracer holding a lease (what a JVM carries between tracers)
      floor     the hook the tracer uses, filtering by pid only, agent inactive: what any
                tracer on that hook costs (socket tracepoints where the kernel has them, else
                sys_exit, where every syscall of the box takes the slow path)
-     agent     the agent active (a lease held, recv transport) with no BPF program reading the
-               records: the Java side's share of the cost (hooks, copies, one syscall a record)
-     traced    the tracer with the agent active, drained and aggregated as the agent does
-   Each round first loads Tomcat until its JIT is idle (switching the agent on or off
-   recompiles the hooked methods: paid once by a deployed tracer, reported as settle_*), then
-   measures. Reported: throughput ratios (medians of per-round ratios), traced against the
-   untraced twin (the goal's figure) and against inactive, Tomcat CPU time per request, its
+   Two phases, each keeping the agent in one state: switching it on or off makes the JIT
+   recompile the hooked methods (paid once by a deployed tracer, reported as settle), so
+   rounds that toggled it measured the recompilation's aftermath as much as the tracer. Active
+   phase (traced, untraced, agent): a lease held throughout, the tracer's programs attached
+   for the traced rounds only (attached, they would cost the twin the pid filter). Inactive
+   phase (inactive, untraced, floor). Each round: 1 s of load (new connections), then measured.
+   Reported: throughput ratios (medians of the ratios within each rotation, and their middle
+   half for traced vs untraced, the goal's figure), Tomcat CPU time per request and its
    increase, and BPF run time per request (the kernel's own accounting) for traced and floor.
 2. How a record reaches BPF without kprobes (bench/cprogs/jvm_transport.c): ns per record for
    write(2) to /dev/null (the agent's transport under the syscall hook), read(2) of the record
@@ -43,8 +45,8 @@ from gridbpf.trace.http.jvm_servers import Tomcat, jit_seconds
 from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer, choose_hook
 from gridbpf.trace.targets import TargetSpec
 
-ROUNDS = int(os.environ.get("BENCH_JVM_ROUNDS", 5))
-SECONDS = float(os.environ.get("BENCH_JVM_SECONDS", 4))
+ROUNDS = int(os.environ.get("BENCH_JVM_ROUNDS", 10))
+SECONDS = float(os.environ.get("BENCH_JVM_SECONDS", 3))
 CONNS = 16
 
 
@@ -82,6 +84,9 @@ def settle(pid: int, url: str) -> tuple[float, float]:
 
 
 def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> dict:
+    """One measured round of MODE on SRV: 1 s of load first (new connections, their
+    handshakes), then SECONDS measured. No JIT settling here: a phase keeps the agent in one
+    state (active or inactive) for all its rounds and settles once at its start."""
     tracer, stop, drainer, drained = None, threading.Event(), None, [0]
     progs = []
     if mode == "floor":
@@ -91,10 +96,6 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
         else:
             tracer = HttpTracer(TargetSpec(pids=[srv.pid]), floor=True)
             progs = [tracer.obj.program("http_floor_sys_exit")]
-    agent = None
-    if mode == "agent":
-        agent = jvm_agent.attach(srv.pid, "bench-agent-only", transport="recv")
-        agent.keep_alive()
     if mode == "traced":
         # the last request of each keep-alive connection is reported when Tomcat closes it or,
         # if it has not yet, from the connection table after 0.5 s idle
@@ -112,7 +113,7 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
         drainer = threading.Thread(target=drain)
         drainer.start()
     try:
-        settle_s, settle_jit_s = settle(srv.pid, url)
+        wrk(url, 1, settling=True)
         d0 = drained[0]
         b0 = bpf_stats(progs)
         c0, j0 = cpu_seconds(srv.pid), jit_seconds(srv.pid)
@@ -130,15 +131,11 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
         if tracer:
             stats = tracer.stats()
             tracer.close()
-        if agent:
-            agent.release()
-            time.sleep(1.5)           # the agent sees the lease gone (5 times a second)
     r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
          "jit_us_per_req": (j1 - j0) / n * 1e6,
-         "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n,
-         "settle_s": settle_s, "settle_jit_s": settle_jit_s}
+         "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n}
     if mode == "traced":
-        # (the boundary with the settling load is fuzzy by the requests in flight at its end)
+        # (the boundary with the unrecorded second is fuzzy by the requests in flight at its end)
         r.update(traced=drained[0] - d0, lost=stats["events_lost"], unlinked=stats["jvm_unlinked"])
     return r
 
@@ -151,6 +148,23 @@ def tomcat_bench() -> dict:
         os.close(stats_fd)
 
 
+def _phase(srv: Tomcat, twin: Tomcat, urls: dict, modes: list[str]) -> dict:
+    """ROUNDS rotations of MODES ("untraced" is the twin, every other mode is SRV), the order
+    rotated each time so that drift over time favours no mode; a ratio is taken within each
+    rotation (rounds seconds apart), then the median of those."""
+    rounds = {m: [] for m in modes}
+    for i in range(ROUNDS):
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            t = twin if mode == "untraced" else srv
+            rounds[mode].append(tomcat_round(t, urls[t], mode))
+    return rounds
+
+
+def _settle(srv: Tomcat, url: str) -> dict:
+    s, j = settle(srv.pid, url)
+    return {"seconds": round(s, 1), "jit_cpu_s": round(j, 2)}
+
+
 def _tomcat_bench() -> dict:
     with Tomcat() as srv, Tomcat() as twin:
         urls = {}
@@ -161,64 +175,70 @@ def _tomcat_bench() -> dict:
             # a cold Tomcat made no request in 8 s here)
             subprocess.run(["curl", "-sk", "-o", "/dev/null", urls[t]], check=True, timeout=60)
             wrk(urls[t], 20)                          # TLS and JIT warm-up (C2 idle after ~20 s here)
-        control = {"twin": [], "srv": []}
-        for i in range(max(2, ROUNDS // 2)):
-            for name in ("twin", "srv")[::1 if i % 2 == 0 else -1]:
-                t = twin if name == "twin" else srv
-                control[name].append(tomcat_round(t, urls[t], "untraced"))
-        url = urls[srv]
+        settled = {}
+        # A/A: both untraced, before the agent: what two instances differ by for nothing
+        control = _phase(srv, twin, urls, ["untraced", "srv"])
         with HttpTracer(TargetSpec(pids=[srv.pid])) as t:   # loads the agent, then lets go
             assert t.jvm_agents, t.warnings
+        # Active phase: a lease held throughout (as a deployed tracer holds it), so the agent
+        # stays active and the JIT compiles its path once; the tracer's programs are attached
+        # for the traced rounds only (attached, they would cost the twin the pid filter).
+        hold = jvm_agent.attach(srv.pid, "bench-hold", transport="recv")
+        hold.keep_alive()
+        try:
+            tomcat_round(srv, urls[srv], "traced", 20)
+            settled["active"] = _settle(srv, urls[srv])
+            active = _phase(srv, twin, urls, ["traced", "untraced", "agent"])
+        finally:
+            hold.release()
         time.sleep(6)                                 # the lease expires: agent inactive
-        # the JIT recompiles the hooked TLS methods after the load and after the first switches
-        # between active and inactive: unrecorded rounds until its threads are idle
-        for mode, secs in (("traced", 20), ("inactive", 8), ("traced", 8), ("inactive", 8)):
-            tomcat_round(srv, url, mode, secs)
-        modes = ["untraced", "inactive", "floor", "agent", "traced"]
-        rounds = {m: [] for m in modes}
-        for i in range(ROUNDS):
-            # rotate the order so drift over time does not favour one mode
-            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
-                if mode == "untraced":
-                    rounds[mode].append(tomcat_round(twin, urls[twin], mode))
-                else:
-                    rounds[mode].append(tomcat_round(srv, url, mode))
-    med = lambda m, k: statistics.median(r[k] for r in rounds[m])
+        settled["inactive"] = _settle(srv, urls[srv])
+        inactive = _phase(srv, twin, urls, ["inactive", "untraced", "floor"])
+    med = lambda rs, m, k: statistics.median(r[k] for r in rs[m])
 
-    def ratio(a, b, rs=rounds):
+    def ratio(rs, a, b):
         return round(statistics.median(x["rps"] / y["rps"] for x, y in zip(rs[a], rs[b])), 3)
+
+    def spread(rs, a, b):
+        """The middle half of the per-rotation ratios: how far one run's median can be trusted."""
+        q = statistics.quantiles([x["rps"] / y["rps"] for x, y in zip(rs[a], rs[b])], n=4)
+        return [round(q[0], 3), round(q[2], 3)]
     return {
-        "rounds": ROUNDS, "hook": choose_hook()[0],
-        "bpf_ns_per_req_traced": round(med("traced", "bpf_ns_per_req")),
-        "bpf_ns_per_req_floor": round(med("floor", "bpf_ns_per_req")),
-        "bpf_runs_per_req_traced": round(med("traced", "bpf_runs_per_req"), 1),
-        "rps_untraced": round(med("untraced", "rps")), "rps_inactive": round(med("inactive", "rps")),
-        "rps_traced": round(med("traced", "rps")),
-        "throughput_ratio_traced_vs_untraced": ratio("traced", "untraced"),
-        "throughput_ratio_traced_vs_inactive": ratio("traced", "inactive"),
-        "throughput_ratio_inactive_vs_untraced": ratio("inactive", "untraced"),
-        # the two instances untraced, before the agent: what they differ by for nothing
-        "throughput_ratio_control_srv_vs_twin": ratio("srv", "twin", control),
-        "throughput_ratio_floor_vs_inactive": ratio("floor", "inactive"),
-        "throughput_ratio_agent_vs_inactive": ratio("agent", "inactive"),
-        "tomcat_cpu_us_per_req_floor": round(med("floor", "cpu_us_per_req"), 1),
-        "tomcat_cpu_us_per_req_agent": round(med("agent", "cpu_us_per_req"), 1),
-        "tomcat_cpu_us_per_req_untraced": round(med("untraced", "cpu_us_per_req"), 1),
-        "tomcat_cpu_us_per_req_inactive": round(med("inactive", "cpu_us_per_req"), 1),
-        "tomcat_cpu_us_per_req_traced": round(med("traced", "cpu_us_per_req"), 1),
-        "added_cpu_us_per_req": round(med("traced", "cpu_us_per_req") - med("untraced", "cpu_us_per_req"), 1),
-        "added_cpu_us_per_req_vs_inactive": round(med("traced", "cpu_us_per_req") - med("inactive", "cpu_us_per_req"), 1),
+        "rounds": ROUNDS, "seconds_per_round": SECONDS, "hook": choose_hook()[0],
+        "bpf_ns_per_req_traced": round(med(active, "traced", "bpf_ns_per_req")),
+        "bpf_ns_per_req_floor": round(med(inactive, "floor", "bpf_ns_per_req")),
+        "bpf_runs_per_req_traced": round(med(active, "traced", "bpf_runs_per_req"), 1),
+        "rps_untraced": round(med(active, "untraced", "rps")),
+        "rps_traced": round(med(active, "traced", "rps")),
+        "rps_inactive": round(med(inactive, "inactive", "rps")),
+        # the goal's figure: traced against the untouched twin, in the same rotations
+        "throughput_ratio_traced_vs_untraced": ratio(active, "traced", "untraced"),
+        "throughput_ratio_traced_vs_untraced_iqr": spread(active, "traced", "untraced"),
+        # the agent active (recv transport), no BPF reading its records: the Java side's share
+        "throughput_ratio_agent_vs_untraced": ratio(active, "agent", "untraced"),
+        "throughput_ratio_traced_vs_agent": ratio(active, "traced", "agent"),
+        # what a JVM carries between tracers, and the pid filter alone on the tracer's hook
+        "throughput_ratio_inactive_vs_untraced": ratio(inactive, "inactive", "untraced"),
+        "throughput_ratio_floor_vs_inactive": ratio(inactive, "floor", "inactive"),
+        "throughput_ratio_control_srv_vs_twin": ratio(control, "srv", "untraced"),
+        "tomcat_cpu_us_per_req_untraced": round(med(active, "untraced", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_agent": round(med(active, "agent", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_traced": round(med(active, "traced", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_inactive": round(med(inactive, "inactive", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_floor": round(med(inactive, "floor", "cpu_us_per_req"), 1),
+        "added_cpu_us_per_req": round(med(active, "traced", "cpu_us_per_req")
+                                      - med(active, "untraced", "cpu_us_per_req"), 1),
         # JIT compiler CPU per request in the recorded rounds (0 when the JIT is settled)
-        "jit_us_per_req": {m: round(med(m, "jit_us_per_req"), 1) for m in rounds},
-        # what each round's switch cost before it was measured: seconds of load until the JIT
-        # was idle, and the compiler CPU seconds spent (medians)
-        "settle_s": {m: round(med(m, "settle_s"), 1) for m in rounds},
-        "settle_jit_s": {m: round(med(m, "settle_jit_s"), 2) for m in rounds},
-        "traced_all": all(r["traced"] + r["lost"] >= r["requests"] for r in rounds["traced"]),
-        "traced_vs_wrk_per_round": [(r["traced"], r["requests"]) for r in rounds["traced"]],
-        "jvm_unlinked": sum(r["unlinked"] for r in rounds["traced"]),
-        "rps_per_round": {m: [round(r["rps"]) for r in rounds[m]] for m in rounds},
-        "rps_per_round_control": {m: [round(r["rps"]) for r in control[m]] for m in control},
+        "jit_us_per_req": {m: round(med(rs, m, "jit_us_per_req"), 1)
+                           for rs in (active, inactive) for m in rs},
+        # load until the JIT was idle at each phase's start (the switch a deployed tracer pays once)
+        "settle": settled,
+        "traced_all": all(r["traced"] + r["lost"] >= r["requests"] for r in active["traced"]),
+        "traced_vs_wrk_per_round": [(r["traced"], r["requests"]) for r in active["traced"]],
+        "jvm_unlinked": sum(r["unlinked"] for r in active["traced"]),
+        "rps_per_round": {f"{phase}.{m}": [round(r["rps"]) for r in rs[m]]
+                          for phase, rs in (("control", control), ("active", active),
+                                            ("inactive", inactive)) for m in rs},
     }
 
 

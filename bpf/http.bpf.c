@@ -554,8 +554,6 @@ static __always_inline void note_last_conn(struct http_conn_key *key, struct htt
 	}
 }
 
-static __always_inline struct http_jvm_record *read_jvm_record(__u64 buf, long n);
-static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r, long n);
 static __always_inline int on_jvm_records(__u64 pid_tgid, __u64 buf, long n);
 
 /*
@@ -992,12 +990,21 @@ SEC("uretprobe") int BPF_KRETPROBE(http_ssl_ret) { return ssl_exit(ctx); }
 
 #define JVM_HDR_SIZE __builtin_offsetof(struct http_jvm_record, data)
 
-/* The record, header and data, read here (too big for the stack). */
+/*
+ * The records of one system call, read here (too big for the stack): the agent sends one, or
+ * a held-back record and the call's own, the second starting right after the first's data
+ * (at most one record's size in).
+ */
+struct http_jvm_records {
+	struct http_jvm_record first;
+	__u8 rest[sizeof(struct http_jvm_record)];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct http_jvm_record);
+	__type(value, struct http_jvm_records);
 } jvm_scratch SEC(".maps");
 
 /*
@@ -1079,30 +1086,35 @@ static __always_inline struct http_conn *jvm_client_conn(__u32 tgid, struct http
 }
 
 /*
- * The record at BUF (N bytes long), header and data in ONE read into the per-CPU scratch, or
- * NULL if it is no record. A user-memory read is the dearest step here (80-100 ns on the dev
- * VM whatever its size or destination, a kernel read 35): the magic, header and data used to
- * take three.
+ * The records at BUF (N bytes long), headers and data of both in ONE read into the per-CPU
+ * scratch, or NULL if the first is no record. A user-memory read is the dearest step here
+ * (80-100 ns on the dev VM whatever its size or destination, a kernel read 35): the magic,
+ * header, data and second record used to take four.
  */
-static __always_inline struct http_jvm_record *read_jvm_record(__u64 buf, long n)
+static __always_inline struct http_jvm_records *read_jvm_records(__u64 buf, long n)
 {
 	__u32 zero = 0;
-	struct http_jvm_record *r = bpf_map_lookup_elem(&jvm_scratch, &zero);
+	struct http_jvm_records *rs = bpf_map_lookup_elem(&jvm_scratch, &zero);
 	__u64 len = n;
 
-	if (!r || n < (long)JVM_HDR_SIZE)
+	if (!rs || n < (long)JVM_HDR_SIZE)
 		return NULL;
-	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(len) : "i"(sizeof(*r)));
-	if (bpf_probe_read_user(r, len, (void *)buf) || r->magic != HTTP_JVM_MAGIC)
+	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(len) : "i"(sizeof(*rs)));
+	if (bpf_probe_read_user(rs, len, (void *)buf) || rs->first.magic != HTTP_JVM_MAGIC)
 		return NULL;
-	return r;
+	return rs;
 }
 
-/* A record R of N bytes, already read: its plaintext goes to the connection's request. */
-static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r, long n)
+/*
+ * A record R of N bytes, already read: its plaintext goes to the connection's request (found
+ * and left in KEY). SAME: the connection of the call's other record, when it is the same
+ * engine's or socket's (two lookups fewer). Returns the connection, or NULL.
+ */
+static __always_inline struct http_conn *on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r,
+							long n, struct http_conn *same,
+							struct http_conn_key *key)
 {
 	__u32 tid = pid_tgid, tgid = pid_tgid >> 32;
-	struct http_conn_key key;
 	struct http_conn *c;
 	__u64 copied, now;
 	int client;
@@ -1112,16 +1124,16 @@ static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record
 	if (copied > (__u64)(n - JVM_HDR_SIZE))
 		copied = n - JVM_HDR_SIZE;
 	client = r->flags & HTTP_JVM_F_CLIENT;
-	c = client ? jvm_client_conn(tgid, r, &key) : jvm_server_conn(tgid, r, &key);
+	c = same ? same : client ? jvm_client_conn(tgid, r, key) : jvm_server_conn(tgid, r, key);
 	if (!c) {
 		if (r->dir != HTTP_JVM_CLOSE)
 			gb_count(&stats, HTTP_ST_JVM_UNLINKED);
-		return;
+		return NULL;
 	}
 	if (r->dir == HTTP_JVM_CLOSE) {
 		if (client)
-			on_close(&key, c);
-		return;
+			on_close(key, c);
+		return NULL;
 	}
 	c->tls = 1;
 	/* a held record is dated to its call */
@@ -1131,6 +1143,7 @@ static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record
 		on_read(c, tid, 0, copied, r->len, now, (const char *)r->data);
 	else
 		on_write(c, 0, copied, r->len, now, r->head_len, (const char *)r->data);
+	return c;
 }
 
 /*
@@ -1139,22 +1152,36 @@ static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record
  */
 static __always_inline int on_jvm_records(__u64 pid_tgid, __u64 buf, long n)
 {
-	struct http_jvm_record *r = read_jvm_record(buf, n);
-	long first;
+	struct http_jvm_records *rs = read_jvm_records(buf, n);
+	struct http_jvm_record *r, *r2;
+	struct http_conn_key key;
+	struct http_conn *c;
+	__u64 first;
 
-	if (!r)
+	if (!rs)
 		return 0;
+	r = &rs->first;
 	first = JVM_HDR_SIZE + r->copied;
-	if (first >= n) {
-		on_jvm_record(pid_tgid, r, n);
+	if (first >= (__u64)n) {
+		on_jvm_record(pid_tgid, r, n, NULL, &key);
 		return 1;
 	}
-	on_jvm_record(pid_tgid, r, first);
-	r = read_jvm_record(buf + first, n - first);
-	if (r)
-		on_jvm_record(pid_tgid, r, n - first);
-	else
+	c = on_jvm_record(pid_tgid, r, first, NULL, &key);
+	/* (the agent never sends more than one record's data: a longer first one is not its) */
+	if (first > sizeof(*r) || n - first < (long)JVM_HDR_SIZE) {
 		gb_count(&stats, HTTP_ST_JVM_BAD);      /* counted, as a lone bad record is */
+		return 1;
+	}
+	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(first) : "i"(sizeof(*r)));
+	r2 = (void *)rs + first;
+	if (r2->magic != HTTP_JVM_MAGIC) {
+		gb_count(&stats, HTTP_ST_JVM_BAD);
+		return 1;
+	}
+	if (c && (r2->conn_id != r->conn_id ||
+		  (r2->flags ^ r->flags) & (HTTP_JVM_F_CLIENT | HTTP_JVM_F_SOCKET)))
+		c = NULL;
+	on_jvm_record(pid_tgid, r2, n - first, c, &key);
 	return 1;
 }
 
