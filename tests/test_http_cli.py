@@ -192,6 +192,10 @@ def test_encoders_equal_request_objects():
         a["hdr"][i] = h
         a["hdr_len"][i] = pyrng.choice([len(h), pyrng.randint(0, 256),
                                         min(len(h), pyrng.randint(0, 60))])
+    # valid bytes ending in NUL, other bytes after them (read as decode() reads the column)
+    for i, (h, hl) in enumerate([(b"GET /x\x00yz", 7), (b"GET /y HTTP/1.1\x00\x00\r\n", 17),
+                                 (b"GET /z\x00\x00", 8)]):
+        a["hdr"][i], a["hdr_len"][i] = h, hl
     a["req_bytes"] = np.where(rng.random(n) < 0.5, a["hdr_len"], rng.integers(0, 10**6, n))
     a["resp_bytes"] = rng.integers(0, 10**7, n)
     a["resp_head_len"] = np.where(rng.random(n) < 0.3, 0, rng.integers(0, 500, n))

@@ -158,9 +158,31 @@ class _Lines:
         first, group = _groups(keys)
         # (no cache across batches: repeated captures are one group already, and a storage
         # node's captures seldom repeat: a cache of them missed on every record there)
-        found = list(map(self._capture_parts, zip(reqs["hdr"][first].tolist(), hl[first].tolist())))
-        head = np.array([got[1] for got in found], np.int64)[group]
-        return group, [got[0] for got in found], head
+        lines, head = self._line_keys(keys[first, :words].view(np.uint8), hl[first])
+        get, make = self._lines.get, self._line_fragment
+        frags = [get(k) or make(k) for k in lines]
+        # a capture whose valid bytes end in NUL: its key is its bytes as decode() reads them
+        for g in np.flatnonzero(nul[first]).tolist():
+            i = first[g]
+            frags[g], head[g] = self._capture_parts((reqs["hdr"][i], int(hl[i])))
+        return group, frags, head[group]
+
+    @staticmethod
+    def _line_keys(caps: np.ndarray, hl: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        """(request-line key, end of the header block or -1) of each capture of CAPS ((g, w)
+        uint8, zero past its length HL), with numpy: the line through its first CRLF (else the
+        whole capture), the block through the first CRLF CRLF after it. The same as
+        _capture_parts but for trailing NULs, which the keys lose (bytes of a fixed-size
+        column): callers send those captures there."""
+        g, w = caps.shape
+        col = np.arange(w)
+        crlf = (caps[:, :-1] == 13) & (caps[:, 1:] == 10) & (col[1:] < hl[:, None])
+        cut = np.where(crlf.any(axis=1), crlf.argmax(axis=1), -1)
+        end = crlf[:, :-2] & crlf[:, 2:]
+        head = np.where(end.any(axis=1) & (cut >= 0), end.argmax(axis=1) + 4, -1)
+        keys = caps.copy()
+        keys[col >= np.where(cut >= 0, cut + 2, w)[:, None]] = 0
+        return keys.view(f"S{w}").ravel().tolist(), head
 
     def encode(self, arr: np.ndarray) -> list[str]:
         """The lines of the requests in a drained batch (all record kinds), in ring order."""
