@@ -213,7 +213,7 @@ def test_encoders_equal_request_objects():
         t.requests_seen = 0
         want = [r.to_dict() for r in t.decode(arr)]
         got = [json.loads(line) for line in enc.encode(arr)]
-        assert len(got) == n and t.requests_seen == 2 * n
+        assert len(got) == len(arr) and t.requests_seen == 2 * len(arr)
         for w, g in zip(want, got):
             assert list(w) == list(g)
             for k, v in w.items():
@@ -254,6 +254,10 @@ def test_encoders_equal_request_objects():
     c["ttfb_ns"][::13] += (c["ttfb_ns"][::13] > 0) * late
     c["end_ns"][::13] += late
     same_json_made(c, per_record=True)
+    # a batch without a captured byte (captures that failed)
+    empty = a[:5].copy()
+    empty["hdr_len"] = 0
+    same_json(empty, JsonLines(t))
     # text: equal but for rounding at the last digit (times in ms, durations to the us)
     want = [r.line() for r in t.decode(a)]
     got = TextLines(t).encode(a)

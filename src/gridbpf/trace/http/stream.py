@@ -175,6 +175,8 @@ class _Lines:
         _capture_parts but for trailing NULs, which the keys lose (bytes of a fixed-size
         column): callers send those captures there."""
         g, w = caps.shape
+        if not w:                   # (no capture has a byte: no S0 view)
+            return [b""] * g, np.full(g, -1, np.int64)
         col = np.arange(w)
         crlf = (caps[:, :-1] == 13) & (caps[:, 1:] == 10) & (col[1:] < hl[:, None])
         cut = np.where(crlf.any(axis=1), crlf.argmax(axis=1), -1)
