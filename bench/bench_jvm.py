@@ -229,8 +229,9 @@ def _tomcat_bench() -> dict:
         "added_cpu_us_per_req": round(med(active, "traced", "cpu_us_per_req")
                                       - med(active, "untraced", "cpu_us_per_req"), 1),
         # JIT compiler CPU per request in the recorded rounds (0 when the JIT is settled)
-        "jit_us_per_req": {m: round(med(rs, m, "jit_us_per_req"), 1)
-                           for rs in (active, inactive) for m in rs},
+        "jit_us_per_req": {f"{phase}.{m}": round(med(rs, m, "jit_us_per_req"), 1)
+                           for phase, rs in (("active", active), ("inactive", inactive))
+                           for m in rs},
         # load until the JIT was idle at each phase's start (the switch a deployed tracer pays once)
         "settle": settled,
         "traced_all": all(r["traced"] + r["lost"] >= r["requests"] for r in active["traced"]),
