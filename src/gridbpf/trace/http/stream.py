@@ -124,15 +124,13 @@ class _Lines:
         self._clients: dict[bytes, str] = {}     # address bytes + family -> its fragment
         self._flags: dict[int, str] = {}         # flags -> their fragment
 
-    def _capture_parts(self, capture: tuple[bytes, int]) -> tuple[str, int]:
-        """(request-line fragment, end of the header block or -1) of one (capture, length)."""
-        hdr, hl = capture
+    @staticmethod
+    def _line_key(hdr: bytes, hl: int) -> bytes:
+        """The request-line key of one capture read as decode() reads it (the column's bytes,
+        trailing NULs stripped, then its valid length): through its first CRLF, else whole."""
         line = hdr[:hl]
         cut = line.find(b"\r\n")
-        key = line[:cut + 2] if cut >= 0 else line
-        f = self._lines.get(key)
-        e = line.find(b"\r\n\r\n", cut)
-        return (f if f is not None else self._line_fragment(key), e + 4 if e >= 0 and cut >= 0 else -1)
+        return line[:cut + 2] if cut >= 0 else line
 
     def _capture_groups(self, reqs: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(capture group of each record, request-line fragment of each group, end of the
@@ -161,19 +159,21 @@ class _Lines:
         lines, head = self._line_keys(keys[first, :words].view(np.uint8), hl[first])
         get, make = self._lines.get, self._line_fragment
         frags = [get(k) or make(k) for k in lines]
-        # a capture whose valid bytes end in NUL: its key is its bytes as decode() reads them
+        # a capture whose valid bytes end in NUL: its key as decode() reads it (its header end
+        # is the same: CR LF is never NUL)
         for g in np.flatnonzero(nul[first]).tolist():
             i = first[g]
-            frags[g], head[g] = self._capture_parts((reqs["hdr"][i], int(hl[i])))
+            k = self._line_key(reqs["hdr"][i], int(hl[i]))
+            frags[g] = get(k) or make(k)
         return group, frags, head[group]
 
     @staticmethod
     def _line_keys(caps: np.ndarray, hl: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         """(request-line key, end of the header block or -1) of each capture of CAPS ((g, w)
         uint8, zero past its length HL), with numpy: the line through its first CRLF (else the
-        whole capture), the block through the first CRLF CRLF after it. The same as
-        _capture_parts but for trailing NULs, which the keys lose (bytes of a fixed-size
-        column): callers send those captures there."""
+        whole capture), the block through the first CRLF CRLF after it. A key loses the
+        capture's trailing NULs (bytes of a fixed-size column): callers key those captures
+        with _line_key."""
         g, w = caps.shape
         if not w:                   # (no capture has a byte: no S0 view)
             return [b""] * g, np.full(g, -1, np.int64)
