@@ -180,7 +180,292 @@ static __always_inline int is_traced_nr(long nr)
 	return 0;
 }
 
-static __always_inline void emit(struct http_conn *c, __u16 extra_flags)
+/* --- The agent's metrics, aggregated here (see struct http_agg) ------------------------------ */
+
+const volatile __u8 aggregate = 0;
+/*
+ * Requests whose response ended longer ago than this are sent as records even when simple:
+ * userspace may have reported them from the connection table already (idle reports), and
+ * only a record can be matched against that report.
+ */
+const volatile __u64 agg_max_age_ns = 0;
+const volatile __u32 route_count = 0;
+const volatile struct http_route routes[HTTP_AGG_ROUTES] = {};
+const volatile __u64 dur_bounds_ns[HTTP_AGG_DUR_BOUNDS] = {};
+const volatile __u64 size_bounds[HTTP_AGG_SIZE_BOUNDS] = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct http_agg_key);
+	__type(value, struct http_agg);
+} aggs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_agg);
+} agg_zero SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_path_segs);
+} path_scratch SEC(".maps");
+
+#define FNV64_OFFSET 0xcbf29ce484222325ULL
+#define FNV64_PRIME 0x100000001b3ULL
+
+/* Does route template T match the path's K segments (their first ones in SEGS)? */
+static __always_inline int route_matches(const volatile struct http_route *t,
+					 struct http_path_segs *segs, __u32 k)
+{
+	__u32 m = t->nseg, s;
+
+	if (m == 0 || m > HTTP_AGG_SEGS)
+		return 0;
+	if (t->rest ? k < m : k != m)
+		return 0;
+	for (s = 0; s < HTTP_AGG_SEGS; s++) {
+		if (s >= m)
+			break;
+		if (t->rest && s == m - 1)       /* the rest of the path: at least one byte */
+			return k > m || segs->len[s] > 0;
+		if (t->literal & (1 << s)) {
+			if (segs->len[s] != t->seg_len[s] || segs->hash[s] != t->seg_hash[s])
+				return 0;
+		} else if (segs->len[s] == 0) {
+			return 0;
+		}
+	}
+	return 1;
+}
+
+static __always_inline __u32 bucket_of(const volatile __u64 *bounds, __u32 n, __u64 v)
+{
+	__u32 i, idx = 0;
+
+	for (i = 0; i < n; i++)             /* as numpy's searchsorted(side="left"): bounds < v */
+		idx += v > bounds[i];
+	return idx;
+}
+
+/* simple_request's second half: the request line's end, the header block's, the route. */
+static __always_inline int simple_request_tail(struct http_event *ev, struct http_path_segs *segs,
+					       struct http_agg_key *key)
+{
+	const char *h = ev->hdr;
+	__u32 len = *(volatile __u16 *)&ev->hdr_len;
+	__u32 end = *(volatile __u32 *)&segs->end;
+	__u32 k = *(volatile __u32 *)&segs->k;
+	__u32 i, tail;
+
+	if (len > HTTP_HDR_CAP || len < 4)
+		return 0;
+	/* " HTTP/1.x\r\n" after the path */
+	if (end + 11 > len || end > HTTP_HDR_CAP - 11)
+		return 0;
+	if (h[end + 1] != 'H' || h[end + 2] != 'T' || h[end + 3] != 'T' || h[end + 4] != 'P' ||
+	    h[end + 5] != '/' || h[end + 6] != '1' || h[end + 7] != '.' || h[end + 8] < '0' ||
+	    h[end + 8] > '9' || h[end + 9] != '\r' || h[end + 10] != '\n')
+		return 0;
+	/* the first header block's end is the capture's end: "\r\n\r\n" there, no "\n\r" before */
+	i = len - 4;
+	if (i > HTTP_HDR_CAP - 4)
+		return 0;
+	__builtin_memcpy(&tail, h + i, 4);
+	if (tail != 0x0a0d0a0d)
+		return 0;
+	for (i = 0; i < HTTP_HDR_CAP - 1; i++) {    /* (the request line has no '\n') */
+		if (i + 3 >= len)
+			break;
+		if (h[i] == '\n' && h[i + 1] == '\r')
+			return 0;
+	}
+	key->route = 0;
+	if (*(volatile __u32 *)&segs->abs) {
+		for (i = 0; i < HTTP_AGG_ROUTES; i++) {
+			if (i >= route_count)
+				break;
+			if (route_matches(&routes[i], segs, k)) {
+				key->route = i + 1;
+				break;
+			}
+		}
+	}
+	return 1;
+}
+
+/*
+ * The labels of a simple request, from its capture: method (GET or HEAD), the route its path
+ * matches; and whether the capture is exactly one head with no body, as userspace would read
+ * it (the request line "METHOD PATH HTTP/1.x", the first CRLF CRLF at the capture's end).
+ * Returns 0 when the request is not simple: it is sent as a record.
+ */
+static __always_inline int simple_request(struct http_event *ev, struct http_agg_key *key)
+{
+	struct http_path_segs *segs;
+	const char *h = ev->hdr;
+	volatile struct http_path_scan *st;
+	__u32 len = ev->hdr_len, i, p, k, zero = 0;
+	int abs;
+
+	if (len < 18 || len > HTTP_HDR_CAP || ev->req_bytes != len)
+		return 0;
+	if (h[0] == 'G' && h[1] == 'E' && h[2] == 'T' && h[3] == ' ') {
+		key->method = HTTP_AGG_GET;
+		p = 4;
+	} else if (h[0] == 'H' && h[1] == 'E' && h[2] == 'A' && h[3] == 'D' && h[4] == ' ') {
+		key->method = HTTP_AGG_HEAD;
+		p = 5;
+	} else {
+		return 0;
+	}
+	segs = bpf_map_lookup_elem(&path_scratch, &zero);
+	if (!segs)
+		return 0;
+	abs = h[p] == '/';
+	/*
+	 * The path: up to the space, segments up to '?'. The scan's state is kept in memory
+	 * (volatile): read back, the verifier knows only its range, so the iterations' states
+	 * are alike whatever the bytes; in registers it tracks each value and the ways multiply.
+	 */
+	st = &segs->scan;
+	st->hash = FNV64_OFFSET;
+	st->seglen = st->k = st->query = 0;
+	for (i = p + abs; i < HTTP_HDR_CAP; i++) {
+		char ch;
+
+		if (i >= len)
+			return 0;
+		ch = h[i];
+		if (ch == ' ')
+			break;
+		if (ch == '\r' || ch == '\n')
+			return 0;
+		if (st->query)
+			continue;
+		if (ch == '?') {
+			st->query = 1;
+		} else if (ch == '/') {
+			k = st->k;
+			if (k < HTTP_AGG_SEGS) {
+				segs->hash[k] = st->hash;
+				segs->len[k] = st->seglen;
+			}
+			st->k = k + 1;
+			st->hash = FNV64_OFFSET;
+			st->seglen = 0;
+		} else {
+			st->hash = (st->hash ^ (__u8)ch) * FNV64_PRIME;
+			st->seglen += 1;
+		}
+	}
+	if (i >= len)
+		return 0;
+	k = st->k;
+	if (k < HTTP_AGG_SEGS) {
+		segs->hash[k] = st->hash;
+		segs->len[k] = st->seglen;
+	}
+	segs->k = k + 1;
+	segs->end = i;
+	segs->abs = abs;
+	/*
+	 * From here on only what is read back from memory: the verifier knows its range only,
+	 * and checks the rest once, not once per way the loop above ended.
+	 */
+	return simple_request_tail(ev, segs, key);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct http_event);
+} agg_event SEC(".maps");
+
+/*
+ * The request in agg_event to its labels' histograms if it is simple; 1 if it was. A global
+ * function: the verifier checks it once on its own, not once per inlined caller and way there
+ * (its loops over the capture made those too many). Its argument is a scalar (Linux 5.6+).
+ */
+__noinline int http_aggregate(__u64 now)
+{
+	struct http_agg_key key = {};
+	struct http_event *ev;
+	struct http_agg *a;
+	__u64 dur, body;
+	__u32 zero = 0, b;
+
+	ev = bpf_map_lookup_elem(&agg_event, &zero);
+	if (!ev || !simple_request(ev, &key))
+		return 0;
+	if (!now)
+		now = bpf_ktime_get_ns();
+	if (now - ev->end_ns >= agg_max_age_ns)
+		return 0;
+	key.status = ev->status;
+	a = bpf_map_lookup_elem(&aggs, &key);
+	if (!a) {
+		struct http_agg *z = bpf_map_lookup_elem(&agg_zero, &zero);
+
+		if (!z)
+			return 0;
+		bpf_map_update_elem(&aggs, &key, z, BPF_NOEXIST);
+		a = bpf_map_lookup_elem(&aggs, &key);
+		if (!a) {
+			gb_count(&stats, HTTP_ST_AGG_FULL);
+			return 0;
+		}
+	}
+	dur = ev->end_ns - ev->start_ns;
+	if (!a->count || dur < a->dur_min_ns)
+		a->dur_min_ns = dur;
+	if (dur > a->dur_max_ns)
+		a->dur_max_ns = dur;
+	a->count++;
+	a->dur_sum_ns += dur;
+	b = bucket_of(dur_bounds_ns, HTTP_AGG_DUR_BOUNDS, dur);
+	if (b <= HTTP_AGG_DUR_BOUNDS)
+		a->dur_buckets[b]++;
+	if (ev->resp_head_len) {
+		__u64 spent = (__u64)ev->interim_bytes + ev->resp_head_len;
+
+		body = ev->resp_bytes > spent ? ev->resp_bytes - spent : 0;
+		if (!a->resp_count || body < a->resp_min)
+			a->resp_min = body;
+		if (body > a->resp_max)
+			a->resp_max = body;
+		a->resp_count++;
+		a->resp_sum += body;
+		b = bucket_of(size_bounds, HTTP_AGG_SIZE_BOUNDS, body);
+		if (b <= HTTP_AGG_SIZE_BOUNDS)
+			a->resp_buckets[b]++;
+	}
+	return 1;
+}
+
+/* The cheap checks of a simple request, inline: only candidates pay the copy and the call. */
+static __always_inline int aggregated(struct http_event *ev, __u64 now)
+{
+	struct http_event *copy;
+	__u32 zero = 0;
+
+	if (ev->pipe_idx || (ev->flags & ~(HTTP_F_TLS | HTTP_F_CLOSED)) || !ev->status ||
+	    ev->req_bytes != ev->hdr_len || ev->hdr[0] < 'G' || ev->hdr[0] > 'H')
+		return 0;
+	copy = bpf_map_lookup_elem(&agg_event, &zero);
+	if (!copy)
+		return 0;
+	__builtin_memcpy(copy, ev, sizeof(*ev));
+	return http_aggregate(now);
+}
+
+/* NOW: the caller's clock reading, or 0 (read here if needed). */
+static __always_inline void emit(struct http_conn *c, __u16 extra_flags, __u64 now)
 {
 	struct http_event *ev = &c->ev;
 
@@ -189,6 +474,8 @@ static __always_inline void emit(struct http_conn *c, __u16 extra_flags)
 	if (!ev->end_ns)
 		ev->end_ns = ev->start_ns;
 	gb_count(&stats, HTTP_ST_REQUESTS);
+	if (aggregate && aggregated(ev, now))
+		return;
 	/*
 	 * Never wake the reader: it drains on a timer. (A forced wakeup above some fill level
 	 * costs an irq_work per record once the level is passed: measured, it tripled the
@@ -300,7 +587,7 @@ static __always_inline void on_read(struct http_conn *c, __u32 tid, __u64 buf, _
 		return;
 	}
 	if (c->state == HTTP_CS_RESP) {
-		emit(c, 0);
+		emit(c, 0, now);
 		c->state = HTTP_CS_IDLE;
 	}
 	start_request(c, tid, buf, seglen, n, now, kdata);
@@ -414,7 +701,7 @@ static __always_inline void on_write(struct http_conn *c, __u64 buf, __u64 segle
 		}
 		if (status && c->ev.resp_bytes) {
 			/* a second status line while responding: the next pipelined request's response */
-			emit(c, 0);
+			emit(c, 0, now);
 			c->ev.flags = (c->ev.flags & (HTTP_F_TLS | HTTP_F_CLIENT)) | HTTP_F_PIPELINED;
 			c->ev.pipe_idx += 1;
 			c->ev.req_bytes = 0;
@@ -513,9 +800,9 @@ static __always_inline void peer_from_fd(struct http_conn *c, long fd, int peer)
 static __always_inline void on_close(struct http_conn_key *key, struct http_conn *c)
 {
 	if (c->state == HTTP_CS_RESP)
-		emit(c, HTTP_F_CLOSED);
+		emit(c, HTTP_F_CLOSED, 0);
 	else if (c->state == HTTP_CS_REQ)
-		emit(c, HTTP_F_CLOSED | HTTP_F_NO_RESPONSE);
+		emit(c, HTTP_F_CLOSED | HTTP_F_NO_RESPONSE, 0);
 	if (c->engine_bound) {
 		struct http_jvm_key jk = {.tgid = key->tgid, .conn_id = c->engine_id};
 

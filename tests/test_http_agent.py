@@ -27,9 +27,9 @@ def attrs(kvs):
     return out
 
 
-def start_agent(tmp_path, comm, otlp_port=None, extra=""):
+def start_agent(tmp_path, comm, otlp_port=None, extra="", trace=""):
     cfg = tmp_path / "agent.toml"
-    text = (f'[targets]\ncomm = ["{comm}"]\n[trace]\ndrain_ms = 50\n'
+    text = (f'[targets]\ncomm = ["{comm}"]\n[trace]\ndrain_ms = 50\n{trace}'
             f'[metrics]\nlisten = "127.0.0.1:0"\nmax_series = 50\nroutes = ["/{{vo}}/{{path}}"]\n'
             f'[agent]\nlock = "{tmp_path}/agent.lock"\n' + extra)
     if otlp_port:
@@ -205,3 +205,110 @@ def test_agent_collectors_unknown_name_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gridbpf.cli", "agent", "run", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "agent.collectors: unknown collector 'gpu'" in r.stderr
+
+
+def _histograms(fams):
+    """{(family, labels without le): {"count", "sum", "buckets"}} of the three HTTP histograms."""
+    out = {}
+    for fam in ("http_server_request_duration_seconds", "http_server_request_body_size_bytes",
+                "http_server_response_body_size_bytes"):
+        for s in fams[fam].samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            one = out.setdefault((fam, labels), {"buckets": {}})
+            if s.name.endswith("_bucket"):
+                one["buckets"][s.labels["le"]] = s.value
+            elif s.name.endswith("_count"):
+                one["count"] = s.value
+            elif s.name.endswith("_sum"):
+                one["sum"] = s.value
+    return out
+
+
+def test_agent_kernel_aggregation_equals_records(tmp_path):
+    """Two agents on the same nginx: one aggregates the simple requests in the kernel, the
+    other (aggregate = false: the negative control) decodes every request from its record.
+    Their histograms agree label by label and bucket by bucket, both count what the access
+    log lists (idle reports, pipelining, a head split over two reads, uploads included), and
+    only the first one has requests that never came as records."""
+    comm = f"htagg{random.randint(1000, 9999)}"
+    (tmp_path / "k").mkdir()
+    (tmp_path / "r").mkdir()
+    kern, kstatus, _ = start_agent(tmp_path / "k", comm, trace="idle_report_s = 1\n")
+    recs, rstatus, _ = start_agent(tmp_path / "r", comm, trace="idle_report_s = 1\naggregate = false\n")
+    try:
+        assert kstatus["aggregation"] == "kernel"
+        assert rstatus["aggregation"].startswith("off")
+        with Nginx(comm=comm) as n:
+            (n.root / "atlas").mkdir()
+            (n.root / "atlas" / "f.bin").write_bytes(b"d" * 1500)
+            time.sleep(2.5)                      # both agents take nginx as a target
+            c = http.client.HTTPConnection("127.0.0.1", n.port)
+            for i in range(30):
+                c.request("GET", "/atlas/f.bin?try=%d" % i)
+                c.getresponse().read()
+            for _ in range(5):
+                c.request("HEAD", "/atlas/f.bin")
+                c.getresponse().read()
+                c.request("GET", "/nothere")
+                c.getresponse().read()
+            c.request("PUT", "/atlas/new.bin", body=b"u" * 4000)
+            c.getresponse().read()
+            c.request("PROPFIND", "/", headers={"Depth": "0"})
+            c.getresponse().read()
+            c.request("GET", "/atlas/f.bin")     # the last one: reported idle, then closed
+            c.getresponse().read()
+            time.sleep(2.5)
+            c.close()
+            import socket
+            with socket.create_connection(("127.0.0.1", n.port)) as s:
+                # two pipelined GETs in one write, then a head split over two writes
+                s.sendall(b"GET /atlas/f.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"GET /atlas/f.bin?p=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+                time.sleep(0.3)
+                s.sendall(b"GET /atlas/f.bin HTTP/1.1\r\nHo")
+                time.sleep(0.2)
+                s.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+                while s.recv(65536):
+                    pass
+            deadline = time.monotonic() + 5
+            while len(n.access_lines()) < 46 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            served = len(n.access_lines())
+            assert served == 46
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                got = [_histograms(scrape(st["metrics"])) for st in (kstatus, rstatus)]
+                totals = [sum(v["count"] for (f, _), v in h.items()
+                              if f == "http_server_request_duration_seconds") for h in got]
+                if totals == [served, served]:
+                    break
+                time.sleep(0.2)
+        assert totals == [served, served]
+        hk, hr = got
+        assert hk.keys() == hr.keys()
+        for key, k in hk.items():
+            r = hr[key]
+            assert k["count"] == r["count"], key
+            if key[0] == "http_server_request_duration_seconds":
+                # two tracers, two clock readings per request: microseconds apart
+                assert k["sum"] == pytest.approx(r["sum"], rel=0.05, abs=2e-3), key
+                assert k["buckets"]["+Inf"] == r["buckets"]["+Inf"], key
+            else:
+                assert k["sum"] == r["sum"] and k["buckets"] == r["buckets"], key
+        fk, fr = scrape(kstatus["metrics"]), scrape(rstatus["metrics"])
+        aggregated = sample(fk, "gridbpf_http_kernel", "gridbpf_http_kernel_total",
+                            counter="aggregated_in_kernel")
+        # the 30 + 5 + 5 simple requests of the first connection, but not its last (reported
+        # idle from the table first), the PUT, the PROPFIND, the pipelined pair or the split one
+        assert aggregated == 40
+        assert sample(fr, "gridbpf_http_kernel", "gridbpf_http_kernel_total",
+                      counter="aggregated_in_kernel") == 0
+        assert sample(fk, "gridbpf_http_kernel", "gridbpf_http_kernel_total", counter="idle_reported") >= 1
+        get200 = (("http_request_method", "GET"), ("http_response_status_code", "200"),
+                  ("http_route", "/{vo}/{path}"))
+        assert hk[("http_server_response_body_size_bytes", get200)]["sum"] == 34 * 1500
+    finally:
+        for a in (kern, recs):
+            a.terminate()
+        for a in (kern, recs):
+            a.communicate(timeout=30)

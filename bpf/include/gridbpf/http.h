@@ -50,6 +50,7 @@ enum http_stat {
 	HTTP_ST_JVM_BAD,         /* writes on the agent's bridge fd that are no record */
 	HTTP_ST_JVM_UNLINKED,    /* JVM records whose connection could not be found: not traced */
 	HTTP_ST_REUSED_FD,       /* socket hook: a followed fd named a new socket (close unseen) */
+	HTTP_ST_AGG_FULL,        /* aggregation table full: the request was sent as a record */
 	HTTP_ST_MAX,
 };
 
@@ -185,6 +186,79 @@ struct http_ssl_call {
 	__u32 fd;                /* socket the call touched (set by the syscall hook), or -1 */
 	__u8 is_write;
 	__u8 _pad[3];
+};
+
+/*
+ * The agent's metrics aggregated in the kernel (rodata `aggregate`): a request of the simple
+ * kind (GET or HEAD, its whole head in the first read and the capture, no body, status known,
+ * not pipelined, not a client's) adds to the histograms of its labels here instead of being
+ * sent; every other request is sent as a record, as without aggregation.
+ */
+#define HTTP_AGG_ROUTES 8        /* route templates matched here */
+#define HTTP_AGG_SEGS 8          /* path segments a template may have */
+#define HTTP_AGG_DUR_BOUNDS 14   /* export.metrics.DURATION_BUCKETS */
+#define HTTP_AGG_SIZE_BOUNDS 10  /* export.metrics.SIZE_BUCKETS */
+
+enum http_agg_method {
+	HTTP_AGG_GET = 0,
+	HTTP_AGG_HEAD = 1,
+};
+
+struct http_agg_key {
+	__u16 status;
+	__u8 method;             /* enum http_agg_method */
+	__u8 route;              /* 0: no template matched, else template index + 1 */
+};
+
+/* Per CPU, cumulative since load (userspace adds up the CPUs and takes differences). */
+struct http_agg {
+	__u64 count;
+	__u64 dur_sum_ns;
+	__u64 dur_min_ns;
+	__u64 dur_max_ns;
+	__u64 dur_buckets[HTTP_AGG_DUR_BOUNDS + 1];   /* the last one is +Inf */
+	__u64 resp_count;        /* requests whose response body size is known */
+	__u64 resp_sum;
+	__u64 resp_min;
+	__u64 resp_max;
+	__u64 resp_buckets[HTTP_AGG_SIZE_BOUNDS + 1];
+};
+
+/*
+ * A route template whose placeholders are whole segments ("/{vo}/{path}"): per segment after
+ * the leading '/', a literal (its FNV-1a 64 hash and length) or a placeholder (one segment of
+ * at least one byte; the last one, if the template ends with it, takes the rest of the path).
+ */
+struct http_route {
+	__u8 nseg;
+	__u8 rest;               /* the last segment is a final placeholder */
+	__u8 literal;            /* bit i: segment i is literal */
+	__u8 _pad[5];
+	__u8 seg_len[HTTP_AGG_SEGS];
+	__u64 seg_hash[HTTP_AGG_SEGS];
+};
+
+struct http_path_scan {
+	__u64 hash;              /* FNV-1a of the segment being read */
+	__u32 seglen;
+	__u32 k;                 /* segments so far */
+	__u32 query;             /* past '?' */
+	__u32 _pad;
+};
+
+/* A path's first segments, as the route match reads them (per-CPU scratch). */
+struct http_path_segs {
+	struct http_path_scan scan;
+	__u64 hash[HTTP_AGG_SEGS];
+	__u32 len[HTTP_AGG_SEGS];
+	/*
+	 * Where the path ends, passed through memory: read back, the verifier knows only its
+	 * range, and checks what follows once instead of once per possible value.
+	 */
+	__u32 end;
+	__u32 k;                 /* segments in the path */
+	__u32 abs;               /* the path starts with '/' */
+	__u32 _pad;
 };
 
 #endif

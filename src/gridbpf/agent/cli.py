@@ -29,12 +29,14 @@ def cmd_run(args) -> int:
     def ready(agent):
         status = {"metrics": f"http://{agent.server.addr}:{agent.server.port}/metrics",
                   "targets": agent.tracer.targets(), "ssl_libs": sorted(agent.tracer.ssl_libs),
-                  "otlp": cfg.otlp.endpoint if cfg.otlp else None}
+                  "otlp": cfg.otlp.endpoint if cfg.otlp else None,
+                  "aggregation": agent.aggregation}
         if args.json:
             print(json.dumps({"status": "running", **status}), flush=True)
         else:
             print(f"gridbpf agent: serving {status['metrics']}, tracing pids "
-                  f"{' '.join(map(str, status['targets'])) or '(none yet)'}", flush=True)
+                  f"{' '.join(map(str, status['targets'])) or '(none yet)'}, in-kernel "
+                  f"aggregation {agent.aggregation}", flush=True)
 
     try:
         return run(cfg, args.duration, ready=ready)

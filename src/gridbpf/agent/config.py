@@ -8,6 +8,8 @@
     java_agent = true              # load the Java agent into target JVMs (JSSE TLS)
     drain_ms = 50                  # how often the ring buffer is drained
     idle_report_s = 5              # report the last request of an idle keep-alive connection
+    aggregate = true               # simple requests (GET/HEAD, no body) into histograms in the
+                                   # kernel; false: every request through the ring buffer
 
     [metrics]
     listen = "127.0.0.1:9464"      # Prometheus /metrics
@@ -72,6 +74,7 @@ class AgentConfig:
     java_agent: bool = True
     drain_ms: int = 50
     idle_report_s: float = 5.0
+    aggregate: bool = True
     listen_addr: str = "127.0.0.1"
     listen_port: int = 9464
     max_series: int = 1000
@@ -84,7 +87,8 @@ class AgentConfig:
 
 _SCHEMA = {
     "targets": {"pid": list, "comm": list, "cgroup": list, "unit": list},
-    "trace": {"tls": bool, "java_agent": bool, "drain_ms": int, "idle_report_s": (int, float)},
+    "trace": {"tls": bool, "java_agent": bool, "drain_ms": int, "idle_report_s": (int, float),
+              "aggregate": bool},
     "metrics": {"listen": str, "max_series": int, "routes": list},
     "otlp": {"endpoint": str, "interval": (int, float), "spans": bool,
              "max_spans_per_second": int, "service_name": str},
@@ -137,6 +141,7 @@ def parse(doc: dict, where: str = "agent.toml") -> AgentConfig:
     cfg = AgentConfig(targets=spec, tls=tr.get("tls", True), java_agent=tr.get("java_agent", True),
                       drain_ms=tr.get("drain_ms", 50),
                       idle_report_s=float(tr.get("idle_report_s", 5.0)),
+                      aggregate=tr.get("aggregate", True),
                       max_series=m.get("max_series", 1000), routes=m.get("routes", []),
                       lock=a.get("lock", "/run/gridbpf/agent.lock"))
     cfg.collectors = a.get("collectors", [])

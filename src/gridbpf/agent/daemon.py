@@ -23,7 +23,7 @@ from ..trace.http.memo import memo_map
 from ..trace.http.tracer import (EV_REQUEST, F_PIPELINED, STAT_NAMES, HttpTracer,
                           parse_request_line, response_body_sizes)
 from .config import AgentConfig
-from .routes import Routes
+from .routes import Routes, kernel_routes
 
 # OpenTelemetry semantic conventions: known methods keep their name, others become _OTHER
 KNOWN_METHODS = frozenset("GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND "
@@ -81,11 +81,14 @@ class HttpAgent:
         self.checksums = self.checksum_watcher = None
         self._stop = threading.Event()
         self.requests = 0
+        self.aggregated = 0            # of them, requests the kernel aggregated (no record)
         self._reset_label_caches()
         try:
-            self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s,
-                                      java_agent=cfg.java_agent)
             self.routes = Routes(cfg.routes)
+            kernel_routes, self.aggregation = self._aggregation_plan(cfg)
+            self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s,
+                                      java_agent=cfg.java_agent, aggregate_routes=kernel_routes)
+            self._agg_seen: dict[tuple, dict] = {}     # the kernel's cumulative histograms, last read
             self.registry = Registry()
             r = self.registry
             self.duration = r.histogram("http.server.request.duration",
@@ -98,9 +101,11 @@ class HttpAgent:
                                          "Size of HTTP server response bodies.", "By", LABELS,
                                          SIZE_BUCKETS, cfg.max_series, ATTR_TYPES)
             r.counter("gridbpf.http.kernel", "Counters of the in-kernel request tracer "
-                      "(events_lost: requests the ring buffer could not take).", "1",
+                      "(events_lost: requests the ring buffer could not take; aggregated_in_kernel: "
+                      "requests counted in the kernel's histograms, not sent).", "1",
                       self._kernel_stats, ("counter",))
-            r.counter("gridbpf.http.requests", "Requests decoded by the agent.", "{request}",
+            r.counter("gridbpf.http.requests", "Requests counted by the agent (decoded from "
+                      "records, or aggregated in the kernel).", "{request}",
                       lambda: {(): self.requests})
             r.counter("gridbpf.http.spans.dropped", "Spans not exported (rate cap).", "1",
                       lambda: {(): self.otlp.spans_dropped if self.otlp else 0})
@@ -126,6 +131,41 @@ class HttpAgent:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _aggregation_plan(cfg: AgentConfig) -> tuple[list[dict] | None, str]:
+        """(the route templates for the kernel, "kernel"), or (None, why every request goes
+        through the ring buffer instead)."""
+        if not cfg.aggregate:
+            return None, "off ([trace] aggregate = false)"
+        if cfg.otlp is not None and cfg.otlp.spans:
+            return None, "off (OTLP spans need every request)"
+        routes, why = kernel_routes(cfg.routes)
+        return (routes, "kernel") if routes is not None else (None, f"off ({why})")
+
+    def _fold_kernel_histograms(self) -> None:
+        """Add what the kernel aggregated since the last read (simple requests that never
+        came as records) to the same histograms."""
+        for key, now in self.tracer.aggregates().items():
+            before = self._agg_seen.get(key)
+            n = now["count"] - (before["count"] if before else 0)
+            if n <= 0:
+                continue
+            status, method, route = key
+            labels = ("HEAD" if method else "GET", str(status),
+                      self.routes.templates[route - 1] if route else "")
+            d = {f: now[f] - before[f] if before else now[f]
+                 for f in ("dur_sum_ns", "dur_buckets", "resp_count", "resp_sum", "resp_buckets")}
+            self.duration.add_counts(labels, d["dur_buckets"], n, d["dur_sum_ns"] / 1e9,
+                                     now["dur_min_ns"] / 1e9, now["dur_max_ns"] / 1e9)
+            zero_bodies = np.zeros(len(SIZE_BUCKETS) + 1, np.int64)
+            zero_bodies[0] = n          # simple requests have no body: all in the first bucket
+            self.req_body.add_counts(labels, zero_bodies, n, 0.0, 0.0, 0.0)
+            self.resp_body.add_counts(labels, d["resp_buckets"], d["resp_count"], float(d["resp_sum"]),
+                                      float(now["resp_min"]), float(now["resp_max"]))
+            self.requests += n
+            self.aggregated += n
+            self._agg_seen[key] = now
 
     def _collectors(self, names: list[str]) -> list:
         """The other tracing capabilities' agent collectors, on the pids traced now."""
@@ -163,8 +203,10 @@ class HttpAgent:
 
     def _kernel_stats(self) -> dict:
         s = self.tracer.stats()
+        s["aggregated_in_kernel"] = self.aggregated
         return {(k,): v for k, v in s.items()
-                if k in STAT_NAMES or k in ("events_lost", "idle_reported", "late_bytes_after_idle_report")}
+                if k in STAT_NAMES or k in ("events_lost", "idle_reported", "late_bytes_after_idle_report",
+                                            "aggregated_in_kernel")}
 
     def _reset_label_caches(self) -> None:
         """The label caches of _group: emptied together, as their values refer to
@@ -266,11 +308,14 @@ class HttpAgent:
                            start + int(r.duration * 1e9), attrs)
 
     def drain(self, timeout_ms: int) -> None:
-        """Drain the ring; decode and record it in chunks so memory stays flat under load."""
+        """Drain the ring; decode and record it in chunks so memory stays flat under load;
+        then what the kernel aggregated."""
         for arr in self.tracer.lend_chunks(timeout_ms, CHUNK):   # read in the ring: no copy
             if not (arr["kind"] == EV_REQUEST).all():
                 arr = self.tracer.requests_only(arr)     # (a copy: only when other kinds came)
             self.record_array(arr)
+        if self.tracer.aggregating:
+            self._fold_kernel_histograms()
 
     def run(self, duration: float = 0) -> None:
         drain = self.cfg.drain_ms

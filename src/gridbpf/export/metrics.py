@@ -89,6 +89,20 @@ class HistogramFamily:
                 s.min = min(s.min, float(v.min()))
                 s.max = max(s.max, float(v.max()))
 
+    def add_counts(self, labels: tuple, buckets: np.ndarray, count: int, total: float,
+                   vmin: float, vmax: float) -> None:
+        """Add observations already bucketed elsewhere (the kernel's histograms): per-bucket
+        COUNTS on this family's bounds, their number, sum, min and max."""
+        if not count:
+            return
+        with self.lock:
+            s = self._series_for(labels, count)
+            s.buckets += buckets
+            s.count += count
+            s.total += total
+            s.min = min(s.min, vmin)
+            s.max = max(s.max, vmax)
+
     def snapshot(self) -> list[tuple[tuple, _Series]]:
         with self.lock:
             return [(k, _Series(s.buckets.copy(), s.count, s.total, s.min, s.max))

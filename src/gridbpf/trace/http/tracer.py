@@ -26,7 +26,7 @@ IDLE_REPORT_S = 5.0      # report a finished-looking request of an idle keep-ali
 STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connections",
               "stale_connections", "writes_without_request", "targets_full", "requests_completed",
               "stray_reads", "h2_connections", "jvm_records", "jvm_bad_records", "jvm_unlinked",
-              "reused_fds"]
+              "reused_fds", "aggregation_full"]
 SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
              ("SSL_read_ex", "http_ssl_read_ex"), ("SSL_write_ex", "http_ssl_write_ex")]
 DRAIN_MS = 50      # how often the ring is drained (records are sent without wakeups)
@@ -197,12 +197,17 @@ class HttpTracer:
     connection close, with both endpoints (RequestStart / ConnClose from events() and follow()):
     what automatic SciTags tagging subscribes to. Off, the kernel does none of that work.
     floor: load only the cost floor (the syscall hook, pid filter only) -- for benchmarks.
+    aggregate_routes: aggregate the simple requests (struct http_agg) in the kernel, their
+    http.route matched there against these templates (struct http_route dicts; [] for none):
+    they are counted in aggregates(), never sent as records. None (default): every request is
+    a record.
     hook: "sock" (socket tracepoints, Linux 6.3+), "syscall" (sys_exit, the fallback) or "auto"
     (default, or $GRIDBPF_HTTP_HOOK): sock where the kernel has it; see choose_hook."""
 
     def __init__(self, spec: TargetSpec, tls: bool = True, floor: bool = False,
                  idle_report_s: float = IDLE_REPORT_S, request_start: bool = False,
-                 java_agent: bool = True, hook: str | None = None):
+                 java_agent: bool = True, hook: str | None = None,
+                 aggregate_routes: list[dict] | None = None):
         if not _can_trace():
             raise PermissionError("tracing needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
         spec.validate()
@@ -242,10 +247,14 @@ class HttpTracer:
         self.request_start = request_start and not floor
         if self.request_start:
             self.obj.rodata["emit_request_start"] = 1
+        self.aggregating = aggregate_routes is not None and not floor
+        if self.aggregating:
+            self._set_aggregation(aggregate_routes)
         try:
             self.obj.load()
             self.dtype = self.obj.btf.dtype("struct http_event")
             self._conn_dtype = self.obj.btf.dtype("struct http_conn")
+            self._agg_dtype = self.obj.btf.dtype("struct http_agg")
             self.tgids = spec.install(self.obj)
             for name in self._hook_progs + ("http_fork", "http_exec", "http_exit"):
                 self.links.append(self.obj.program(name).attach_trace())
@@ -259,6 +268,42 @@ class HttpTracer:
         except Exception:
             self.close()
             raise
+
+    def _set_aggregation(self, routes: list[dict]) -> None:
+        from ...export.metrics import DURATION_BUCKETS, SIZE_BUCKETS
+        ro = self.obj.rodata
+        ro["aggregate"] = 1
+        # a request idle this long may be reported from the table (_idle_records) before the
+        # kernel finishes it: such ones come as records, which _drop_early can match
+        ro["agg_max_age_ns"] = int(self.idle_report_s * 1e9 * 7 / 8) if self.idle_report_s \
+            else (1 << 64) - 1
+        ro["route_count"] = len(routes)
+        if routes:
+            ro["routes"] = routes + [{}] * (8 - len(routes))
+        ro["dur_bounds_ns"] = [round(b * 1e9) for b in DURATION_BUCKETS]
+        ro["size_bounds"] = list(SIZE_BUCKETS)
+
+    def aggregates(self) -> dict[tuple[int, int, int], dict]:
+        """The kernel's histograms of simple requests, cumulative since load, the CPUs added
+        up: (status, method (0 GET, 1 HEAD), route (0 none, else template index + 1)) ->
+        struct http_agg's fields (the bucket fields as int64 arrays)."""
+        if not self.aggregating:
+            return {}
+        dt = self._agg_dtype
+        out = {}
+        for key, cpus in self.obj.map("aggs").lookup_batch(chunk=256):
+            v = np.frombuffer(b"".join(bytes(c) for c in cpus), dt)
+            dur_seen, resp_seen = v["count"] > 0, v["resp_count"] > 0
+            one = {f: int(v[f].sum()) for f in ("count", "dur_sum_ns", "resp_count", "resp_sum")}
+            one.update(
+                dur_min_ns=int(v["dur_min_ns"][dur_seen].min()) if dur_seen.any() else 0,
+                dur_max_ns=int(v["dur_max_ns"].max()),
+                dur_buckets=v["dur_buckets"].sum(axis=0).astype(np.int64),
+                resp_min=int(v["resp_min"][resp_seen].min()) if resp_seen.any() else 0,
+                resp_max=int(v["resp_max"].max()),
+                resp_buckets=v["resp_buckets"].sum(axis=0).astype(np.int64))
+            out[(key.status, key.method, key.route)] = one
+        return out
 
     def hook_programs(self) -> list:
         """The loaded programs of the chosen hook (their run time is the tracing cost)."""
@@ -441,12 +486,14 @@ class HttpTracer:
         the kernel's record for the same request is dropped when it arrives (_drop_early)."""
         # 256 entries per syscall: the default 4096 zero-fills a 1.6 MB value buffer on every
         # scan, which showed as the agent's peak RSS
+        # the clock before the table: an entry's age is never overstated (the kernel's
+        # aggregation relies on it, see _set_aggregation)
+        horizon = time.monotonic_ns() - int(self.idle_report_s * 1e9)
         items = self.obj.map("conns").lookup_batch(chunk=256)
         if not items:
             return np.empty(0, self.dtype)
         conn_dt = self._conn_dtype
         c = np.frombuffer(b"".join(bytes(v) for _k, v in items), conn_dt)
-        horizon = time.monotonic_ns() - int(self.idle_report_s * 1e9)
         ev = c["ev"]
         sel = (c["state"] == CS_RESP) & (ev["end_ns"] > 0) & (ev["end_ns"] < horizon)
         if not sel.any():
