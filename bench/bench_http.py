@@ -3,9 +3,12 @@ interleaved rounds, with:
   off    no BPF at all
   floor  the syscall hook (sys_exit) with a program that only filters by syscall and pid
   sockfloor  the socket hook (sock_recv_length/sock_send_length) filtering by pid only
-  trace  the tracer on its default hook (the socket tracepoints on 6.3+), drained and aggregated
-         into histograms on a timer as the agent does
-  trace-syscall  the same on the syscall hook (the fallback of kernels before 6.3)
+  trace  the tracer on its default hook (the socket tracepoints on 6.3+) as the agent runs it by
+         default: simple requests aggregated in the kernel, the others drained as records and
+         added to the same histograms on a timer
+  trace-records  the same with every request a record (the agent with aggregate = false, or
+         with OTLP spans)
+  trace-syscall  trace on the syscall hook (the fallback of kernels before 6.3)
   stream the real `gridbpf trace http --json` process printing every request into a pipe that
          a reader drains (like `| tail` or a file): what a user watching a busy server costs
   stream-sampled  the same with --max-rate 1000: a sample printed, the rest counted
@@ -47,7 +50,7 @@ SECONDS = float(os.environ.get("BENCH_HTTP_SECONDS", 3))
 CONNS = 32
 # every mode by default; BENCH_HTTP_MODES=off,stream runs a subset while developing
 MODES = os.environ.get("BENCH_HTTP_MODES",
-                       "off,floor,sockfloor,trace,trace-syscall,stream,stream-sampled,"
+                       "off,floor,sockfloor,trace,trace-records,trace-syscall,stream,stream-sampled,"
                        "off-varied,stream-varied").split(",")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -129,13 +132,14 @@ class _Consumer:
     def __init__(self, tracer):
         from gridbpf.agent.daemon import HttpAgent
         agent = HttpAgent.__new__(HttpAgent)
-        agent.tracer, agent.otlp, agent.requests = tracer, None, 0
+        agent.tracer, agent.otlp, agent.requests, agent.aggregated = tracer, None, 0, 0
+        agent._agg_seen = {}
         agent._reset_label_caches()
         from gridbpf.agent.routes import Routes
         from gridbpf.export.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Registry
         from gridbpf.agent.daemon import LABELS
         r = Registry()
-        agent.routes = Routes(["/{vo}/{path}"])
+        agent.routes = Routes(ROUTES)
         agent.duration = r.histogram("http.server.request.duration", "", "s", LABELS, DURATION_BUCKETS)
         agent.req_body = r.histogram("http.server.request.body.size", "", "By", LABELS, SIZE_BUCKETS)
         agent.resp_body = r.histogram("http.server.response.body.size", "", "By", LABELS, SIZE_BUCKETS)
@@ -148,6 +152,7 @@ class _Consumer:
 
 
 SAMPLED_RATE = 1000      # --max-rate of the stream-sampled mode
+ROUTES = ["/{vo}/{path}"]    # the agent's route templates, as in packaging/examples
 
 
 def stream_round(nginx: Nginx, sampled: bool = False, script: Path | None = None) -> dict:
@@ -203,8 +208,13 @@ def one_round(nginx: Nginx, mode: str, script: Path | None = None) -> dict:
     if mode == "sockfloor":
         sock = SockFloor(nginx.pid)
     elif mode != "off":
+        # the agent's default: simple requests aggregated in the kernel; trace-records: every
+        # request a record (what [trace] aggregate = false or OTLP spans make it do)
+        from gridbpf.agent.routes import kernel_routes
+        agg = kernel_routes(ROUTES)[0] if mode in ("trace", "trace-syscall") else None
         tracer = HttpTracer(TargetSpec(pids=[nginx.pid]), tls=False, floor=(mode == "floor"),
-                            hook="syscall" if mode in ("floor", "trace-syscall") else None)
+                            hook="syscall" if mode in ("floor", "trace-syscall") else None,
+                            aggregate_routes=agg)
     progs = tracer.hook_programs() if tracer else [sock] if sock else []
     if mode.startswith("trace"):
         # the agent's consumer: drain every DRAIN_MS, columns straight into the histograms
@@ -386,9 +396,10 @@ def run() -> dict:
         "hook": choose_hook()[0],
         "rps_off": med("off", "rps"), "rps_floor": med("floor", "rps"),
         "rps_sockfloor": med("sockfloor", "rps"), "rps_trace": med("trace", "rps"),
-        "rps_trace_syscall": med("trace-syscall", "rps"),
+        "rps_trace_syscall": med("trace-syscall", "rps"), "rps_trace_records": med("trace-records", "rps"),
         # throughput against no BPF at all (goal: trace >= 0.95)
         "throughput_ratio_trace_vs_off": ratio("trace"),
+        "throughput_ratio_trace_records_vs_off": ratio("trace-records"),
         "throughput_ratio_trace_syscall_vs_off": ratio("trace-syscall"),
         "throughput_ratio_floor_vs_off": ratio("floor"),
         "throughput_ratio_sockfloor_vs_off": ratio("sockfloor"),
@@ -398,6 +409,8 @@ def run() -> dict:
         "bpf_ns_per_req_trace_syscall": med("trace-syscall", "bpf_ns_per_req"),
         "bpf_ns_per_req_floor": med("floor", "bpf_ns_per_req"),
         "bpf_trace_vs_sockfloor": bpf_ratio("trace", "sockfloor"),
+        "bpf_ns_per_req_trace_records": med("trace-records", "bpf_ns_per_req"),
+        "bpf_trace_records_vs_sockfloor": bpf_ratio("trace-records", "sockfloor"),
         "bpf_trace_syscall_vs_floor": bpf_ratio("trace-syscall", "floor"),
         # the socket hook against the syscall floor: what moving hooks saved
         "bpf_trace_vs_floor": bpf_ratio("trace", "floor"),
@@ -405,10 +418,10 @@ def run() -> dict:
         "bpf_runs_per_req_trace_syscall": med("trace-syscall", "bpf_runs_per_req", 2),
         "nginx_cpu_us_per_req": {m: med(m, "cpu_us_per_req", 2) for m in modes},
         "added_cpu_us_per_req_trace": added_cpu("trace"),
+        "added_cpu_us_per_req_trace_records": added_cpu("trace-records"),
         "traced_equals_requests_plus_inflight": all(
-            r["traced"] + r["lost"] >= r["requests"] for m in ("trace", "trace-syscall")
-            for r in rounds.get(m, [])),
-        "lost_events": sum(r["lost"] for m in ("trace", "trace-syscall") for r in rounds.get(m, [])),
+            r["traced"] + r["lost"] >= r["requests"] for m in TRACERS for r in rounds.get(m, [])),
+        "lost_events": sum(r["lost"] for m in TRACERS for r in rounds.get(m, [])),
         # every round, so the spread (noisy on a shared 2-core VM) is visible next to the medians
         "rps_per_round": {m: [round(r["rps"]) for r in rounds[m]] for m in rounds},
         "bpf_ns_per_req_per_round": {m: [round(r["bpf_ns_per_req"]) for r in rounds[m]]
@@ -418,6 +431,9 @@ def run() -> dict:
     }
     out["side_by_side"] = side_by_side(out)
     return out
+
+
+TRACERS = ("trace", "trace-records", "trace-syscall")
 
 
 def stream_figures(rounds: dict) -> dict:
@@ -452,14 +468,16 @@ def side_by_side(out: dict) -> dict:
     return {"throughput_vs_off": {
                 "floor (syscall + pid filter only)": out["throughput_ratio_floor_vs_off"],
                 "sockfloor (socket tracepoints + pid filter only)": out["throughput_ratio_sockfloor_vs_off"],
-                "agent consumer (trace)": out["throughput_ratio_trace_vs_off"],
+                "agent, simple requests aggregated in the kernel (trace)": out["throughput_ratio_trace_vs_off"],
+                "agent, every request a record (trace-records)": out["throughput_ratio_trace_records_vs_off"],
                 "agent consumer, syscall hook (trace-syscall)": out["throughput_ratio_trace_syscall_vs_off"],
-                "trace http --json into a pipe (stream)": out["throughput_ratio_stream_vs_off"],
+                "trace http --json into a pipe (stream)": out.get("throughput_ratio_stream_vs_off"),
                 f"the same at --max-rate {SAMPLED_RATE} (stream-sampled)":
                     out.get("throughput_ratio_stream_sampled_vs_off"),
                 "the same, every request another file (stream-varied vs off-varied)":
                     out.get("throughput_ratio_stream_varied_vs_off_varied")},
             "bpf_time_vs_floor": {"trace vs sockfloor": out["bpf_trace_vs_sockfloor"],
+                                  "trace-records vs sockfloor": out["bpf_trace_records_vs_sockfloor"],
                                   "trace-syscall vs floor": out["bpf_trace_syscall_vs_floor"]},
             "agent_rss_mb": {"peak": out["agent_peak_rss_mb"], "steady": out["agent_steady_rss_mb"],
                              "peak_with_otlp": out["agent_otlp_peak_rss_mb"],
