@@ -278,10 +278,22 @@ static __always_inline int simple_request_tail(struct http_event *ev, struct htt
 	__builtin_memcpy(&tail, h + i, 4);
 	if (tail != 0x0a0d0a0d)
 		return 0;
-	for (i = 0; i < HTTP_HDR_CAP - 1; i++) {    /* (the request line has no '\n') */
+	/* 8 bytes a step, 7 apart: every pair of neighbours lies whole in some step's word */
+	for (i = 0; i < HTTP_HDR_CAP - 8; i += 7) {    /* (the request line has no '\n') */
+		__u64 w, lf, cr, pairs;
+
 		if (i + 3 >= len)
 			break;
-		if (h[i] == '\n' && h[i + 1] == '\r')
+		__builtin_memcpy(&w, h + i, 8);
+		lf = w ^ 0x0a0a0a0a0a0a0a0aULL;
+		cr = w ^ 0x0d0d0d0d0d0d0d0dULL;
+		/* bit 7 of each byte that is zero, exactly (no borrow between bytes) */
+		lf = ~(((lf & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL) | lf | 0x7f7f7f7f7f7f7f7fULL);
+		cr = ~(((cr & 0x7f7f7f7f7f7f7f7fULL) + 0x7f7f7f7f7f7f7f7fULL) | cr | 0x7f7f7f7f7f7f7f7fULL);
+		pairs = lf & (cr >> 8) & 0x0080808080808080ULL;  /* '\n' at byte j, '\r' at j + 1 */
+		if (i + 10 > len)         /* pairs from len - 3 on are the capture's own end */
+			pairs &= (1ULL << (((len - 3 - i) & 7) * 8)) - 1;
+		if (pairs)
 			return 0;
 	}
 	key->route = 0;
@@ -308,9 +320,10 @@ static __always_inline int simple_request(struct http_event *ev, struct http_agg
 {
 	struct http_path_segs *segs;
 	const char *h = ev->hdr;
-	volatile struct http_path_scan *st;
-	__u32 len = ev->hdr_len, i, p, k, zero = 0;
-	int abs;
+	volatile __u32 *nseg;
+	__u32 len = ev->hdr_len, i, p, k, seglen = 0, zero = 0;
+	__u64 hash = FNV64_OFFSET;
+	int abs, query = 0;
 
 	if (len < 18 || len > HTTP_HDR_CAP || ev->req_bytes != len)
 		return 0;
@@ -328,13 +341,12 @@ static __always_inline int simple_request(struct http_event *ev, struct http_agg
 		return 0;
 	abs = h[p] == '/';
 	/*
-	 * The path: up to the space, segments up to '?'. The scan's state is kept in memory
-	 * (volatile): read back, the verifier knows only its range, so the iterations' states
-	 * are alike whatever the bytes; in registers it tracks each value and the ways multiply.
+	 * The path: up to the space, segments up to '?'. The segment count goes through memory
+	 * (volatile): read back, the verifier knows only its range; kept in a register, it is an
+	 * index the verifier tracks exactly, and the ways through the loop multiply past its limit.
 	 */
-	st = &segs->scan;
-	st->hash = FNV64_OFFSET;
-	st->seglen = st->k = st->query = 0;
+	nseg = &segs->k;
+	*nseg = 0;
 	for (i = p + abs; i < HTTP_HDR_CAP; i++) {
 		char ch;
 
@@ -345,32 +357,32 @@ static __always_inline int simple_request(struct http_event *ev, struct http_agg
 			break;
 		if (ch == '\r' || ch == '\n')
 			return 0;
-		if (st->query)
+		if (query)
 			continue;
 		if (ch == '?') {
-			st->query = 1;
+			query = 1;
 		} else if (ch == '/') {
-			k = st->k;
+			k = *nseg;
 			if (k < HTTP_AGG_SEGS) {
-				segs->hash[k] = st->hash;
-				segs->len[k] = st->seglen;
+				segs->hash[k] = hash;
+				segs->len[k] = seglen;
 			}
-			st->k = k + 1;
-			st->hash = FNV64_OFFSET;
-			st->seglen = 0;
+			*nseg = k + 1;
+			hash = FNV64_OFFSET;
+			seglen = 0;
 		} else {
-			st->hash = (st->hash ^ (__u8)ch) * FNV64_PRIME;
-			st->seglen += 1;
+			hash = (hash ^ (__u8)ch) * FNV64_PRIME;
+			seglen++;
 		}
 	}
 	if (i >= len)
 		return 0;
-	k = st->k;
+	k = *nseg;
 	if (k < HTTP_AGG_SEGS) {
-		segs->hash[k] = st->hash;
-		segs->len[k] = st->seglen;
+		segs->hash[k] = hash;
+		segs->len[k] = seglen;
 	}
-	segs->k = k + 1;
+	*nseg = k + 1;
 	segs->end = i;
 	segs->abs = abs;
 	/*

@@ -238,17 +238,8 @@ struct http_route {
 	__u64 seg_hash[HTTP_AGG_SEGS];
 };
 
-struct http_path_scan {
-	__u64 hash;              /* FNV-1a of the segment being read */
-	__u32 seglen;
-	__u32 k;                 /* segments so far */
-	__u32 query;             /* past '?' */
-	__u32 _pad;
-};
-
 /* A path's first segments, as the route match reads them (per-CPU scratch). */
 struct http_path_segs {
-	struct http_path_scan scan;
 	__u64 hash[HTTP_AGG_SEGS];
 	__u32 len[HTTP_AGG_SEGS];
 	/*
@@ -256,7 +247,7 @@ struct http_path_segs {
 	 * range, and checks what follows once instead of once per possible value.
 	 */
 	__u32 end;
-	__u32 k;                 /* segments in the path */
+	__u32 k;                 /* segments in the path (so far, while it is read) */
 	__u32 abs;               /* the path starts with '/' */
 	__u32 _pad;
 };
