@@ -39,7 +39,8 @@ from pathlib import Path
 
 import re
 
-from bench.bench_http import SockFloor, _Consumer, cpu_seconds, enable_bpf_stats, prog_stats
+from bench.bench_http import ROUTES, SockFloor, _Consumer, cpu_seconds, enable_bpf_stats, prog_stats
+from gridbpf.agent.routes import kernel_routes
 from gridbpf.trace.http import jvm_agent
 from gridbpf.trace.http.jvm_servers import Tomcat, jit_seconds
 from gridbpf.trace.http.tracer import DRAIN_MS, HttpTracer, choose_hook
@@ -99,7 +100,9 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
     if mode == "traced":
         # the last request of each keep-alive connection is reported when Tomcat closes it or,
         # if it has not yet, from the connection table after 0.5 s idle
-        tracer = HttpTracer(TargetSpec(pids=[srv.pid]), idle_report_s=0.5)
+        # as the agent runs by default: simple requests aggregated in the kernel
+        tracer = HttpTracer(TargetSpec(pids=[srv.pid]), idle_report_s=0.5,
+                            aggregate_routes=kernel_routes(ROUTES)[0])
         progs = tracer.hook_programs()
         consumer = _Consumer(tracer)
 
