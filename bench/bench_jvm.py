@@ -4,7 +4,10 @@
      untraced  a twin Tomcat, the same in all but that no agent is ever loaded into it (the
                agent cannot be unloaded). Before the agent is loaded, both are measured
                untraced in alternation: that ratio (control) is what two instances differ by.
-     traced    the tracer with the agent active, drained and aggregated as the agent does
+     traced    the tracer with the agent active, as the agent runs it by default: simple
+               requests aggregated in the kernel, the rest drained as records into the same
+               histograms
+     traced-records  the same with every request a record (OTLP spans or aggregate = false)
      agent     the agent active (recv transport) with no BPF program reading the records: the
                Java side's share of the cost (hooks, copies, one syscall a request)
      inactive  agent loaded, no tracer holding a lease (what a JVM carries between tracers)
@@ -14,7 +17,7 @@
    Two phases, each keeping the agent in one state: switching it on or off makes the JIT
    recompile the hooked methods (paid once by a deployed tracer, reported as settle), so
    rounds that toggled it measured the recompilation's aftermath as much as the tracer. Active
-   phase (traced, untraced, agent): a lease held throughout, the tracer's programs attached
+   phase (traced, traced-records, untraced, agent): a lease held throughout, the tracer's programs attached
    for the traced rounds only (attached, they would cost the twin the pid filter). Inactive
    phase (inactive, untraced, floor). Each round: 1 s of load (new connections), then measured.
    Reported: throughput ratios (medians of the ratios within each rotation, and their middle
@@ -97,12 +100,13 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
         else:
             tracer = HttpTracer(TargetSpec(pids=[srv.pid]), floor=True)
             progs = [tracer.obj.program("http_floor_sys_exit")]
-    if mode == "traced":
+    if mode in ("traced", "traced-records"):
         # the last request of each keep-alive connection is reported when Tomcat closes it or,
-        # if it has not yet, from the connection table after 0.5 s idle
-        # as the agent runs by default: simple requests aggregated in the kernel
+        # if it has not yet, from the connection table after 0.5 s idle. traced: as the agent
+        # runs by default, simple requests aggregated in the kernel; traced-records: every
+        # request a record (the agent with OTLP spans or aggregate = false)
         tracer = HttpTracer(TargetSpec(pids=[srv.pid]), idle_report_s=0.5,
-                            aggregate_routes=kernel_routes(ROUTES)[0])
+                            aggregate_routes=kernel_routes(ROUTES)[0] if mode == "traced" else None)
         progs = tracer.hook_programs()
         consumer = _Consumer(tracer)
 
@@ -137,7 +141,7 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
     r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
          "jit_us_per_req": (j1 - j0) / n * 1e6,
          "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n}
-    if mode == "traced":
+    if mode in ("traced", "traced-records"):
         # (the boundary with the unrecorded second is fuzzy by the requests in flight at its end)
         r.update(traced=drained[0] - d0, lost=stats["events_lost"], unlinked=stats["jvm_unlinked"])
     return r
@@ -191,7 +195,7 @@ def _tomcat_bench() -> dict:
         try:
             tomcat_round(srv, urls[srv], "traced", 20)
             settled["active"] = _settle(srv, urls[srv])
-            active = _phase(srv, twin, urls, ["traced", "untraced", "agent"])
+            active = _phase(srv, twin, urls, ["traced", "traced-records", "untraced", "agent"])
         finally:
             hold.release()
         time.sleep(6)                                 # the lease expires: agent inactive
@@ -209,6 +213,7 @@ def _tomcat_bench() -> dict:
     return {
         "rounds": ROUNDS, "seconds_per_round": SECONDS, "hook": choose_hook()[0],
         "bpf_ns_per_req_traced": round(med(active, "traced", "bpf_ns_per_req")),
+        "bpf_ns_per_req_traced_records": round(med(active, "traced-records", "bpf_ns_per_req")),
         "bpf_ns_per_req_floor": round(med(inactive, "floor", "bpf_ns_per_req")),
         "bpf_runs_per_req_traced": round(med(active, "traced", "bpf_runs_per_req"), 1),
         "rps_untraced": round(med(active, "untraced", "rps")),
@@ -217,6 +222,8 @@ def _tomcat_bench() -> dict:
         # the goal's figure: traced against the untouched twin, in the same rotations
         "throughput_ratio_traced_vs_untraced": ratio(active, "traced", "untraced"),
         "throughput_ratio_traced_vs_untraced_iqr": spread(active, "traced", "untraced"),
+        "throughput_ratio_traced_records_vs_untraced": ratio(active, "traced-records", "untraced"),
+        "throughput_ratio_traced_vs_traced_records": ratio(active, "traced", "traced-records"),
         # the agent active (recv transport), no BPF reading its records: the Java side's share
         "throughput_ratio_agent_vs_untraced": ratio(active, "agent", "untraced"),
         "throughput_ratio_traced_vs_agent": ratio(active, "traced", "agent"),
@@ -227,6 +234,7 @@ def _tomcat_bench() -> dict:
         "tomcat_cpu_us_per_req_untraced": round(med(active, "untraced", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_agent": round(med(active, "agent", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_traced": round(med(active, "traced", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_traced_records": round(med(active, "traced-records", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_inactive": round(med(inactive, "inactive", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_floor": round(med(inactive, "floor", "cpu_us_per_req"), 1),
         "added_cpu_us_per_req": round(med(active, "traced", "cpu_us_per_req")
@@ -237,9 +245,10 @@ def _tomcat_bench() -> dict:
                            for m in rs},
         # load until the JIT was idle at each phase's start (the switch a deployed tracer pays once)
         "settle": settled,
-        "traced_all": all(r["traced"] + r["lost"] >= r["requests"] for r in active["traced"]),
+        "traced_all": all(r["traced"] + r["lost"] >= r["requests"]
+                          for m in ("traced", "traced-records") for r in active[m]),
         "traced_vs_wrk_per_round": [(r["traced"], r["requests"]) for r in active["traced"]],
-        "jvm_unlinked": sum(r["unlinked"] for r in active["traced"]),
+        "jvm_unlinked": sum(r["unlinked"] for m in ("traced", "traced-records") for r in active[m]),
         "rps_per_round": {f"{phase}.{m}": [round(r["rps"]) for r in rs[m]]
                           for phase, rs in (("control", control), ("active", active),
                                             ("inactive", inactive)) for m in rs},
