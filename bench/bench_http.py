@@ -17,7 +17,10 @@ interleaved rounds, with:
          shares connections but no path or size (the stream encoder shares what repeats)
 and rounds with the whole agent (Prometheus + histograms) for its memory, alternating with
 OTLP on as well (metrics every second and spans at the default cap, to a local receiver),
-BENCH_HTTP_AGENT_ROUNDS times each (3).
+BENCH_HTTP_AGENT_ROUNDS times each (3); then a calibration (BENCH_HTTP_BURN_ROUNDS, 3; 0 skips
+it): programs on the same tracepoints that only spend 0-600 loop steps of arithmetic in nginx's
+context (tests/bpf/bpf_burn.bpf.c), for how nginx's CPU per request grows with BPF time alone
+(`burn_cpu_per_bpf_time`: 1 would be one for one).
 
 Reported (medians over rounds): throughput ratios against off, nginx CPU time per request (from
 /proc/PID/stat: BPF programs run in nginx's context, so their cost shows there), BPF run time per
@@ -84,6 +87,62 @@ class SockFloor:
         for l in self.links:
             l.detach()
         self.obj.close()
+
+
+BURN_OBJ = Path(__file__).resolve().parent.parent / "tests" / "bpf" / "bpf_burn.bpf.o"
+BURN_ITERATIONS = (0, 150, 300, 450, 600)
+BURN_ROUNDS = int(os.environ.get("BENCH_HTTP_BURN_ROUNDS", 3))
+
+
+class Burn:
+    """Calibration: socket-tracepoint programs spending ITERATIONS loop steps of arithmetic in
+    the nginx worker's context (tests/bpf/bpf_burn.bpf.c), nothing else."""
+
+    def __init__(self, tgid: int, iterations: int):
+        from gridbpf.bpf import BpfObject
+        self.obj = BpfObject.open(BURN_OBJ)
+        self.obj.rodata["target_tgid"] = tgid
+        self.obj.rodata["iterations"] = iterations
+        self.obj.load()
+        self.links = [self.obj.program(n).attach_trace() for n in ("burn_recv", "burn_send")]
+
+    def stats(self) -> tuple[int, int]:
+        a, b = (prog_stats(self.obj.program(n)) for n in ("burn_recv", "burn_send"))
+        return a[0] + b[0], a[1] + b[1]
+
+    def close(self) -> None:
+        for link in self.links:
+            link.detach()
+        self.obj.close()
+
+
+def burn_curve(nginx: Nginx) -> dict:
+    """How nginx's CPU per request grows with BPF run time alone: rounds of Burn at each of
+    BURN_ITERATIONS (rotated, BURN_ROUNDS times), against the one with 0 iterations (the pid
+    check only). If BPF time cost nginx one for one, the ratio would stay at 1."""
+    worker = nginx.worker_pids()[0]
+    runs = {it: [] for it in BURN_ITERATIONS}
+    for i in range(BURN_ROUNDS):
+        order = BURN_ITERATIONS[i % len(BURN_ITERATIONS):] + BURN_ITERATIONS[:i % len(BURN_ITERATIONS)]
+        for it in order:
+            b = Burn(worker, it)
+            try:
+                b0, c0 = b.stats(), cpu_seconds(worker)
+                rps, n = wrk(f"{nginx.url}/index.html")
+                c1, b1 = cpu_seconds(worker), b.stats()
+            finally:
+                b.close()
+            runs[it].append((rps, (c1 - c0) / n * 1e6, (b1[0] - b0[0]) / n))
+    med = {it: [statistics.median(r[k] for r in rs) for k in range(3)] for it, rs in runs.items()}
+    base = med[0]
+    return {"burn_iterations": list(BURN_ITERATIONS),
+            "burn_rps": [round(med[it][0]) for it in BURN_ITERATIONS],
+            "burn_nginx_cpu_us_per_req": [round(med[it][1], 2) for it in BURN_ITERATIONS],
+            "burn_bpf_ns_per_req": [round(med[it][2]) for it in BURN_ITERATIONS],
+            # extra nginx CPU per extra BPF time, against the pid check alone
+            "burn_cpu_per_bpf_time": [None] + [
+                round((med[it][1] - base[1]) * 1000 / max(med[it][2] - base[2], 1), 2)
+                for it in BURN_ITERATIONS[1:]]}
 
 
 def prog_stats(prog) -> tuple[int, int]:
@@ -366,6 +425,7 @@ def run() -> dict:
                 for mode in order:
                     rounds[mode].append(one_round(nginx, mode, script))
             agent = agent_rss_rounds(nginx)
+            burn = burn_curve(nginx) if BURN_ROUNDS else {}
     finally:
         os.close(stats_fd)
     # a subset of modes (BENCH_HTTP_MODES) leaves the figures of the others out (None)
@@ -427,6 +487,7 @@ def run() -> dict:
         "bpf_ns_per_req_per_round": {m: [round(r["bpf_ns_per_req"]) for r in rounds[m]]
                                      for m in rounds if m != "off" and "bpf_ns_per_req" in rounds[m][0]},
         **agent,
+        **burn,
         **stream_figures(rounds),
     }
     out["side_by_side"] = side_by_side(out)
