@@ -85,9 +85,9 @@ class HttpAgent:
         self._reset_label_caches()
         try:
             self.routes = Routes(cfg.routes)
-            kernel_routes, self.aggregation = self._aggregation_plan(cfg)
+            routes_in_kernel, self.aggregation = self._aggregation_plan(cfg)
             self.tracer = HttpTracer(cfg.targets, tls=cfg.tls, idle_report_s=cfg.idle_report_s,
-                                      java_agent=cfg.java_agent, aggregate_routes=kernel_routes)
+                                      java_agent=cfg.java_agent, aggregate_routes=routes_in_kernel)
             self._agg_seen: dict[tuple, dict] = {}     # the kernel's cumulative histograms, last read
             self.registry = Registry()
             r = self.registry

@@ -271,6 +271,11 @@ class HttpTracer:
 
     def _set_aggregation(self, routes: list[dict]) -> None:
         from ...export.metrics import DURATION_BUCKETS, SIZE_BUCKETS
+        dt = self.obj.btf.dtype("struct http_agg")
+        for field, bounds in (("dur_buckets", DURATION_BUCKETS), ("resp_buckets", SIZE_BUCKETS)):
+            if dt[field].shape != (len(bounds) + 1,):
+                raise ValueError(f"http.bpf.o's struct http_agg has {dt[field].shape[0]} {field}, "
+                                 f"export.metrics {len(bounds) + 1}: rebuild it (make bpf)")
         ro = self.obj.rodata
         ro["aggregate"] = 1
         # a request idle this long may be reported from the table (_idle_records) before the
