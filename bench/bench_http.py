@@ -64,9 +64,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS     # utime + stime
 
 
-class SockFloor:
+class _Attached:
+    """A loaded object with its programs attached; STATS_PROGS are the ones whose run time
+    counts (the socket-tracepoint pair)."""
+    stats_progs: tuple[str, str]
+
+    def stats(self) -> tuple[int, int]:
+        a, b = (prog_stats(self.obj.program(n)) for n in self.stats_progs)
+        return a[0] + b[0], a[1] + b[1]
+
+    def close(self) -> None:
+        for link in self.links:
+            link.detach()
+        self.obj.close()
+
+
+class SockFloor(_Attached):
     """The socket-layer floor: sock_recv_length/sock_send_length programs that only filter by
     pid (and read the syscall registers), to compare with the sys_exit floor."""
+    stats_progs = ("http_sockfloor_recv", "http_sockfloor_send")
 
     def __init__(self, pid: int):
         from gridbpf.bpf import BpfObject
@@ -76,17 +92,7 @@ class SockFloor:
         self.obj.load()
         TargetSpec(pids=[pid]).install(self.obj)
         self.links = [self.obj.program(n).attach_trace() for n in
-                      ("http_sockfloor_recv", "http_sockfloor_send", "http_fork", "http_exit")]
-
-    def stats(self) -> tuple[int, int]:
-        a = prog_stats(self.obj.program("http_sockfloor_recv"))
-        b = prog_stats(self.obj.program("http_sockfloor_send"))
-        return a[0] + b[0], a[1] + b[1]
-
-    def close(self) -> None:
-        for l in self.links:
-            l.detach()
-        self.obj.close()
+                      (*self.stats_progs, "http_fork", "http_exit")]
 
 
 BURN_OBJ = Path(__file__).resolve().parent.parent / "tests" / "bpf" / "bpf_burn.bpf.o"
@@ -94,9 +100,10 @@ BURN_ITERATIONS = (0, 150, 300, 450, 600)
 BURN_ROUNDS = int(os.environ.get("BENCH_HTTP_BURN_ROUNDS", 3))
 
 
-class Burn:
+class Burn(_Attached):
     """Calibration: socket-tracepoint programs spending ITERATIONS loop steps of arithmetic in
     the nginx worker's context (tests/bpf/bpf_burn.bpf.c), nothing else."""
+    stats_progs = ("burn_recv", "burn_send")
 
     def __init__(self, tgid: int, iterations: int):
         from gridbpf.bpf import BpfObject
@@ -104,16 +111,7 @@ class Burn:
         self.obj.rodata["target_tgid"] = tgid
         self.obj.rodata["iterations"] = iterations
         self.obj.load()
-        self.links = [self.obj.program(n).attach_trace() for n in ("burn_recv", "burn_send")]
-
-    def stats(self) -> tuple[int, int]:
-        a, b = (prog_stats(self.obj.program(n)) for n in ("burn_recv", "burn_send"))
-        return a[0] + b[0], a[1] + b[1]
-
-    def close(self) -> None:
-        for link in self.links:
-            link.detach()
-        self.obj.close()
+        self.links = [self.obj.program(n).attach_trace() for n in self.stats_progs]
 
 
 def burn_curve(nginx: Nginx) -> dict:
