@@ -293,3 +293,72 @@ def test_a_close_in_state_closing_reports_the_request(tmp_path):
         server.stop()
     assert "CLOSING" in states, states
     assert [r.path for r in reqs] == ["/crossing"]
+
+
+def _spawn_with_pid(tmp_path, pid: int):
+    """A Gated server whose pid is PID if the kernel gives it (ns_last_pid; another fork on the
+    box may take it first: then None)."""
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    d = tmp_path / f"s{pid}"
+    d.mkdir()
+    (d / "gate").touch()
+    g = Gated(d)
+    if g.srv.pid != pid:
+        g.__exit__(None, None, None)
+        return None
+    return g
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["shared", "control"])
+def test_targets_that_share_a_slot_are_both_traced(tmp_path, monkeypatch, control):
+    """The target filter's first step (target_slots, 64 slots here): a target forked after the
+    start holds its slot alone and frees it at exit; a second target whose pid falls in the same
+    slot makes it shared, and both are traced, also after the first exits. The control leaves
+    the slot naming the first target alone (what a plain store instead of compare-and-swap could
+    leave): the second target's requests are then not seen."""
+    monkeypatch.setattr(tr, "TARGET_SLOTS", 64)
+    shared = (1 << 64) - 1
+    with HttpTracer(TargetSpec(pids=[os.getpid()]), tls=False) as t:
+        slots = t.obj.map("target_slots")
+        assert slots[os.getpid() % 64] == shared          # seeded by userspace: shared
+        d = tmp_path / "a"
+        d.mkdir()
+        (d / "gate").touch()
+        a = Gated(d)
+        with a:
+            assert slots[a.srv.pid % 64] == a.srv.pid     # forked by a target: its own slot
+            b = None
+            for k in range(1, 8):
+                if a.srv.pid + 64 * k < int(Path("/proc/sys/kernel/pid_max").read_text()) and \
+                        (b := _spawn_with_pid(tmp_path, a.srv.pid + 64 * k)):
+                    break
+            assert b, "no pid sharing the first server's slot could be had"
+            with b:
+                assert slots[a.srv.pid % 64] == shared
+                if control:
+                    slots[a.srv.pid % 64] = a.srv.pid
+                for g in (a, b):
+                    g.ask("/one")
+                    g.ask("/two")             # its read reports /one
+                got = drain(t, 2, timeout=2)
+                want = {a.srv.pid} if control else {a.srv.pid, b.srv.pid}
+                assert {r.pid for r in got} == want and all(r.path == "/one" for r in got)
+                if control:
+                    return
+                a.__exit__(None, None, None)              # the first target exits
+                time.sleep(0.2)
+                assert slots[a.srv.pid % 64] == shared    # the slot stays shared
+                b.ask("/three")
+                assert [(r.pid, r.path) for r in drain(t, 1, timeout=2)] == [(b.srv.pid, "/two")]
+            time.sleep(0.2)
+            assert b.srv.pid not in t.obj.map("targets")
+        # a target alone in its slot frees it at exit
+        d = tmp_path / "c"
+        d.mkdir()
+        (d / "gate").touch()
+        with Gated(d) as c:
+            pid = c.srv.pid
+            if slots[pid % 64] != shared:
+                assert slots[pid % 64] == pid
+        time.sleep(0.2)
+        assert slots[pid % 64] in (0, shared) and pid not in t.obj.map("targets")

@@ -166,7 +166,7 @@ class TargetSpec:
         maps = obj.maps
         if "targets" in maps:
             for t in tgids:
-                maps["targets"][t] = 1
+                add_target(obj, t)
         if "target_comms" in maps:
             for c in self.comms:
                 maps["target_comms"][c.encode().ljust(16, b"\0")] = 1
@@ -185,8 +185,22 @@ class TargetSpec:
             m = obj.maps["targets"]
             for t in tgids:
                 if t not in m:
-                    m[t] = 1
+                    add_target(obj, t)
         return tgids
+
+
+# A target slot userspace sets (bpf/http.bpf.c's target_slots): "ask the targets map". Only
+# the kernel side may claim a slot for one tgid, by compare-and-swap.
+TARGET_SLOT_SHARED = (1 << 64) - 1
+
+
+def add_target(obj, tgid: int) -> None:
+    """TGID into the object's `targets`, and its slot in `target_slots` (where the object has
+    that first filter) marked shared: the slot is never left saying "no target here"."""
+    if "target_slots" in obj.maps:
+        slots = obj.maps["target_slots"]
+        slots[tgid % slots.max_entries] = TARGET_SLOT_SHARED
+    obj.maps["targets"][tgid] = 1
 
 
 def _under(path: str | None, roots: set[str]) -> bool:

@@ -29,6 +29,9 @@ STAT_NAMES = ["conn_table_full", "capture_failed", "ssl_unlinked", "tls_connecti
               "reused_fds", "aggregation_full"]
 SSL_FUNCS = [("SSL_read", "http_ssl_read"), ("SSL_write", "http_ssl_write"),
              ("SSL_read_ex", "http_ssl_read_ex"), ("SSL_write_ex", "http_ssl_write_ex")]
+# bpf/http.bpf.c's target_slots, the target filter's first step (a power of two): pids up to
+# 32768 (pid_max's old default) each have their own; above, they share
+TARGET_SLOTS = 1 << 15
 DRAIN_MS = 50      # how often the ring is drained (records are sent without wakeups)
 HOOK_ENV = "GRIDBPF_HTTP_HOOK"        # auto (default), sock or syscall: what HttpTracer uses
 HOOKS = ("auto", "sock", "syscall")
@@ -247,6 +250,9 @@ class HttpTracer:
         self.request_start = request_start and not floor
         if self.request_start:
             self.obj.rodata["emit_request_start"] = 1
+        slots = self.obj.maps["target_slots"]
+        slots.max_entries = TARGET_SLOTS
+        self.obj.rodata["target_slot_mask"] = TARGET_SLOTS - 1
         self.aggregating = aggregate_routes is not None and not floor
         if self.aggregating:
             self._set_aggregation(aggregate_routes)
