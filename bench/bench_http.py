@@ -64,6 +64,18 @@ MODES = os.environ.get("BENCH_HTTP_MODES",
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def cross_cpu_calls() -> int:
+    """Function-call and rescheduling IPIs so far, all CPUs (/proc/interrupts CAL and RES):
+    how often one side of the loopback benchmark had to wake the other on another CPU."""
+    n = 0
+    with open("/proc/interrupts") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in ("CAL:", "RES:"):
+                n += sum(int(x) for x in parts[1:1 + os.cpu_count()] if x.isdigit())
+    return n
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -290,9 +302,9 @@ def one_round(nginx: Nginx, mode: str, script: Path | None = None) -> dict:
         drainer.start()
     try:
         b0 = bpf_stats(progs)
-        c0 = cpu_seconds(worker)
+        c0, i0 = cpu_seconds(worker), cross_cpu_calls()
         rps, n = wrk(f"{nginx.url}/index.html", script if varied else None)
-        c1 = cpu_seconds(worker)
+        c1, i1 = cpu_seconds(worker), cross_cpu_calls()
         b1 = bpf_stats(progs)
         stop.set()
         if drainer:
@@ -307,7 +319,8 @@ def one_round(nginx: Nginx, mode: str, script: Path | None = None) -> dict:
         if sock:
             sock.close()
     r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
-         "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n}
+         "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n,
+         "ipis_per_req": (i1 - i0) / n}
     if mode.startswith("trace"):
         r.update(traced=drained[0], lost=lost)
     return r
@@ -511,6 +524,10 @@ def report(rounds: dict, accounted: dict, agent: dict, burn: dict) -> dict:
         "lost_events": sum(r["lost"] for rs in (rounds, accounted) for m in TRACERS for r in rs.get(m, [])),
         # every round, so the spread (noisy on a shared 2-core VM) is visible next to the medians
         "rps_per_round": {m: [round(r["rps"]) for r in rounds[m]] for m in rounds},
+        # cross-CPU wakeups per request, per round: wrk and nginx share the 2 vCPUs, and rounds
+        # where one side idles and must be woken by IPI (a VM exit here) are the slow ones
+        "ipis_per_req_per_round": {m: [round(r["ipis_per_req"], 2) for r in rounds[m]]
+                                   for m in rounds if "ipis_per_req" in rounds[m][0]},
         "bpf_ns_per_req_per_round": {m: [round(r["bpf_ns_per_req"]) for r in accounted[m]]
                                      for m in accounted if m != "off"},
         **agent,

@@ -46,7 +46,8 @@ from pathlib import Path
 
 import re
 
-from bench.bench_http import ROUTES, SockFloor, _Consumer, cpu_seconds, enable_bpf_stats, prog_stats
+from bench.bench_http import (ROUTES, SockFloor, _Consumer, cpu_seconds, cross_cpu_calls,
+                               enable_bpf_stats, prog_stats)
 from gridbpf.agent.routes import kernel_routes
 from gridbpf.trace.http import jvm_agent
 from gridbpf.trace.http.jvm_servers import Tomcat, jit_seconds
@@ -127,9 +128,9 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
         wrk(url, 1, settling=True)
         d0 = drained[0]
         b0 = bpf_stats(progs)
-        c0, j0 = cpu_seconds(srv.pid), jit_seconds(srv.pid)
+        c0, j0, i0 = cpu_seconds(srv.pid), jit_seconds(srv.pid), cross_cpu_calls()
         rps, n = wrk(url, seconds)
-        c1, j1 = cpu_seconds(srv.pid), jit_seconds(srv.pid)
+        c1, j1, i1 = cpu_seconds(srv.pid), jit_seconds(srv.pid), cross_cpu_calls()
         b1 = bpf_stats(progs)
         if drainer:
             stop.set()
@@ -144,7 +145,8 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
             tracer.close()
     r = {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
          "jit_us_per_req": (j1 - j0) / n * 1e6,
-         "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n}
+         "bpf_ns_per_req": (b1[0] - b0[0]) / n, "bpf_runs_per_req": (b1[1] - b0[1]) / n,
+         "ipis_per_req": (i1 - i0) / n}
     if mode in ("traced", "traced-records"):
         # (the boundary with the unrecorded second is fuzzy by the requests in flight at its end)
         r.update(traced=drained[0] - d0, lost=stats["events_lost"], unlinked=stats["jvm_unlinked"])
@@ -272,6 +274,8 @@ def _tomcat_bench() -> dict:
                           for m in ("traced", "traced-records") for r in rs[m]),
         "traced_vs_wrk_per_round": [(r["traced"], r["requests"]) for r in active["traced"]],
         "jvm_unlinked": sum(r["unlinked"] for m in ("traced", "traced-records") for r in active[m]),
+        "ipis_per_req": {f"{phase}.{m}": round(med(rs, m, "ipis_per_req"), 2)
+                         for phase, rs in (("active", active), ("inactive", inactive)) for m in rs},
         "rps_per_round": {f"{phase}.{m}": [round(r["rps"]) for r in rs[m]]
                           for phase, rs in (("control", control), ("active", active),
                                             ("inactive", inactive)) for m in rs},
