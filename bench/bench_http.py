@@ -252,9 +252,9 @@ def stream_round(nginx: Nginx, sampled: bool = False, script: Path | None = None
         first = p.stderr.readline()
         if not first.startswith(b"gridbpf: tracing"):
             raise RuntimeError(f"trace http did not start: {first!r} {p.stderr.read()!r}")
-        c0, s0 = cpu_seconds(worker), cpu_seconds(p.pid)
+        c0, s0, i0 = cpu_seconds(worker), cpu_seconds(p.pid), cross_cpu_calls()
         rps, n = wrk(f"{nginx.url}/index.html", script)
-        c1, s1 = cpu_seconds(worker), cpu_seconds(p.pid)
+        c1, s1, i1 = cpu_seconds(worker), cpu_seconds(p.pid), cross_cpu_calls()
         time.sleep(0.3)            # wrk closed its connections: the last requests
         p.terminate()
         err = p.stderr.read().decode()
@@ -268,7 +268,8 @@ def stream_round(nginx: Nginx, sampled: bool = False, script: Path | None = None
     return {"rps": rps, "requests": n, "cpu_us_per_req": (c1 - c0) / n * 1e6,
             "cli_cpu_us_per_req": (s1 - s0) / n * 1e6, "printed": summary["requests"],
             "lines_read": lines[0], "json_bytes_per_line": lines[1] / max(lines[0], 1),
-            "not_printed": summary.get("not_printed", 0), "lost": summary["events_lost"]}
+            "not_printed": summary.get("not_printed", 0), "lost": summary["events_lost"],
+            "ipis_per_req": (i1 - i0) / n}
 
 
 def one_round(nginx: Nginx, mode: str, script: Path | None = None) -> dict:
