@@ -23,7 +23,8 @@ context (tests/bpf/bpf_burn.bpf.c), for how nginx's CPU per request grows with B
 (`burn_cpu_per_bpf_time`: 1 would be one for one).
 
 These rounds run with the kernel's BPF run-time accounting off, as sites run: it adds two clock
-reads to every program run, which cost nginx 0.01-0.03x of its throughput here. BPF run time per
+reads to every program run (0.012-0.027x of nginx's throughput in one A/B here, within the
+spread in a bench run). BPF run time per
 request comes from BENCH_HTTP_ACCOUNTED_ROUNDS (3) rounds of their own, accounting on, of off and
 the modes that attach programs (their throughput ratios are reported too: the accounting's own
 cost); the agent's and the calibration's rounds are accounted as well.
@@ -434,7 +435,7 @@ def run() -> dict:
         wrk(f"{nginx.url}/index.html")      # warm up
         wrk(f"{nginx.url}/index.html", script)
         # throughput and CPU with the kernel's BPF accounting off, as sites run (it adds two
-        # clock reads per program run: measured 0.01-0.03x of nginx's throughput)
+        # clock reads per program run)
         rounds = rotated_rounds(nginx, MODES, ROUNDS, script)
         # BPF time per request from rounds of their own, accounting on
         stats_fd = enable_bpf_stats()

@@ -156,10 +156,6 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
 ACCOUNTED_ROUNDS = int(os.environ.get("BENCH_JVM_ACCOUNTED_ROUNDS", 3))
 
 
-def tomcat_bench() -> dict:
-    return _tomcat_bench()
-
-
 def _phase(srv: Tomcat, twin: Tomcat, urls: dict, modes: list[str], accounted: bool = False) -> dict:
     """ROUNDS rotations of MODES ("untraced" is the twin, every other mode is SRV), the order
     rotated each time so that drift over time favours no mode; a ratio is taken within each
@@ -189,7 +185,7 @@ def _settle(srv: Tomcat, url: str) -> dict:
     return {"seconds": round(s, 1), "jit_cpu_s": round(j, 2)}
 
 
-def _tomcat_bench() -> dict:
+def tomcat_bench() -> dict:
     with Tomcat() as srv, Tomcat() as twin:
         urls = {}
         for t in (srv, twin):
