@@ -12,7 +12,7 @@ import pytest
 
 from gridbpf.trace.http import tracer as tr
 from gridbpf.trace.http.tracer import HttpTracer
-from gridbpf.trace.targets import TargetSpec, comm_of
+from gridbpf.trace.targets import TARGET_SLOT_SHARED, TargetSpec, comm_of
 from test_http_servers import drain
 
 
@@ -295,14 +295,19 @@ def test_a_close_in_state_closing_reports_the_request(tmp_path):
     assert [r.path for r in reqs] == ["/crossing"]
 
 
-def _spawn_with_pid(tmp_path, pid: int):
-    """A Gated server whose pid is PID if the kernel gives it (ns_last_pid; another fork on the
-    box may take it first: then None)."""
-    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-    d = tmp_path / f"s{pid}"
+def _open_server(tmp_path, name: str) -> Gated:
+    """A Gated server whose gate is open from the start: it answers every request at once."""
+    d = tmp_path / name
     d.mkdir()
     (d / "gate").touch()
-    g = Gated(d)
+    return Gated(d)
+
+
+def _spawn_with_pid(tmp_path, pid: int):
+    """An open server whose pid is PID if the kernel gives it (ns_last_pid; another fork on the
+    box may take it first: then None)."""
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    g = _open_server(tmp_path, f"s{pid}")
     if g.srv.pid != pid:
         g.__exit__(None, None, None)
         return None
@@ -317,14 +322,11 @@ def test_targets_that_share_a_slot_are_both_traced(tmp_path, monkeypatch, contro
     the slot naming the first target alone (what a plain store instead of compare-and-swap could
     leave): the second target's requests are then not seen."""
     monkeypatch.setattr(tr, "TARGET_SLOTS", 64)
-    shared = (1 << 64) - 1
+    shared = TARGET_SLOT_SHARED
     with HttpTracer(TargetSpec(pids=[os.getpid()]), tls=False) as t:
         slots = t.obj.map("target_slots")
         assert slots[os.getpid() % 64] == shared          # seeded by userspace: shared
-        d = tmp_path / "a"
-        d.mkdir()
-        (d / "gate").touch()
-        a = Gated(d)
+        a = _open_server(tmp_path, "a")
         with a:
             assert slots[a.srv.pid % 64] == a.srv.pid     # forked by a target: its own slot
             b = None
@@ -353,10 +355,7 @@ def test_targets_that_share_a_slot_are_both_traced(tmp_path, monkeypatch, contro
             time.sleep(0.2)
             assert b.srv.pid not in t.obj.map("targets")
         # a target alone in its slot frees it at exit
-        d = tmp_path / "c"
-        d.mkdir()
-        (d / "gate").touch()
-        with Gated(d) as c:
+        with _open_server(tmp_path, "c") as c:
             pid = c.srv.pid
             if slots[pid % 64] != shared:
                 assert slots[pid % 64] == pid
