@@ -24,10 +24,10 @@ context (tests/bpf/bpf_burn.bpf.c), for how nginx's CPU per request grows with B
 
 These rounds run with the kernel's BPF run-time accounting off, as sites run: it adds two clock
 reads to every program run (0.012-0.027x of nginx's throughput in one A/B here, within the
-spread in a bench run). BPF run time per
-request comes from BENCH_HTTP_ACCOUNTED_ROUNDS (3) rounds of their own, accounting on, of off and
-the modes that attach programs (their throughput ratios are reported too: the accounting's own
-cost); the agent's and the calibration's rounds are accounted as well.
+spread in a bench run). BPF run time per request comes from BENCH_HTTP_ACCOUNTED_ROUNDS (3)
+rounds of their own, accounting on, of off and the modes that attach programs (their throughput
+ratios are reported too: the accounting's own cost); the agent's and the calibration's rounds
+are accounted as well.
 
 Reported (medians over rounds): throughput ratios against off, nginx CPU time per request (from
 /proc/PID/stat: BPF programs run in nginx's context, so their cost shows there), BPF run time per
