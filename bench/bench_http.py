@@ -164,7 +164,7 @@ def burn_curve(nginx: Nginx) -> dict:
 
 def prog_stats(prog) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a loaded program, from its fdinfo."""
-    if isinstance(prog, SockFloor):
+    if isinstance(prog, _Attached):
         return prog.stats()
     text = Path(f"/proc/self/fdinfo/{prog.fd}").read_text()
     get = lambda k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1))

@@ -10,6 +10,10 @@
      traced-records  the same with every request a record (OTLP spans or aggregate = false)
      agent     the agent active (recv transport) with no BPF program reading the records: the
                Java side's share of the cost (hooks, copies, one syscall a request)
+     burn      the agent active and, in the tracer's place, programs on the same socket
+               tracepoints that spend about the tracer's BPF time per request in Tomcat's
+               context on pure arithmetic (tests/bpf/bpf_burn.bpf.c, BENCH_JVM_BURN loop steps
+               a run): what the tracer would cost if its BPF time were all it cost
      inactive  agent loaded, no tracer holding a lease (what a JVM carries between tracers)
      floor     the hook the tracer uses, filtering by pid only, agent inactive: what any
                tracer on that hook costs (socket tracepoints where the kernel has them, else
@@ -17,7 +21,7 @@
    Two phases, each keeping the agent in one state: switching it on or off makes the JIT
    recompile the hooked methods (paid once by a deployed tracer, reported as settle), so
    rounds that toggled it measured the recompilation's aftermath as much as the tracer. Active
-   phase (traced, traced-records, untraced, agent): a lease held throughout, the tracer's programs attached
+   phase (traced, traced-records, untraced, agent, burn): a lease held throughout, the tracer's programs attached
    for the traced rounds only (attached, they would cost the twin the pid filter). Inactive
    phase (inactive, untraced, floor). Each round: 1 s of load (new connections), then measured.
    These rotations run with the kernel's BPF run-time accounting off, as sites run (it adds two
@@ -46,7 +50,7 @@ from pathlib import Path
 
 import re
 
-from bench.bench_http import (ROUTES, SockFloor, _Consumer, cpu_seconds, cross_cpu_calls,
+from bench.bench_http import (ROUTES, Burn, SockFloor, _Consumer, cpu_seconds, cross_cpu_calls,
                                enable_bpf_stats, prog_stats)
 from gridbpf.agent.routes import kernel_routes
 from gridbpf.trace.http import jvm_agent
@@ -57,6 +61,9 @@ from gridbpf.trace.targets import TargetSpec
 ROUNDS = int(os.environ.get("BENCH_JVM_ROUNDS", 10))
 SECONDS = float(os.environ.get("BENCH_JVM_SECONDS", 3))
 CONNS = 16
+# loop steps a run of the burn mode: about the tracer's BPF time per request here (2.4-2.6 us
+# at ~7 runs a request; bpf_ns_per_req_burn says what it was)
+BURN_STEPS = int(os.environ.get("BENCH_JVM_BURN", 350))
 
 
 def wrk(url: str, seconds: float = SECONDS, settling: bool = False) -> tuple[float, int]:
@@ -105,6 +112,9 @@ def tomcat_round(srv: Tomcat, url: str, mode: str, seconds: float = SECONDS) -> 
         else:
             tracer = HttpTracer(TargetSpec(pids=[srv.pid]), floor=True)
             progs = [tracer.obj.program("http_floor_sys_exit")]
+    if mode == "burn":
+        tracer = Burn(srv.pid, BURN_STEPS)
+        progs = [tracer]
     if mode in ("traced", "traced-records"):
         # the last request of each keep-alive connection is reported when Tomcat closes it or,
         # if it has not yet, from the connection table after 0.5 s idle. traced: as the agent
@@ -208,8 +218,8 @@ def tomcat_bench() -> dict:
         try:
             tomcat_round(srv, urls[srv], "traced", 20)
             settled["active"] = _settle(srv, urls[srv])
-            active = _phase(srv, twin, urls, ["traced", "traced-records", "untraced", "agent"])
-            active_acc = _phase(srv, twin, urls, ["traced", "traced-records", "untraced"], True)
+            active = _phase(srv, twin, urls, ["traced", "traced-records", "untraced", "agent", "burn"])
+            active_acc = _phase(srv, twin, urls, ["traced", "traced-records", "untraced", "burn"], True)
         finally:
             hold.release()
         time.sleep(6)                                 # the lease expires: agent inactive
@@ -233,6 +243,7 @@ def tomcat_bench() -> dict:
         "bpf_ns_per_req_traced_records": round(med(active_acc, "traced-records", "bpf_ns_per_req")),
         "bpf_ns_per_req_floor": round(med(inactive_acc, "floor", "bpf_ns_per_req")),
         "bpf_runs_per_req_traced": round(med(active_acc, "traced", "bpf_runs_per_req"), 1),
+        "bpf_ns_per_req_burn": round(med(active_acc, "burn", "bpf_ns_per_req")),
         # the accounting's own cost: the same ratios in the accounted rotations
         "with_accounting": {"traced_vs_untraced": ratio(active_acc, "traced", "untraced"),
                             "traced_records_vs_untraced": ratio(active_acc, "traced-records", "untraced"),
@@ -248,6 +259,9 @@ def tomcat_bench() -> dict:
         # the agent active (recv transport), no BPF reading its records: the Java side's share
         "throughput_ratio_agent_vs_untraced": ratio(active, "agent", "untraced"),
         "throughput_ratio_traced_vs_agent": ratio(active, "traced", "agent"),
+        # BPF time of about the tracer's, spent on arithmetic: what the time alone costs; the
+        # tracer's figure below this is what its work costs beyond its time (docs/tracing.md)
+        "throughput_ratio_burn_vs_agent": ratio(active, "burn", "agent"),
         # what a JVM carries between tracers, and the pid filter alone on the tracer's hook
         "throughput_ratio_inactive_vs_untraced": ratio(inactive, "inactive", "untraced"),
         "throughput_ratio_floor_vs_inactive": ratio(inactive, "floor", "inactive"),
@@ -260,6 +274,7 @@ def tomcat_bench() -> dict:
         "tomcat_cpu_us_per_req_agent": round(med(active, "agent", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_traced": round(med(active, "traced", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_traced_records": round(med(active, "traced-records", "cpu_us_per_req"), 1),
+        "tomcat_cpu_us_per_req_burn": round(med(active, "burn", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_inactive": round(med(inactive, "inactive", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_floor": round(med(inactive, "floor", "cpu_us_per_req"), 1),
         "added_cpu_us_per_req": round(med(active, "traced", "cpu_us_per_req")
