@@ -1332,13 +1332,15 @@ SEC("uretprobe") int BPF_KRETPROBE(http_ssl_ret) { return ssl_exit(ctx); }
 #define JVM_HDR_SIZE __builtin_offsetof(struct http_jvm_record, data)
 
 /*
- * The records of one system call, read here (too big for the stack): the agent sends one, or
- * a held-back record and the call's own, the second starting right after the first's data
- * (at most one record's size in).
+ * The records of one system call, read here (too big for the stack): the agent sends one, or a
+ * batch of up to HTTP_JVM_BATCH_MAX back to back. The tail leaves room for a whole record at
+ * any offset the walk reaches, so that the verifier sees every record's read in bounds.
  */
+#define JVM_BATCH_BYTES (HTTP_JVM_BATCH_MAX * sizeof(struct http_jvm_record))
+
 struct http_jvm_records {
-	struct http_jvm_record first;
-	__u8 rest[sizeof(struct http_jvm_record)];
+	__u8 bytes[JVM_BATCH_BYTES];
+	struct http_jvm_record tail;
 };
 
 struct {
@@ -1427,10 +1429,9 @@ static __always_inline struct http_conn *jvm_client_conn(__u32 tgid, struct http
 }
 
 /*
- * The records at BUF (N bytes long), headers and data of both in ONE read into the per-CPU
+ * The records at BUF (N bytes long), headers and data of all in ONE read into the per-CPU
  * scratch, or NULL if the first is no record. A user-memory read is the dearest step here
- * (80-100 ns on the dev VM whatever its size or destination, a kernel read 35): the magic,
- * header, data and second record used to take four.
+ * (80-100 ns on the dev VM whatever its size or destination, a kernel read 35).
  */
 static __always_inline struct http_jvm_records *read_jvm_records(__u64 buf, long n)
 {
@@ -1440,20 +1441,19 @@ static __always_inline struct http_jvm_records *read_jvm_records(__u64 buf, long
 
 	if (!rs || n < (long)JVM_HDR_SIZE)
 		return NULL;
-	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(len) : "i"(sizeof(*rs)));
-	if (bpf_probe_read_user(rs, len, (void *)buf) || rs->first.magic != HTTP_JVM_MAGIC)
+	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(len) : "i"(JVM_BATCH_BYTES));
+	if (bpf_probe_read_user(rs, len, (void *)buf) ||
+	    ((struct http_jvm_record *)rs)->magic != HTTP_JVM_MAGIC)
 		return NULL;
 	return rs;
 }
 
 /*
  * A record R of N bytes, already read: its plaintext goes to the connection's request (found
- * and left in KEY). SAME: the connection of the call's other record, when it is the same
- * engine's or socket's (two lookups fewer). Returns the connection, or NULL.
+ * and left in KEY).
  */
-static __always_inline struct http_conn *on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r,
-							long n, struct http_conn *same,
-							struct http_conn_key *key)
+static __always_inline void on_jvm_record(__u64 pid_tgid, struct http_jvm_record *r, long n,
+					  struct http_conn_key *key)
 {
 	__u32 tid = pid_tgid, tgid = pid_tgid >> 32;
 	struct http_conn *c;
@@ -1465,64 +1465,80 @@ static __always_inline struct http_conn *on_jvm_record(__u64 pid_tgid, struct ht
 	if (copied > (__u64)(n - JVM_HDR_SIZE))
 		copied = n - JVM_HDR_SIZE;
 	client = r->flags & HTTP_JVM_F_CLIENT;
-	c = same ? same : client ? jvm_client_conn(tgid, r, key) : jvm_server_conn(tgid, r, key);
+	c = client ? jvm_client_conn(tgid, r, key) : jvm_server_conn(tgid, r, key);
 	if (!c) {
 		if (r->dir != HTTP_JVM_CLOSE)
 			gb_count(&stats, HTTP_ST_JVM_UNLINKED);
-		return NULL;
+		return;
 	}
 	if (r->dir == HTTP_JVM_CLOSE) {
 		if (client)
 			on_close(key, c);
-		return NULL;
+		return;
 	}
 	c->tls = 1;
-	/* a held record is dated to its call */
+	/* a batched record is dated to its call */
 	now = bpf_ktime_get_ns() - (__u64)r->age_us * 1000;
 	/* a client sends the request and receives the response: the directions swap */
 	if ((r->dir == HTTP_JVM_RECV) != !!client)
 		on_read(c, tid, 0, copied, r->len, now, (const char *)r->data);
 	else
 		on_write(c, 0, copied, r->len, now, r->head_len, (const char *)r->data);
-	return c;
 }
 
 /*
- * The records of one system call at BUF (N bytes): one, or a held-back record followed by the
- * call's own (the agent sends at most two). Returns 0 if BUF holds no record.
+ * The record at offset OFF of the scratch, N bytes long. A global function: the verifier checks
+ * it once on its own, not once per record of the walk (its arguments are scalars, Linux 5.6+).
+ */
+__noinline int http_jvm_record(__u64 pid_tgid, __u32 off, __u32 n)
+{
+	__u32 zero = 0;
+	struct http_jvm_records *rs = bpf_map_lookup_elem(&jvm_scratch, &zero);
+	struct http_conn_key key;
+	__u64 at = off;
+
+	if (!rs || n < JVM_HDR_SIZE)
+		return 0;
+	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(at) : "i"(JVM_BATCH_BYTES));
+	on_jvm_record(pid_tgid, (void *)rs->bytes + at, n, &key);
+	return 0;
+}
+
+/*
+ * The records of one system call at BUF (N bytes), each HTTP_JVM_HDR_SIZE + copied long, back
+ * to back, at most HTTP_JVM_BATCH_MAX. Returns 0 if BUF holds no record; anything else that is
+ * not a record is counted as bad, and stops the walk.
  */
 static __always_inline int on_jvm_records(__u64 pid_tgid, __u64 buf, long n)
 {
 	struct http_jvm_records *rs = read_jvm_records(buf, n);
-	struct http_jvm_record *r, *r2;
-	struct http_conn_key key;
-	struct http_conn *c;
-	__u64 first;
+	struct http_jvm_record *r;
+	__u64 off = 0, len;
+	int i;
 
 	if (!rs)
 		return 0;
-	r = &rs->first;
-	first = JVM_HDR_SIZE + r->copied;
-	if (first >= (__u64)n) {
-		on_jvm_record(pid_tgid, r, n, NULL, &key);
-		return 1;
+	if (n > (long)JVM_BATCH_BYTES) {
+		gb_count(&stats, HTTP_ST_JVM_BAD);      /* more than a batch: the rest is not read */
+		n = JVM_BATCH_BYTES;
 	}
-	c = on_jvm_record(pid_tgid, r, first, NULL, &key);
-	/* (the agent never sends more than one record's data: a longer first one is not its) */
-	if (first > sizeof(*r) || n - first < (long)JVM_HDR_SIZE) {
-		gb_count(&stats, HTTP_ST_JVM_BAD);      /* counted, as a lone bad record is */
-		return 1;
+	for (i = 0; i < HTTP_JVM_BATCH_MAX; i++) {
+		asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(off) : "i"(JVM_BATCH_BYTES));
+		r = (void *)rs->bytes + off;
+		if (n - off < JVM_HDR_SIZE || r->magic != HTTP_JVM_MAGIC ||
+		    r->copied > HTTP_JVM_DATA_CAP) {
+			gb_count(&stats, HTTP_ST_JVM_BAD);
+			return 1;
+		}
+		len = JVM_HDR_SIZE + r->copied;
+		if (len > n - off)
+			len = n - off;              /* cut short: what there is of its data */
+		http_jvm_record(pid_tgid, off, len);
+		off += len;
+		if (off >= (__u64)n)
+			return 1;
 	}
-	asm volatile("if %0 <= %1 goto +1; %0 = %1" : "+r"(first) : "i"(sizeof(*r)));
-	r2 = (void *)rs + first;
-	if (r2->magic != HTTP_JVM_MAGIC) {
-		gb_count(&stats, HTTP_ST_JVM_BAD);
-		return 1;
-	}
-	if (c && (r2->conn_id != r->conn_id ||
-		  (r2->flags ^ r->flags) & (HTTP_JVM_F_CLIENT | HTTP_JVM_F_SOCKET)))
-		c = NULL;
-	on_jvm_record(pid_tgid, r2, n - first, c, &key);
+	gb_count(&stats, HTTP_ST_JVM_BAD);              /* more records than a batch holds */
 	return 1;
 }
 

@@ -25,7 +25,7 @@ RECORD = struct.Struct("<QIIIHHBBHH2x16s")
 MAGIC = 0x314D564A42524700
 DIR_RECV, DIR_SEND, DIR_CLOSE = 0, 1, 2
 FLAG_CLIENT, FLAG_SOCKET, FLAG_HELD = 1, 2, 4
-HELD_FLUSH_S = 0.6        # a held-back record goes within 0.2 s, from a thread polling at 5/s
+HELD_FLUSH_S = 0.6        # a batched record goes within 0.1 s, from a thread polling at 5/s
 JEP451 = "WARNING: A Java agent has been loaded dynamically"
 
 
@@ -35,7 +35,7 @@ def parse_records(data: bytes) -> list[dict]:
         magic, conn, age, length, copied, head, direction, flags, port, family, addr = \
             RECORD.unpack_from(data, i)
         assert magic == MAGIC, f"bad magic at {i}"
-        # held back by the agent (sent with the engine's next record): flagged, otherwise the same
+        # batched by the agent (sent with later records): flagged, otherwise the same
         out.append({"conn": conn, "age_us": age, "len": length, "copied": copied, "head_len": head, "dir": direction,
                     "flags": flags & ~FLAG_HELD, "held": bool(flags & FLAG_HELD), "port": port, "family": family, "addr": addr,
                     "data": data[i + 48:i + 48 + copied]})
@@ -51,6 +51,7 @@ class Sink:
         self.offset = 0
 
     def mark(self) -> None:
+        time.sleep(HELD_FLUSH_S)       # the records of what came before have gone out
         self.offset = self.path.stat().st_size if self.path.exists() else 0
 
     def since(self) -> list[dict]:
@@ -521,6 +522,7 @@ def test_jvm_in_a_pid_namespace():
         assert agent.nspid != pid and agent.info["pid"] == agent.nspid
         (server.root / "f").write_bytes(b"y" * 5000)
         c = curl(server.url + "/f")
+        time.sleep(HELD_FLUSH_S)
         assert totals(parse_records(sink.read_bytes())) == (c["sent"], c["received"])
         agent.release()
         os.kill(pid, signal.SIGTERM)      # the namespace's init (sh) ignores SIGTERM; the JVM exits

@@ -126,7 +126,7 @@ struct http_sk {
 
 /*
  * JVM TLS bridge. The Java agent (java/) hooks the JDK's SSLEngine wrap/unwrap and SSLSocket
- * streams and hands one record per call to the kernel on its bridge fd, which userspace enters
+ * streams and hands its records (one per call, or a batch of them) to the kernel on its bridge fd, which userspace enters
  * in `conns` as a bridge entry; the record's plaintext is fed to the request state machine of
  * the connection it belongs to. No kprobe, no native code. Two transports, the same record:
  *  - write: write(2) of the record to /dev/null, seen by the syscall hook (sys_exit) only;
@@ -137,6 +137,7 @@ struct http_sk {
  */
 #define HTTP_JVM_MAGIC 0x314d564a42524700ULL   /* bytes "\0GRBJVM1" */
 #define HTTP_JVM_DATA_CAP 256
+#define HTTP_JVM_BATCH_MAX 16    /* records one system call carries at most (the agent's batch) */
 
 enum http_jvm_dir {
 	HTTP_JVM_RECV = 0,       /* the application received plaintext (unwrap, input stream) */
@@ -147,13 +148,13 @@ enum http_jvm_dir {
 enum http_jvm_flags {
 	HTTP_JVM_F_CLIENT = 1,   /* the JVM is the TLS client */
 	HTTP_JVM_F_SOCKET = 2,   /* an SSLSocket stream (the socket syscall is inside the call) */
-	HTTP_JVM_F_HELD = 4,     /* held back by the agent: sent with a later record, age_us old */
+	HTTP_JVM_F_HELD = 4,     /* batched by the agent: sent with later records, age_us old */
 };
 
 struct http_jvm_record {
 	__u64 magic;
 	__u32 conn_id;           /* identity hash of the engine or socket */
-	__u32 age_us;            /* held records: microseconds since the call, else 0 */
+	__u32 age_us;            /* batched records: microseconds since the call, else 0 */
 	__u32 len;               /* plaintext bytes of this call */
 	__u16 copied;            /* valid bytes in data: the first min(len, HTTP_JVM_DATA_CAP) */
 	__u16 head_len;          /* sent response heads: length through CRLF CRLF, else 0 */

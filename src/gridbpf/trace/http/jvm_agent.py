@@ -28,6 +28,8 @@ from pathlib import Path
 JAR_DIR = Path(__file__).resolve().parents[2] / "_java"
 AGENT_JAR = "gridbpf-jvm-agent.jar"
 ATTACH_TIMEOUT = 10.0
+# records one system call of the agent carries at most (the bridge's BATCH_MAX, HTTP_JVM_BATCH_MAX)
+BATCH_MAX = 16
 
 
 class JvmAttachError(RuntimeError):
@@ -288,6 +290,9 @@ class JvmAgent:
     # how this tracer reads the records: "write" (write(2) to /dev/null, seen by the syscall
     # hook) or "recv" (read(2) of the record on an empty socket, seen at sock_recv_length)
     transport: str = "write"
+    # records the agent's batches take at most (None: its default, 8; 1: every record alone).
+    # Batches cut the agent's system calls, and the tracer's program runs, per request under load
+    batch: int | None = None
     _stop: threading.Event | None = field(default=None, repr=False)
 
     @property
@@ -319,7 +324,8 @@ class JvmAgent:
         try:
             os.utime(p)
         except FileNotFoundError:
-            p.write_text(self.transport)      # the agent reads which transport this lease wants
+            # the agent reads which transport this lease wants, and the batch size if any
+            p.write_text(self.transport + (f" batch={self.batch}" if self.batch else ""))
 
     def keep_alive(self, interval: float = 1.0) -> None:
         """Renews the lease from a daemon thread until release()."""
@@ -393,7 +399,7 @@ def loaded_agent_info(jvm: JvmProcess) -> dict | None:
 
 def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = ATTACH_TIMEOUT,
            jar_dir: Path | None = None, reload: bool = False, test_fail: str | None = None,
-           transport: str = "write") -> JvmAgent:
+           transport: str = "write", batch: int | None = None) -> JvmAgent:
     """Loads the agent into JVM pid, or re-uses the one loaded there, and takes a lease.
     A JVM whose agent.json shows an installed agent (same JVM start time) is not attached again:
     only the lease file is added (on JDK 21+ every dynamic load prints a warning to the service's
@@ -401,9 +407,12 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
     sink: tests only, a path inside the JVM's namespace where records are appended instead of
     /dev/null (honoured by the first load only); test_fail: tests only, the install stage the
     agent fails at (bridge, dryrun, retransform); transport: how the caller reads records
-    ("write" or "recv", see JvmAgent). Raises JvmAttachError with a one-line reason."""
+    ("write" or "recv", see JvmAgent); batch: records a batch takes at most (see JvmAgent).
+    Raises JvmAttachError with a one-line reason."""
     if transport not in ("write", "recv"):
         raise ValueError(f"bad transport {transport!r}")
+    if batch is not None and not 1 <= batch <= BATCH_MAX:
+        raise ValueError(f"bad batch size {batch!r} (1 to {BATCH_MAX})")
     if not lease_id or "/" in lease_id or "," in lease_id:
         raise ValueError(f"bad lease id {lease_id!r}")
     if sink and "," in sink:
@@ -412,22 +421,22 @@ def attach(pid: int, lease_id: str, sink: str | None = None, timeout: float = AT
     try:
         existing = None if reload else loaded_agent_info(jvm)
         if existing is not None:
-            agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing, transport)
+            agent = JvmAgent(jvm, lease_id, jvm.host_path(jvm.agent_dir), existing, transport, batch)
             agent.renew()
             agent.wait_active(timeout)
             return agent
-        return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail, transport)
+        return _load(jvm, lease_id, sink, timeout, jar_dir, test_fail, transport, batch)
     except OSError as e:         # e.g. EPERM without CAP_CHOWN/CAP_KILL for another user's JVM
         raise JvmAttachError(f"pid {pid}: cannot load the Java agent ({e.strerror or e})") from None
 
 
 def _load(jvm: JvmProcess, lease_id: str, sink: str | None, timeout: float, jar_dir: Path | None,
-          test_fail: str | None, transport: str) -> JvmAgent:
+          test_fail: str | None, transport: str, batch: int | None) -> JvmAgent:
     pid = jvm.pid
     if not jvm.host_path(f"/tmp/.java_pid{jvm.nspid}").is_socket():
         check_attachable(jvm)     # before leaving any file in the JVM's /tmp
     d = install_jars(jvm, jar_dir)
-    agent = JvmAgent(jvm, lease_id, d, transport=transport)
+    agent = JvmAgent(jvm, lease_id, d, transport=transport, batch=batch)
     agent.renew()                 # the lease exists before the load: active from the first call
     info = d / "agent.json"
     before = info.stat().st_mtime_ns if info.exists() else 0

@@ -23,7 +23,7 @@ final class Control {
     static final String PACKAGE = "sun.security.ssl";
     static final String BRIDGE = PACKAGE + ".GridbpfTlsBridge";
     /** Defined in this order; the jar holds them under gridbpf-bridge/ (not loadable from there). */
-    static final String[] CLASSES = {"GridbpfTlsState", "GridbpfTlsLocal", "GridbpfTlsSlot", "GridbpfTlsBridge"};
+    static final String[] CLASSES = {"GridbpfTlsState", "GridbpfTlsLocal", "GridbpfTlsBatch", "GridbpfTlsBridge"};
     static final long LEASE_FRESH_MS = 5000;
 
     private static volatile Class<?> bridge;
@@ -109,11 +109,13 @@ final class Control {
 
     /**
      * active = some lease-* file in dir modified within the last 5 s; sets the bridge's flags.
-     * A lease holds the transport its tracer reads ("recv" or "write"; empty: write): records go
-     * by every transport a fresh lease asks for.
+     * A lease holds the transport its tracer reads ("recv" or "write"; empty: write), then
+     * optionally "batch=N" (records a batch takes at most): records go by every transport a
+     * fresh lease asks for.
      */
     static boolean refreshLease(String dir) {
         boolean active = false, write = false, recv = false;
+        int batch = Integer.MAX_VALUE;
         File[] files = dir == null ? null : new File(dir).listFiles();
         java.util.TreeSet<String> fresh = new java.util.TreeSet<>();
         if (files != null) {
@@ -122,8 +124,14 @@ final class Control {
                 if (f.getName().startsWith("lease-") && now - f.lastModified() < LEASE_FRESH_MS) {
                     active = true;
                     fresh.add(f.getName());
-                    if (leaseWantsRecv(f)) recv = true;
-                    else write = true;
+                    String[] want = leaseWants(f).split("\\s+");
+                    if (want[0].equals("recv")) recv = true;
+                    else if (!want[0].equals("none")) write = true;
+                    for (String w : want) {
+                        if (w.startsWith("batch=")) {
+                            try { batch = Math.min(batch, Integer.parseInt(w.substring(6))); } catch (NumberFormatException ignored) { }
+                        }
+                    }
                 }
             }
         }
@@ -133,6 +141,8 @@ final class Control {
             if (active) {
                 trySetBoolean("viaWrite", write);
                 trySetBoolean("viaRecv", recv);
+                // records a batch takes: the fewest any lease asks for (default 8, 1: each alone)
+                trySetInt("batchMax", batch == Integer.MAX_VALUE ? DEFAULT_BATCH : Math.max(batch, 1));
             }
             if (!fresh.equals(lastLeases)) {
                 // a tracer came or went: engines send alone again, so that a new one binds them
@@ -162,12 +172,18 @@ final class Control {
         } catch (Throwable ignored) { }
     }
 
-    private static boolean leaseWantsRecv(File lease) {
+    private static String leaseWants(File lease) {
         try {
-            return new String(Files.readAllBytes(lease.toPath()), StandardCharsets.US_ASCII).trim().equals("recv");
+            return new String(Files.readAllBytes(lease.toPath()), StandardCharsets.US_ASCII).trim();
         } catch (Throwable t) {
-            return false;
+            return "";
         }
+    }
+
+    static final int DEFAULT_BATCH = 8;
+
+    private static void trySetInt(String field, int value) {
+        try { bridge.getField(field).setInt(null, value); } catch (Throwable ignored) { }
     }
 
     /** A bridge defined by an older agent may lack the field: then it keeps its only transport. */

@@ -64,21 +64,30 @@ public final class GridbpfTlsBridge {
     private static final GridbpfTlsLocal STATE = new GridbpfTlsLocal();
 
     /**
-     * Held-back records (one system call per request instead of two). Once a server engine's
-     * record has gone alone (the kernel side then knows the engine's connection), the plaintext
-     * it receives (a request head, a body chunk) waits in the engine's slot and goes in the same
-     * call as the engine's next record (normally the response's wrap), or from the agent's
-     * lease thread after HOLD_MAX_NS. Every record of such an engine passes its slot under the
-     * slot's lock, so the records reach the kernel in the order of the calls whatever threads
-     * make them (Jetty unwraps and wraps on different ones); a held record says its age, so it
-     * is dated to its call. A new set of tracers (holdEpoch) makes every engine send alone again.
+     * Batched records: once a server engine's record has gone alone (the kernel side then knows
+     * the engine's connection), its later records wait in the batch being filled, with every
+     * other known engine's, and reach the kernel BATCH_MAX (or batchMax) at a time in one system
+     * call, or from the agent's lease thread after HOLD_MAX_NS, or when an engine closes. Under
+     * load that is one system call (and one run of the tracer's program) per several requests
+     * instead of one per request, the agent's and the tracer's largest costs on a busy server.
+     * Every record of a known engine passes the APPEND lock, so the records reach the kernel in
+     * the order of the calls whatever threads make them (Jetty unwraps and wraps on different
+     * ones): a full batch is handed over to FLUSH before APPEND is let go, and FLUSH is taken
+     * by one batch after the other. A waiting record says its age, so it is dated to its call.
+     * A new set of tracers (holdEpoch) makes every engine send alone again. (The locks allocate
+     * only when contended; nothing else is allocated per record.)
      */
+    static final int BATCH_MAX = 16;
     static final int SLOT_COUNT = 1024;
-    static final long HOLD_MAX_NS = 200_000_000L;
-    private static final GridbpfTlsSlot[] SLOTS = new GridbpfTlsSlot[SLOT_COUNT];
-    static {
-        for (int i = 0; i < SLOT_COUNT; i++) SLOTS[i] = new GridbpfTlsSlot();
-    }
+    static final long HOLD_MAX_NS = 100_000_000L;
+    /** Records a batch takes before it goes (at most BATCH_MAX; set from the leases). */
+    public static volatile int batchMax = 8;
+    private static final java.util.concurrent.locks.ReentrantLock APPEND = new java.util.concurrent.locks.ReentrantLock();
+    private static final java.util.concurrent.locks.ReentrantLock FLUSH = new java.util.concurrent.locks.ReentrantLock();
+    /** Guarded by APPEND: the batch taking records, and the other one (free while FLUSH is free). */
+    private static GridbpfTlsBatch filling = new GridbpfTlsBatch(), spare = new GridbpfTlsBatch();
+    /** Guarded by APPEND: by identity hash, the engine known to the tracers of holdEpoch slotEpoch. */
+    private static final int[] slotEngine = new int[SLOT_COUNT], slotEpoch = new int[SLOT_COUNT];
     /** Bumped by the agent when the set of leases changes: engines are known to no new tracer. */
     public static volatile int holdEpoch;
 
@@ -156,31 +165,27 @@ public final class GridbpfTlsBridge {
                 emit(s, 0, 0, 0, DIR_CLOSE);
                 return;
             }
-            GridbpfTlsSlot slot = SLOTS[s.connId & (SLOT_COUNT - 1)];
-            synchronized (slot) {
-                if (slot.engine == s.connId) {
-                    send(s, slot, null, 0);
-                    slot.engine = 0;
-                }
-            }
+            // its waiting records go before its socket closes; the slot may serve another engine
+            APPEND.lock();
+            int slot = s.connId & (SLOT_COUNT - 1);
+            if (slotEngine[slot] == s.connId) slotEngine[slot] = 0;
+            flush(false);
         } catch (Throwable t) { fail(t); }
     }
 
-    /** From the agent's lease thread, 5 times a second: held records older than HOLD_MAX_NS go
-     *  (ALL: every one, at the JVM's shutdown). */
+    /** From the agent's lease thread, 5 times a second: the batch goes if its first record is
+     *  older than HOLD_MAX_NS (ALL: whatever it holds, at the JVM's shutdown). */
     public static void flushHeld(boolean all) {
         try {
-            GridbpfTlsState s = null;
-            long now = System.nanoTime(), age = all ? Long.MIN_VALUE : HOLD_MAX_NS;
-            for (GridbpfTlsSlot slot : SLOTS) {
-                if (!slot.held || now - slot.heldAt < age) continue;   // checked again locked
-                synchronized (slot) {
-                    if (slot.held && now - slot.heldAt >= age) {
-                        if (s == null) s = STATE.get();
-                        send(s, slot, null, 0);
-                    }
-                }
+            GridbpfTlsBatch b = filling;          // read unlocked: checked again locked
+            if (b.count == 0 || !all && System.nanoTime() - b.madeAt[0] < HOLD_MAX_NS) return;
+            APPEND.lock();
+            b = filling;
+            if (b.count == 0 || !all && System.nanoTime() - b.madeAt[0] < HOLD_MAX_NS) {
+                APPEND.unlock();
+                return;
             }
+            flush(false);
         } catch (Throwable t) { fail(t); }
     }
 
@@ -360,7 +365,7 @@ public final class GridbpfTlsBridge {
         // magic "\0GRBJVM1"
         r[0] = 0; r[1] = 'G'; r[2] = 'R'; r[3] = 'B'; r[4] = 'J'; r[5] = 'V'; r[6] = 'M'; r[7] = '1';
         putInt(r, 8, s.connId);
-        putInt(r, 12, 0);                  // age in microseconds: set if held back
+        putInt(r, 12, 0);                  // age in microseconds: set if batched
         putInt(r, 16, len);
         putShort(r, 20, copied);
         putShort(r, 22, headLen);
@@ -372,67 +377,88 @@ public final class GridbpfTlsBridge {
         System.arraycopy(s.addr, 0, r, 32, 16);
         int n = HEADER + copied;
         if ((s.flags & (FLAG_CLIENT | FLAG_SOCKET)) == 0 && dir != DIR_CLOSE) emitEngine(s, r, n, dir);
-        else send(s, null, r, n);
+        else send(s, r, n);
     }
 
-    /** A server engine's record: held back, or sent after the one its slot holds. */
+    /** A server engine's record: into the batch, which goes now if the engine is new to the
+     *  tracers (its record then binds it, from this thread, right after its socket read) or full. */
     private static void emitEngine(GridbpfTlsState s, byte[] r, int n, int dir) {
-        GridbpfTlsSlot slot = SLOTS[s.connId & (SLOT_COUNT - 1)];
-        int epoch = holdEpoch;
-        synchronized (slot) {
-            if (slot.engine == s.connId && slot.epoch == epoch && dir == DIR_RECV && !slot.held) {
-                System.arraycopy(r, 0, slot.rec, 0, n);
-                slot.rec[25] |= FLAG_HELD;
-                slot.heldLen = n;
-                slot.heldAt = System.nanoTime();
-                slot.held = true;
-                return;
+        int slot = s.connId & (SLOT_COUNT - 1), epoch = holdEpoch;
+        APPEND.lock();
+        boolean flushed = false;
+        try {
+            GridbpfTlsBatch b = filling;
+            if (!b.fits(n)) {
+                flushed = true;
+                flush(false);                  // (a record that batchMax did not stop)
+                APPEND.lock();
+                flushed = false;
+                b = filling;
             }
-            send(s, slot, r, n);          // the held record first (this engine's or another's)
-            slot.engine = s.connId;       // known to the tracers now: its next receipt may wait
-            slot.epoch = epoch;
+            b.add(r, n, System.nanoTime());
+            boolean known = slotEngine[slot] == s.connId && slotEpoch[slot] == epoch;
+            if (known && b.count < Math.min(batchMax, BATCH_MAX) && b.fits(HEADER + DATA_MAX)) return;
+            slotEngine[slot] = s.connId;          // known to the tracers once this call is made
+            slotEpoch[slot] = epoch;
+            flushed = true;
+            flush(true);
+        } finally {
+            if (!flushed) APPEND.unlock();
         }
     }
 
     /**
-     * One system call with HELD's record (if it holds one: its age filled in), then R's N bytes
-     * (if R is not null), by the transports the leases ask for. Callers hold HELD's lock.
+     * Sends the filling batch (if it holds records) and lets APPEND go: the batch passes to
+     * FLUSH first, so batches reach the kernel in turn while others fill the spare. OWN: its
+     * last record is this thread's own call, not held (it may bind its engine). Callers hold
+     * APPEND; it is let go whatever happens.
      */
-    private static void send(GridbpfTlsState s, GridbpfTlsSlot held, byte[] r, int n) {
-        byte[] data = r;
-        int total = n, count = 1;
-        if (held != null && held.held) {
-            held.held = false;
-            putInt(held.rec, 12, (int) Math.min((System.nanoTime() - held.heldAt) / 1000, Integer.MAX_VALUE));
-            if (r == null) {
-                data = held.rec;
-                total = held.heldLen;
-            } else {
-                System.arraycopy(held.rec, 0, s.pair, 0, held.heldLen);
-                System.arraycopy(r, 0, s.pair, held.heldLen, n);
-                data = s.pair;
-                total = held.heldLen + n;
-                count = 2;
+    private static void flush(boolean own) {
+        GridbpfTlsBatch b = null;
+        try {
+            if (filling.count > 0) {
+                FLUSH.lock();                     // the batch before has reached the kernel
+                b = filling;
+                filling = spare;
+                spare = b;
             }
-        } else if (r == null) {
-            return;
+        } finally {
+            APPEND.unlock();
         }
+        if (b == null) return;
+        try {
+            if (own) b.bytes[b.at[b.count - 1] + 25] &= ~FLAG_HELD;
+            b.date(System.nanoTime());
+            FileOutputStream o = out;
+            if (viaRecv) recv(b.direct, b.directAddress, b.bytes, b.used);
+            if (viaWrite && o != null) o.write(b.bytes, 0, b.used);
+            records.add(b.count);
+        } catch (Throwable t) {
+            fail(t);
+        } finally {
+            b.clear();
+            FLUSH.unlock();
+        }
+    }
+
+    /** A client's or a socket's record, alone in one system call, by the transports the leases ask for. */
+    private static void send(GridbpfTlsState s, byte[] r, int n) {
         FileOutputStream o = out;
         try {
-            if (viaRecv) recv(s, data, total);
-            if (viaWrite && o != null) o.write(data, 0, total);
-            records.add(count);
+            if (viaRecv) recv(s.direct, s.directAddress, r, n);
+            if (viaWrite && o != null) o.write(r, 0, n);
+            records.increment();
         } catch (Throwable t) { fail(t); }
     }
 
-    /** The record copied to this thread's direct buffer and offered as recv(2)'s destination. */
-    private static void recv(GridbpfTlsState s, byte[] r, int n) throws Throwable {
+    /** The records copied to DIRECT (at ADDRESS) and offered as recv(2)'s destination. */
+    private static void recv(ByteBuffer direct, long address, byte[] r, int n) throws Throwable {
         FileDescriptor fd = recvFd;
         MethodHandle read = read0;
         if (fd == null || read == null) return;
-        s.direct.put(0, r, 0, n);
+        direct.put(0, r, 0, n);
         // EAGAIN comes back as IOStatus.UNAVAILABLE (-2), no exception: nothing was read
-        int got = (int) read.invokeExact(fd, s.directAddress, n);
+        int got = (int) read.invokeExact(fd, address, n);
         if (got != -2) recvUnexpected.increment();
     }
 

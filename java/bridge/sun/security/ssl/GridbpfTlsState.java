@@ -7,10 +7,9 @@ import static sun.security.ssl.GridbpfTlsBridge.*;
 /** Per-thread preallocated state: the record buffer, saved positions, the last connection. */
 final class GridbpfTlsState {
     final byte[] rec = new byte[HEADER + DATA_MAX];
-    /** The recv transport's copy of what one call sends (a held-back record and rec), in
-     *  native memory (recv(2) is given its address); pair is the same for the write transport. */
-    final ByteBuffer direct = ByteBuffer.allocateDirect(2 * (HEADER + DATA_MAX));
-    final byte[] pair = new byte[2 * (HEADER + DATA_MAX)];
+    /** The recv transport's copy of a record sent alone, in native memory (recv(2) is given
+     *  its address). */
+    final ByteBuffer direct = ByteBuffer.allocateDirect(HEADER + DATA_MAX);
     final long directAddress = ((sun.nio.ch.DirectBuffer) direct).address();
     // wrap / unwrap in progress
     Object engineOwner;
