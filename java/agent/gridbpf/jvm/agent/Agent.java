@@ -330,6 +330,7 @@ public final class Agent {
         j.append(", \"attaches\": ").append(attaches);
         j.append(", \"sink\": ").append(quote(sinkPath));
         j.append(", \"records\": ").append(Control.records());
+        j.append(", \"calls\": ").append(Control.calls());
         j.append(", \"errors\": ").append(Control.errors());
         j.append(", \"last_error\": ").append(quote(Control.lastError()));
         j.append("}\n");

@@ -207,6 +207,11 @@ final class Control {
         try { return bridge == null ? 0 : ((Number) get("records")).longValue(); } catch (Throwable t) { return 0; }
     }
 
+    /** System calls that carried records (fewer than records when batched; 0 from an older bridge). */
+    static long calls() {
+        try { return bridge == null ? 0 : ((Number) get("calls")).longValue(); } catch (Throwable t) { return 0; }
+    }
+
     static long recvUnexpected() {
         try { return bridge == null ? 0 : ((Number) get("recvUnexpected")).longValue(); } catch (Throwable t) { return 0; }
     }

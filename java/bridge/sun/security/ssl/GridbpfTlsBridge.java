@@ -56,6 +56,8 @@ public final class GridbpfTlsBridge {
     public static final LongAdder recvUnexpected = new LongAdder();
     /** Striped: every record counts here, from threads on every CPU (an AtomicLong's line would bounce). */
     public static final LongAdder records = new LongAdder();
+    /** The calls that carried them (one per batch, or per record sent alone). */
+    public static final LongAdder calls = new LongAdder();
     public static final AtomicLong errors = new AtomicLong();
     public static volatile String lastError = "";
 
@@ -433,6 +435,7 @@ public final class GridbpfTlsBridge {
             if (viaRecv) recv(b.direct, b.directAddress, b.bytes, b.used);
             if (viaWrite && o != null) o.write(b.bytes, 0, b.used);
             records.add(b.count);
+            calls.increment();
         } catch (Throwable t) {
             fail(t);
         } finally {
@@ -448,6 +451,7 @@ public final class GridbpfTlsBridge {
             if (viaRecv) recv(s.direct, s.directAddress, r, n);
             if (viaWrite && o != null) o.write(r, 0, n);
             records.increment();
+            calls.increment();
         } catch (Throwable t) { fail(t); }
     }
 
