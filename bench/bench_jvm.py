@@ -4,12 +4,12 @@
      untraced  a twin Tomcat, the same in all but that no agent is ever loaded into it (the
                agent cannot be unloaded). Before the agent is loaded, both are measured
                untraced in alternation: that ratio (control) is what two instances differ by.
-     traced    the tracer with the agent active, as the agent runs it by default: simple
-               requests aggregated in the kernel, the rest drained as records into the same
-               histograms
+     traced    the tracer with the agent active, as the agent runs it by default: records in
+               batches of 8 a system call, simple requests aggregated in the kernel, the rest
+               drained as records into the same histograms
      traced-records  the same with every request a record (OTLP spans or aggregate = false)
      agent     the agent active (recv transport) with no BPF program reading the records: the
-               Java side's share of the cost (hooks, copies, one syscall a request)
+               Java side's share of the cost (hooks, copies, one syscall per batch)
      burn      the agent active and, in the tracer's place, programs on the same socket
                tracepoints that spend about the tracer's BPF time per request in Tomcat's
                context on pure arithmetic (tests/bpf/bpf_burn.bpf.c, BENCH_JVM_BURN loop steps

@@ -126,9 +126,10 @@ struct http_sk {
 
 /*
  * JVM TLS bridge. The Java agent (java/) hooks the JDK's SSLEngine wrap/unwrap and SSLSocket
- * streams and hands its records (one per call, or a batch of them) to the kernel on its bridge fd, which userspace enters
- * in `conns` as a bridge entry; the record's plaintext is fed to the request state machine of
- * the connection it belongs to. No kprobe, no native code. Two transports, the same record:
+ * streams and hands their records to the kernel on its bridge fd (alone, or server engines'
+ * in batches of up to HTTP_JVM_BATCH_MAX a call), which userspace enters in `conns` as a
+ * bridge entry; each record's plaintext is fed to the request state machine of the
+ * connection it belongs to. No kprobe, no native code. Two transports, the same record:
  *  - write: write(2) of the record to /dev/null, seen by the syscall hook (sys_exit) only;
  *  - recv: a recvfrom(2)/read(2) on an empty non-blocking UDP socket with the record in the
  *    buffer (arg 1) and its length as the size (arg 2): it fails with EAGAIN copying nothing,

@@ -251,7 +251,7 @@ public final class Agent {
         leaseThread = t;
         try {
             Runtime.getRuntime().addShutdownHook(new Thread(() -> {
-                Control.flushHeld(true);      // the held-back records of the last requests
+                Control.flushHeld(true);      // the batched records of the last requests
                 removeDir();
             }, "gridbpf-jvm-cleanup"));
         } catch (Throwable ignored) {

@@ -163,8 +163,8 @@ final class Control {
     private static java.util.Set<String> lastLeases = java.util.Collections.emptySet();
     private static Method flushHeld;
 
-    /** Held-back records older than the bridge's HOLD_MAX_NS go now, or ALL of them (an older
-     *  bridge holds none back). */
+    /** Batched records (held-back ones, in an older bridge) older than HOLD_MAX_NS go now, or
+     *  ALL of them (the oldest bridges hold none back). */
     static void flushHeld(boolean all) {
         try {
             if (flushHeld == null) flushHeld = bridge.getMethod("flushHeld", boolean.class);

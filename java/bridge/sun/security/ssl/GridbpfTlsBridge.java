@@ -156,8 +156,8 @@ public final class GridbpfTlsBridge {
         } catch (Throwable t) { fail(t); }
     }
 
-    /** Entry of SSLEngineImpl.closeOutbound(): a close record for client engines; a server
-     *  engine's held record goes. */
+    /** Entry of SSLEngineImpl.closeOutbound(): a close record for client engines; for a server
+     *  engine, the batch goes (its records before its socket's close). */
     public static void engineClose(Object engine) {
         if (!active) return;
         try {
