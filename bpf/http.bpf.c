@@ -1505,7 +1505,7 @@ __noinline int http_jvm_record(__u64 pid_tgid, __u32 off, __u32 n)
 }
 
 /*
- * The records of one system call at BUF (N bytes), each HTTP_JVM_HDR_SIZE + copied long, back
+ * The records of one system call at BUF (N bytes), each JVM_HDR_SIZE + copied bytes long, back
  * to back, at most HTTP_JVM_BATCH_MAX. Returns 0 if BUF holds no record; anything else that is
  * not a record is counted as bad, and stops the walk.
  */

@@ -7,6 +7,7 @@ import java.net.InetAddress;
 import java.nio.ByteBuffer;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.atomic.LongAdder;
+import java.util.concurrent.locks.ReentrantLock;
 import javax.net.ssl.SSLEngine;
 import javax.net.ssl.SSLEngineResult;
 import javax.net.ssl.SSLSocket;
@@ -84,8 +85,8 @@ public final class GridbpfTlsBridge {
     static final long HOLD_MAX_NS = 100_000_000L;
     /** Records a batch takes before it goes (at most BATCH_MAX; set from the leases). */
     public static volatile int batchMax = 8;
-    private static final java.util.concurrent.locks.ReentrantLock APPEND = new java.util.concurrent.locks.ReentrantLock();
-    private static final java.util.concurrent.locks.ReentrantLock FLUSH = new java.util.concurrent.locks.ReentrantLock();
+    private static final ReentrantLock APPEND = new ReentrantLock();
+    private static final ReentrantLock FLUSH = new ReentrantLock();
     /** Guarded by APPEND: the batch taking records, and the other one (free while FLUSH is free). */
     private static GridbpfTlsBatch filling = new GridbpfTlsBatch(), spare = new GridbpfTlsBatch();
     /** Guarded by APPEND: by identity hash, the engine known to the tracers of holdEpoch slotEpoch. */
