@@ -126,7 +126,7 @@ final class Control {
                     fresh.add(f.getName());
                     String[] want = leaseWants(f).split("\\s+");
                     if (want[0].equals("recv")) recv = true;
-                    else if (!want[0].equals("none")) write = true;
+                    else write = true;
                     for (String w : want) {
                         if (w.startsWith("batch=")) {
                             try { batch = Math.min(batch, Integer.parseInt(w.substring(6))); } catch (NumberFormatException ignored) { }
