@@ -379,25 +379,18 @@ public final class GridbpfTlsBridge {
         putShort(r, 30, 0);
         System.arraycopy(s.addr, 0, r, 32, 16);
         int n = HEADER + copied;
-        if ((s.flags & (FLAG_CLIENT | FLAG_SOCKET)) == 0 && dir != DIR_CLOSE) emitEngine(s, r, n, dir);
-        else send(s, r, n);
+        if ((s.flags & (FLAG_CLIENT | FLAG_SOCKET)) == 0 && dir != DIR_CLOSE) emitEngine(s, r, n);
+        else transmit(s.direct, s.directAddress, r, n, 1);     // a client's or socket's: alone
     }
 
     /** A server engine's record: into the batch, which goes now if the engine is new to the
      *  tracers (its record then binds it, from this thread, right after its socket read) or full. */
-    private static void emitEngine(GridbpfTlsState s, byte[] r, int n, int dir) {
+    private static void emitEngine(GridbpfTlsState s, byte[] r, int n) {
         int slot = s.connId & (SLOT_COUNT - 1), epoch = holdEpoch;
         APPEND.lock();
         boolean flushed = false;
         try {
-            GridbpfTlsBatch b = filling;
-            if (!b.fits(n)) {
-                flushed = true;
-                flush(false);                  // (a record that batchMax did not stop)
-                APPEND.lock();
-                flushed = false;
-                b = filling;
-            }
+            GridbpfTlsBatch b = filling;          // room for a record: a batch goes before it has none
             b.add(r, n, System.nanoTime());
             boolean known = slotEngine[slot] == s.connId && slotEpoch[slot] == epoch;
             if (known && b.count < Math.min(batchMax, BATCH_MAX) && b.fits(HEADER + DATA_MAX)) return;
@@ -432,26 +425,21 @@ public final class GridbpfTlsBridge {
         try {
             if (own) b.bytes[b.at[b.count - 1] + 25] &= ~FLAG_HELD;
             b.date(System.nanoTime());
-            FileOutputStream o = out;
-            if (viaRecv) recv(b.direct, b.directAddress, b.bytes, b.used);
-            if (viaWrite && o != null) o.write(b.bytes, 0, b.used);
-            records.add(b.count);
-            calls.increment();
-        } catch (Throwable t) {
-            fail(t);
+            transmit(b.direct, b.directAddress, b.bytes, b.used, b.count);
         } finally {
             b.clear();
             FLUSH.unlock();
         }
     }
 
-    /** A client's or a socket's record, alone in one system call, by the transports the leases ask for. */
-    private static void send(GridbpfTlsState s, byte[] r, int n) {
+    /** One system call with the N bytes of R (COUNT records), by the transports the leases
+     *  ask for; DIRECT at ADDRESS is the native copy recv(2) is given. */
+    private static void transmit(ByteBuffer direct, long address, byte[] r, int n, int count) {
         FileOutputStream o = out;
         try {
-            if (viaRecv) recv(s.direct, s.directAddress, r, n);
+            if (viaRecv) recv(direct, address, r, n);
             if (viaWrite && o != null) o.write(r, 0, n);
-            records.increment();
+            records.add(count);
             calls.increment();
         } catch (Throwable t) { fail(t); }
     }
