@@ -209,7 +209,7 @@ class _Consumer:
         from gridbpf.agent.daemon import HttpAgent
         agent = HttpAgent.__new__(HttpAgent)
         agent.tracer, agent.otlp, agent.requests, agent.aggregated = tracer, None, 0, 0
-        agent._agg_seen = {}
+        agent._agg_seen, agent._folded_at = {}, 0.0
         agent._reset_label_caches()
         from gridbpf.agent.routes import Routes
         from gridbpf.export.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Registry
@@ -221,9 +221,9 @@ class _Consumer:
         agent.resp_body = r.histogram("http.server.response.body.size", "", "By", LABELS, SIZE_BUCKETS)
         self.agent = agent
 
-    def drain(self, timeout_ms: int) -> int:
+    def drain(self, timeout_ms: int, final: bool = False) -> int:
         before = self.agent.requests
-        self.agent.drain(timeout_ms)
+        self.agent.drain(timeout_ms, final)
         return self.agent.requests - before
 
 
@@ -312,7 +312,7 @@ def one_round(nginx: Nginx, mode: str, script: Path | None = None) -> dict:
         if drainer:
             drainer.join()
             time.sleep(0.2)            # wrk closed its connections: the last requests
-            drained[0] += consumer.drain(0)
+            drained[0] += consumer.drain(0, final=True)
         lost = tracer.stats()["events_lost"] if tracer else 0
     finally:
         stop.set()
