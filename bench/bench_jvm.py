@@ -27,8 +27,12 @@
    These rotations run with the kernel's BPF run-time accounting off, as sites run (it adds two
    clock reads to every program run); BPF time per request comes from BENCH_JVM_ACCOUNTED_ROUNDS
    (3) rotations of their own at the end of each phase, accounting on.
-   Reported: throughput ratios (medians of the ratios within each rotation, and their middle
-   half for traced vs untraced, the goal's figure), Tomcat CPU time per request and its
+   The goal's figure, traced vs untraced, also gets GOAL_ROUNDS (30) rotations of those two
+   modes alone, and the A/A control CONTROL_ROUNDS (16): a single rotation's ratio ranges
+   0.6-1.4x on this 2-core VM, so a median of 10 was uncertain by about 5%.
+   Reported: throughput ratios (medians of the ratios within each rotation; for the goal's
+   figure and the control, a 90% bootstrap interval of that median too, and the verdict: met
+   only if the whole interval is at or above 0.9x), Tomcat CPU time per request and its
    increase, and BPF run time per request (the kernel's own accounting) for traced and floor,
    with the accounted rotations' throughput ratios beside (the accounting's own cost).
 2. How a record reaches BPF without kprobes (bench/cprogs/jvm_transport.c): ns per record for
