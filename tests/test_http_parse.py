@@ -2,6 +2,8 @@
 body sizes, route templates, target selection, the record layout from BTF, the trace CLI's
 shared `trace` parser."""
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from gridbpf.agent.routes import RouteError, Routes, compile_template
 from gridbpf.bpf import BpfObject
 from gridbpf.trace.cli import get_trace_subparsers
 from gridbpf.trace.http.tracer import _body, _pipelined_bytes, F_PIPELINED, parse_request_line
-from gridbpf.trace.targets import TargetError, TargetSpec
+from gridbpf.trace.targets import TargetError, TargetSpec, comm_of
 
 token = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_!#", min_size=1, max_size=12)
 segment = st.text("abcdefghijklmnopqrstuvwxyz0123456789._-~%", min_size=1, max_size=12)
@@ -107,8 +109,33 @@ def test_targets_pid_children_comm_and_errors():
         assert set(kids) | {parent.pid} <= TargetSpec(pids=[parent.pid]).resolve()
         assert kids[0] in TargetSpec(comms=["sleep"]).resolve()
     finally:
+        subprocess.run(["pkill", "-P", str(parent.pid)])
         parent.kill()
         parent.wait()
+    # a later resolve reads only the processes it did not list before: a child born since is
+    # found, one that exited is gone, a process born outside is not taken
+    sh = subprocess.Popen(["sh", "-c", "sleep 30 & read x; sleep 31 & wait"], stdin=subprocess.PIPE)
+    outside = None
+    try:
+        spec = TargetSpec(pids=[sh.pid])
+        deadline = time.monotonic() + 5
+        while len(first := spec.resolve()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (early,) = first - {sh.pid}
+        sh.stdin.write(b"go\n")
+        sh.stdin.flush()
+        outside = subprocess.Popen(["sleep", "32"])
+        os.kill(early, signal.SIGKILL)
+        while (len(now := spec.resolve()) != 2 or early in now) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (late,) = now - {sh.pid}
+        assert late != early and comm_of(late) == "sleep" and outside.pid not in now
+    finally:
+        subprocess.run(["pkill", "-P", str(sh.pid)])
+        for p in (sh, outside):
+            if p:
+                p.kill()
+                p.wait()
     with pytest.raises(TargetError, match="no process with pid"):
         TargetSpec(pids=[2 ** 30]).validate()
     with pytest.raises(TargetError, match="no cgroup"):
