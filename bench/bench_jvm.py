@@ -5,7 +5,7 @@
                agent cannot be unloaded). Before the agent is loaded, both are measured
                untraced in alternation: that ratio (control) is what two instances differ by.
      traced    the tracer with the agent active, as the agent runs it by default: records in
-               batches of 8 a system call, simple requests aggregated in the kernel, the rest
+               batches of 16 a system call, simple requests aggregated in the kernel, the rest
                drained as records into the same histograms
      traced-records  the same with every request a record (OTLP spans or aggregate = false)
      agent     the agent active (recv transport) with no BPF program reading the records: the

@@ -3,8 +3,8 @@
 200-byte request and a 300-byte response per iteration (4 hooked calls), iterations per second in
   none      before the agent is loaded (first phase: the agent cannot be unloaded)
   inactive  agent loaded, no lease: each hook reads one volatile flag     } alternating phases
-  write     a lease held: records written to /dev/null, 8 a call          } of the same JVM
-  recv      a lease held: records read on an empty socket, 8 a call       }
+  write     a lease held: records written to /dev/null, 16 a call         } of the same JVM
+  recv      a lease held: records read on an empty socket, 16 a call      }
 Reported: medians of per-second samples, ns per hooked call, the added ns per call.
 """
 from __future__ import annotations

@@ -290,7 +290,7 @@ class JvmAgent:
     # how this tracer reads the records: "write" (write(2) to /dev/null, seen by the syscall
     # hook) or "recv" (read(2) of the record on an empty socket, seen at sock_recv_length)
     transport: str = "write"
-    # records the agent's batches take at most (None: its default, 8; 1: every record alone).
+    # records the agent's batches take at most (None: its default, 16; 1: every record alone).
     # Batches cut the agent's system calls, and the tracer's program runs, per request under load
     batch: int | None = None
     _stop: threading.Event | None = field(default=None, repr=False)

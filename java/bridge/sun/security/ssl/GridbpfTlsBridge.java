@@ -84,7 +84,7 @@ public final class GridbpfTlsBridge {
     static final int SLOT_COUNT = 1024;
     static final long HOLD_MAX_NS = 100_000_000L;
     /** Records a batch takes before it goes (at most BATCH_MAX; set from the leases). */
-    public static volatile int batchMax = 8;
+    public static volatile int batchMax = BATCH_MAX;
     private static final ReentrantLock APPEND = new ReentrantLock();
     private static final ReentrantLock FLUSH = new ReentrantLock();
     /** Guarded by APPEND: the batch taking records, and the other one (free while FLUSH is free). */
