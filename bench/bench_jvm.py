@@ -314,7 +314,7 @@ def tomcat_bench() -> dict:
         "throughput_ratio_control_srv_vs_twin": control_ratio,
         "throughput_ratio_control_srv_vs_twin_ci90": control_ci,
         # the goal's figure over the A/A control (the two instances' own difference, measured
-        # before the agent: 0.976-1.032 so far, so this corrects little)
+        # before the agent: 0.957-1.047 in the runs of 2026-12-03, so this corrects little)
         "throughput_ratio_traced_vs_untraced_over_control": round(goal_ratio / control_ratio, 3),
         "tomcat_cpu_us_per_req_untraced": round(med(active, "untraced", "cpu_us_per_req"), 1),
         "tomcat_cpu_us_per_req_agent": round(med(active, "agent", "cpu_us_per_req"), 1),
