@@ -98,7 +98,9 @@ class TargetSpec:
     # the parent of each process the last resolve() listed: a process's parent does not change
     # while it lives (an orphan's does, but a target's fork already made it a target), so a
     # refresh reads only new processes (every process's stat each second cost ~23 us a process
-    # here: 2% of a core on a host with 1,000)
+    # here: 2% of a core on a host with 1,000). A pid freed and reused between two refreshes
+    # would keep the parent of the process before it: that takes the whole pid space cycling
+    # within a second (pid_max forks), which the cost saved is judged worth
     _ppids: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
